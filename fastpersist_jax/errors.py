@@ -1,0 +1,31 @@
+"""The exceptions fastpersist_jax raises. All derive from FastPersistError."""
+
+from __future__ import annotations
+
+
+class FastPersistError(Exception):
+  """Base class of every error raised by fastpersist_jax itself."""
+
+
+class UnsupportedLeafError(FastPersistError, TypeError):
+  """A pytree leaf (type or dtype) that cannot be checkpointed."""
+
+
+class CheckpointNotFoundError(FastPersistError, FileNotFoundError):
+  """The directory holds no (complete) fastpersist checkpoint."""
+
+
+class CorruptCheckpointError(FastPersistError, ValueError):
+  """Metadata, a manifest or data failed validation."""
+
+
+class ChecksumMismatchError(CorruptCheckpointError):
+  """A shard's bytes do not match the crc32c recorded when it was saved."""
+
+
+class RestoreMismatchError(FastPersistError, ValueError):
+  """The restore target does not fit what was saved (path, shape, dtype)."""
+
+
+class SaveError(FastPersistError):
+  """A save failed; nothing of it was committed."""

@@ -1,0 +1,185 @@
+"""FastPersistHandler: the Orbax AsyncCheckpointHandler users plug in.
+
+    mngr = ocp.CheckpointManager(path, item_handlers=FastPersistHandler())
+    mngr.save(step, args=FastPersistSave(state))
+    state = mngr.restore(step, args=FastPersistRestore(abstract_state))
+
+`async_save` blocks only for the snapshot into host staging memory; the
+writes run behind the returned commit future, which Orbax awaits before it
+renames the temporary directory and marks the checkpoint committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from typing import Any, List, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import future as ocp_future
+
+from fastpersist_jax import layout
+from fastpersist_jax.errors import CorruptCheckpointError
+from fastpersist_jax.io_engine import IOEngine
+from fastpersist_jax.options import FastPersistOptions
+from fastpersist_jax.plan import make_plan
+from fastpersist_jax.restore import Restorer
+from fastpersist_jax.save import SaveOperation
+from fastpersist_jax.staging import StagingPool
+
+logger = logging.getLogger(__name__)
+
+
+class FastPersistHandler(ocp.AsyncCheckpointHandler):
+  """Saves and restores pytrees of (sharded) jax.Arrays through io_uring."""
+
+  def __init__(self, options: FastPersistOptions | None = None, *,
+               multiprocessing_options: ocp.options.MultiprocessingOptions | None = None):
+    self._options = options or FastPersistOptions()
+    self._mp = multiprocessing_options or ocp.options.MultiprocessingOptions()
+    self._engine = IOEngine(self._options)
+    self._pool = StagingPool(self._engine, self._options.staging_slab_bytes,
+                             self._options.host_memory_limit, self._options.register_buffers)
+    # One snapshot at a time: they share the staging pool.
+    self._snapshot_lock = threading.Lock()
+    self._in_flight: list[ocp_future.Future] = []
+    self._closed = False
+    self.last_save_stats: dict[str, float] = {}
+
+  @property
+  def options(self) -> FastPersistOptions:
+    return self._options
+
+  @property
+  def engine_kind(self) -> str:
+    return self._engine.kind
+
+  # Save -----------------------------------------------------------------------
+
+  def _is_primary(self) -> bool:
+    primary = self._mp.primary_host
+    return primary is None or jax.process_index() == primary
+
+  async def async_save(self, directory: epath.Path, item: Any = None,
+                       args: Optional["FastPersistSave"] = None) -> Optional[List[ocp_future.Future]]:
+    if self._closed:
+      raise ValueError("FastPersistHandler is closed")
+    if isinstance(item, ocp.args.CheckpointArgs):
+      raise ValueError("pass FastPersistSave as `args=`, not as `item`")
+    if args is not None:
+      item = args.item
+    plan = make_plan(item, process_index=jax.process_index(), process_count=jax.process_count(),
+                     write_host_arrays=self._is_primary(),
+                     data_file_bytes=self._options.data_file_bytes)
+    op = SaveOperation(self._engine, self._pool, plan, write_metadata=self._is_primary())
+    directory_str = os.fspath(directory)
+
+    async def commit():
+      op.commit(directory_str)
+      self.last_save_stats = dict(op.stats)
+
+    with self._snapshot_lock:
+      # The commit future is created first: its writer thread must be ready to
+      # drain staging windows while the snapshot fills them.
+      commit_future = ocp_future.CommitFutureAwaitingContractedSignals(
+          commit(), name="fastpersist_commit")
+      try:
+        op.snapshot()
+      except BaseException as e:
+        op.abort(e)
+        try:
+          commit_future.result()
+        except BaseException:  # pylint: disable=broad-except  (the snapshot error is the one to raise)
+          pass
+        raise
+    self._in_flight = [f for f in self._in_flight if not _done(f)] + [commit_future]
+    return [commit_future]
+
+  def save(self, directory: epath.Path, item: Any = None,
+           args: Optional["FastPersistSave"] = None) -> None:
+    async def run():
+      for f in await self.async_save(directory, item=item, args=args) or []:
+        f.result()
+    _run_sync(run())
+
+  def finalize(self, directory: epath.Path) -> None:
+    """Checks, before Orbax commits, that every process's manifest is there."""
+    directory = os.fspath(directory)
+    if not self._is_primary() or not os.path.exists(os.path.join(directory, layout.METADATA_FILE)):
+      return
+    meta = layout.read_metadata(directory)
+    missing = [p for p in range(meta.process_count)
+               if not os.path.exists(os.path.join(directory, layout.manifest_name(p)))]
+    if missing:
+      raise CorruptCheckpointError(
+          f"{directory}: manifests of processes {missing} are missing; not committing")
+
+  # Restore --------------------------------------------------------------------
+
+  def restore(self, directory: epath.Path, item: Any = None,
+              args: Optional["FastPersistRestore"] = None) -> Any:
+    if args is not None:
+      item = args.item
+    return Restorer(self._engine, self._options, os.fspath(directory)).restore(item)
+
+  def metadata(self, directory: epath.Path) -> Any:
+    """The saved tree, as jax.ShapeDtypeStruct leaves (plus saved scalars)."""
+    return Restorer(self._engine, self._options, os.fspath(directory)).abstract_tree()
+
+  # Lifecycle ------------------------------------------------------------------
+
+  def wait_until_finished(self) -> None:
+    for f in self._in_flight:
+      f.result()
+    self._in_flight = []
+
+  def close(self) -> None:
+    """Waits for in-flight saves, then frees the staging pool."""
+    if self._closed:
+      return
+    try:
+      self.wait_until_finished()
+    finally:
+      self._closed = True
+      self._pool.close()
+
+
+def _done(f) -> bool:
+  t = getattr(getattr(f, "_f", None), "_t", None)
+  return t is not None and not t.is_alive()
+
+
+def _run_sync(coro):
+  """Runs a coroutine to completion, also from inside a running event loop."""
+  try:
+    from orbax.checkpoint._src import asyncio_utils  # pylint: disable=g-import-not-at-top
+  except ImportError:  # layout of another Orbax release
+    import asyncio  # pylint: disable=g-import-not-at-top
+    return asyncio.run(coro)
+  return asyncio_utils.run_sync(coro)
+
+
+@ocp.args.register_with_handler(FastPersistHandler, for_save=True)
+@dataclasses.dataclass
+class FastPersistSave(ocp.args.CheckpointArgs):
+  """Save args: the pytree to save."""
+  item: Any
+
+
+@ocp.args.register_with_handler(FastPersistHandler, for_restore=True)
+@dataclasses.dataclass
+class FastPersistRestore(ocp.args.CheckpointArgs):
+  """Restore args.
+
+  Attributes:
+    item: the restore target: a pytree of jax.Arrays / np.ndarrays, or of
+      jax.ShapeDtypeStruct (with `sharding` to place the arrays), or a
+      sub-tree of the saved tree to restore only part of it. None restores
+      everything as saved (on the saved sharding where the devices fit, else
+      as numpy, with a warning).
+  """
+  item: Any = None

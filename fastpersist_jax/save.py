@@ -1,0 +1,191 @@
+"""One save: snapshot into staging, then checksum, write, sync and commit.
+
+Threads, in data-flow order:
+  caller      stage(): copy owned shards into staging windows   (blocking part)
+  checksum    crc32c of every shard, window by window           (background)
+  writer      engine writes of windows, fdatasync, manifest     (background,
+              the Orbax commit future; starts once the directory exists)
+A failure anywhere sets `abort`, which every stage watches, and the first
+error is what the caller (or the commit future) raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import crc32c
+
+from fastpersist_jax import layout
+from fastpersist_jax.errors import SaveError
+from fastpersist_jax.io_engine import IOEngine
+from fastpersist_jax.plan import SavePlan
+from fastpersist_jax.staging import StagingPool, Window, stage
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+# Windows handed to the engine in one call: enough to keep the queue deep
+# between calls, few enough to return slabs to the copier promptly.
+_MAX_WINDOWS_PER_WRITE = 8
+
+
+class SaveOperation:
+  """Saves one plan. `snapshot()` then `commit(directory)`, each once."""
+
+  def __init__(self, engine: IOEngine, pool: StagingPool, plan: SavePlan, *,
+               write_metadata: bool):
+    self._engine = engine
+    self._pool = pool
+    self._plan = plan
+    self._write_metadata = write_metadata
+    self._crcs = [0] * len(plan.shards)
+    self._to_checksum: queue.Queue = queue.Queue()
+    self._to_write: queue.Queue = queue.Queue()
+    self._abort = threading.Event()
+    self._error: BaseException | None = None
+    self._error_lock = threading.Lock()
+    self._checksummer = threading.Thread(target=self._checksum_loop, name="fastpersist-crc",
+                                         daemon=True)
+    self._started = False
+    self.stats: dict[str, float] = {"bytes": float(plan.total_bytes)}
+
+  # Failure handling ---------------------------------------------------------
+
+  def _fail(self, e: BaseException) -> None:
+    with self._error_lock:
+      if self._error is None:
+        self._error = e
+    self._abort.set()
+
+  def _raise_if_failed(self) -> None:
+    if self._error is not None:
+      if isinstance(self._error, SaveError):
+        raise self._error
+      raise SaveError(f"checkpoint save failed: {self._error}") from self._error
+
+  # Blocking part ------------------------------------------------------------
+
+  def snapshot(self) -> None:
+    """Copies every owned shard into staging memory. Returns when the caller
+    may modify or donate the arrays."""
+    t0 = time.perf_counter()
+    self._pool.ensure(self._plan.total_bytes)
+    self._started = True
+    self._checksummer.start()
+    try:
+      stage(self._plan, self._pool, self._to_checksum.put, self._abort)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._fail(e)
+      raise
+    finally:
+      self._to_checksum.put(_END)
+      self.stats["snapshot_s"] = time.perf_counter() - t0
+    self._raise_if_failed()
+
+  def abort(self, e: BaseException) -> None:
+    """Abandons the save (e.g. the caller failed before commit could run)."""
+    self._fail(e)
+    if self._started:
+      self._to_checksum.put(_END)
+    else:
+      self._to_write.put(_END)
+
+  # Background part ----------------------------------------------------------
+
+  def _checksum_loop(self) -> None:
+    try:
+      while (w := self._to_checksum.get()) is not _END:
+        if not self._abort.is_set():
+          view = self._pool.view(w.slab)
+          for pos, at, n in w.pieces:
+            self._crcs[pos] = crc32c.crc32c(view[at:at + n], self._crcs[pos])
+        self._to_write.put(w)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._fail(e)
+    finally:
+      self._to_write.put(_END)
+
+  def commit(self, directory: str) -> None:
+    """Writes staged data, syncs it, then writes this process's manifest
+    (and, on the primary, the checkpoint metadata). Raises SaveError."""
+    t0 = time.perf_counter()
+    files = []
+    try:
+      for k, size in enumerate(self._plan.file_sizes):
+        path = os.path.join(directory, layout.data_file_name(self._plan.process_index, k))
+        files.append(self._engine.open_for_write(path, preallocate=size))
+      self._write_windows(files)
+      self._raise_if_failed()
+      self._engine.sync(files)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._fail(e)
+      self._drain()
+      for f in files:
+        f.close()
+        _remove_quietly(f.path)  # no orphaned partial data beside a failed save
+      self._raise_if_failed()
+      raise
+    for f in files:
+      f.close()
+    self.stats["write_s"] = time.perf_counter() - t0
+    self._write_manifests(directory)
+    self.stats["commit_s"] = time.perf_counter() - t0
+
+  def _write_windows(self, files) -> None:
+    done = False
+    while not done:
+      batch = [self._to_write.get()]
+      while len(batch) < _MAX_WINDOWS_PER_WRITE:
+        try:
+          batch.append(self._to_write.get_nowait())
+        except queue.Empty:
+          break
+      if batch[-1] is _END:
+        batch.pop()
+        done = True
+      try:
+        if batch and not self._abort.is_set():
+          self._engine.write([(files[w.file], w.offset, memoryview(self._pool.buffer(w.slab))[:w.length])
+                              for w in batch])
+      finally:
+        for w in batch:
+          self._pool.release(w.slab)
+
+  def _drain(self) -> None:
+    """Returns every slab still in flight to the pool after a failure."""
+    if self._started:
+      self._checksummer.join()
+    while True:
+      try:
+        w = self._to_write.get_nowait()
+      except queue.Empty:
+        return
+      if w is not _END:
+        self._pool.release(w.slab)
+
+  def _write_manifests(self, directory: str) -> None:
+    plan = self._plan
+    manifest = layout.Manifest(
+        process_index=plan.process_index,
+        files=[(layout.data_file_name(plan.process_index, k), size)
+               for k, size in enumerate(plan.file_sizes)],
+        shards=[layout.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes, self._crcs[i])
+                for i, s in enumerate(plan.shards)])
+    out = {os.path.join(directory, layout.manifest_name(plan.process_index)):
+           [(0, layout.encode_manifest(manifest))]}
+    if self._write_metadata:
+      meta = layout.CheckpointMetadata(plan.process_count, plan.leaves)
+      out[os.path.join(directory, layout.METADATA_FILE)] = [(0, layout.encode_metadata(meta))]
+    self._engine.write_files(out)
+
+
+def _remove_quietly(path: str) -> None:
+  try:
+    os.unlink(path)
+  except OSError:
+    pass

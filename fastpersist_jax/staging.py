@@ -1,0 +1,163 @@
+"""Host staging: a reusable pool of pre-faulted slabs, and the snapshot copy.
+
+A data file is staged as a sequence of windows, each one slab long and
+mapped onto the file at a multiple of the slab size. Shards are copied into
+windows at their planned offsets (several small shards share a window; a
+large one spans many), and each full window becomes one large aligned write.
+The pool is allocated once and reused by later saves, so only the first save
+pays for page faults; a checkpoint larger than the pool is staged in rounds,
+the copy waiting for windows the writer has finished with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Callable
+
+import jax
+import numpy as np
+
+from fastpersist_jax.errors import SaveError
+from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
+from fastpersist_jax.plan import SavePlan, ShardSource
+
+logger = logging.getLogger(__name__)
+
+
+class StagingPool:
+  """Slabs of aligned, pre-faulted host memory, grown on demand up to a limit."""
+
+  def __init__(self, engine: IOEngine, slab_bytes: int, limit_bytes: int, register: bool):
+    self._engine = engine
+    self.slab_bytes = slab_bytes
+    self.max_slabs = max(1, limit_bytes // slab_bytes)
+    self._register = register
+    self._slabs: list[AlignedBuffer] = []
+    self._views: list[np.ndarray] = []
+    self._free: list[int] = []
+    self._cond = threading.Condition()
+    self.registered = False
+
+  @property
+  def nbytes(self) -> int:
+    return len(self._slabs) * self.slab_bytes
+
+  def ensure(self, nbytes: int) -> None:
+    """Grows the pool to hold `nbytes` (up to its limit)."""
+    want = min(self.max_slabs, max(1, -(-nbytes // self.slab_bytes)))
+    with self._cond:
+      if want <= len(self._slabs):
+        return
+      if want == self.max_slabs and nbytes > self.max_slabs * self.slab_bytes:
+        logger.info("Checkpoint (%.1f MiB) exceeds host_memory_limit (%.1f MiB): the save "
+                    "blocks until the overflow can be staged behind completed writes.",
+                    nbytes / 2**20, self.max_slabs * self.slab_bytes / 2**20)
+      lock = self._register
+      for _ in range(want - len(self._slabs)):
+        buf = AlignedBuffer(self.slab_bytes, lock)
+        self._slabs.append(buf)
+        self._views.append(np.frombuffer(buf, np.uint8))
+        self._free.append(len(self._slabs) - 1)
+      if self._register:
+        self.registered = self._engine.register(self._slabs)
+      self._cond.notify_all()
+
+  def acquire(self, abort: threading.Event) -> int:
+    with self._cond:
+      while not self._free:
+        if abort.is_set():
+          raise SaveError("save aborted while waiting for staging memory")
+        self._cond.wait(0.05)
+      return self._free.pop()
+
+  def release(self, slab: int) -> None:
+    with self._cond:
+      self._free.append(slab)
+      self._cond.notify()
+
+  def view(self, slab: int) -> np.ndarray:
+    return self._views[slab]
+
+  def buffer(self, slab: int) -> AlignedBuffer:
+    return self._slabs[slab]
+
+  def close(self) -> None:
+    with self._cond:
+      if self.registered:
+        self._engine.unregister()
+        self.registered = False
+      self._slabs.clear()
+      self._views.clear()
+      self._free.clear()
+
+
+@dataclasses.dataclass
+class Window:
+  """One slab's worth of a data file, staged and ready to write."""
+  file: int
+  offset: int                          # file offset of the window's first byte
+  slab: int
+  length: int = 0                      # bytes of file data in it
+  pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+  # (shard position in plan.shards, offset in slab, length), in shard order
+
+
+def host_bytes(data) -> np.ndarray:
+  """The shard's bytes as a flat uint8 array (a view where possible)."""
+  arr = np.asarray(data)
+  if not arr.flags.c_contiguous:
+    arr = np.ascontiguousarray(arr)
+  return arr.reshape(-1).view(np.uint8)
+
+
+def start_transfers(shards: list[ShardSource]) -> None:
+  """Starts every device-to-host copy before waiting on any."""
+  for s in shards:
+    if isinstance(s.data, jax.Array):
+      try:
+        s.data.copy_to_host_async()
+      except Exception:  # pylint: disable=broad-except  (best effort; np.asarray copies anyway)
+        pass
+
+
+def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
+          abort: threading.Event) -> None:
+  """Copies every planned shard into windows, emitting each window when full.
+
+  Windows are emitted in file order, and within a window pieces appear in
+  shard order, so a consumer can checksum shards incrementally.
+  """
+  start_transfers(plan.shards)
+  slab_bytes = pool.slab_bytes
+  window: Window | None = None
+
+  def flush():
+    nonlocal window
+    if window is not None:
+      emit(window)
+      window = None
+
+  for pos, shard in enumerate(plan.shards):
+    src = host_bytes(shard.data) if shard.nbytes else None
+    done = 0
+    while done < shard.nbytes:
+      file_pos = shard.offset + done
+      if window is not None and (window.file != shard.file or
+                                 file_pos >= window.offset + slab_bytes):
+        flush()
+      if window is None:
+        window = Window(shard.file, file_pos - file_pos % slab_bytes, pool.acquire(abort))
+      dst = pool.view(window.slab)
+      at = file_pos - window.offset
+      if at > window.length:
+        dst[window.length:at] = 0  # alignment gap between shards
+      n = min(shard.nbytes - done, slab_bytes - at)
+      np.copyto(dst[at:at + n], src[done:done + n])
+      window.pieces.append((pos, at, n))
+      window.length = at + n
+      done += n
+    if abort.is_set():
+      raise SaveError("save aborted")
+  flush()

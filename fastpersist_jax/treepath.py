@@ -1,0 +1,126 @@
+"""Pytree key paths as JSON, and back.
+
+Leaves are identified on disk by their key path, so a checkpoint can be
+restored into a target of the same structure, a sub-tree of it, or (with no
+target) into nested dicts/lists the way Orbax does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax import tree_util
+
+from fastpersist_jax.errors import CorruptCheckpointError
+
+# One key path entry on disk: ["d", key] dict key, ["s", i] sequence index,
+# ["a", name] attribute (dataclasses, namedtuples), ["f", i] flattened index.
+KeyEntry = list
+
+
+def _is_leaf(x: Any) -> bool:
+  # None and empty containers are kept as leaves so that a restore with no
+  # target gives back the same structure, as Orbax's handlers do.
+  return x is None or (type(x) in (dict, list, tuple) and len(x) == 0)
+
+
+def flatten(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
+  """Flattens to [(key_path, leaf)], keeping None/empty containers as leaves."""
+  return tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+
+
+def encode(path: tuple) -> list[KeyEntry]:
+  out = []
+  for k in path:
+    if isinstance(k, tree_util.DictKey):
+      key = k.key
+      if not isinstance(key, (str, int)) or isinstance(key, bool):
+        raise TypeError(f"dict keys must be str or int to be checkpointed, got {key!r}")
+      out.append(["d", key])
+    elif isinstance(k, tree_util.SequenceKey):
+      out.append(["s", k.idx])
+    elif isinstance(k, tree_util.GetAttrKey):
+      out.append(["a", k.name])
+    elif isinstance(k, tree_util.FlattenedIndexKey):
+      out.append(["f", k.key])
+    else:
+      raise TypeError(f"unsupported key path entry {k!r}")
+  return out
+
+
+def to_str(path: tuple | list) -> str:
+  """A readable path for messages: params/layers/0/w."""
+  parts = []
+  for k in path:
+    if isinstance(k, list):
+      parts.append(str(k[1]))
+    elif isinstance(k, tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, tree_util.GetAttrKey):
+      parts.append(k.name)
+    elif isinstance(k, tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  return "/".join(parts) or "<root>"
+
+
+def key_of(path: tuple | list) -> tuple:
+  """A hashable identity for a path, equal for live and decoded paths."""
+  if path and not isinstance(path[0], list):
+    path = encode(path)
+  return tuple((kind, key) for kind, key in path)
+
+
+def validate(path: Any) -> list[KeyEntry]:
+  if not isinstance(path, list):
+    raise CorruptCheckpointError(f"key path must be a list, got {type(path).__name__}")
+  for entry in path:
+    if (not isinstance(entry, list) or len(entry) != 2 or entry[0] not in ("d", "s", "a", "f")):
+      raise CorruptCheckpointError(f"malformed key path entry {entry!r}")
+    kind, key = entry
+    if kind in ("s", "f") and (not isinstance(key, int) or isinstance(key, bool) or key < 0):
+      raise CorruptCheckpointError(f"malformed key path index {entry!r}")
+    if kind == "a" and not isinstance(key, str):
+      raise CorruptCheckpointError(f"malformed key path attribute {entry!r}")
+    if kind == "d" and (not isinstance(key, (str, int)) or isinstance(key, bool)):
+      raise CorruptCheckpointError(f"malformed key path dict key {entry!r}")
+  return path
+
+
+def unflatten_as_nested(items: list[tuple[list[KeyEntry], Any]]) -> Any:
+  """Builds nested dicts/lists from decoded paths (restore without a target).
+
+  Sequence children become lists; dict keys and attributes become dict keys
+  (so namedtuples and dataclasses come back as dicts, as with Orbax).
+  """
+  if len(items) == 1 and not items[0][0]:
+    return items[0][1]
+  root: dict = {}
+  for path, value in items:
+    node = root
+    for i, (kind, key) in enumerate(path):
+      if i == len(path) - 1:
+        node[(kind, key)] = value
+      else:
+        node = node.setdefault((kind, key), {})
+  return _materialize(root)
+
+
+def _materialize(node: Any) -> Any:
+  if not isinstance(node, dict):
+    return node
+  children = {k: _materialize(v) for k, v in node.items()}
+  if children and all(kind in ("s", "f") for kind, _ in children):
+    indices = sorted(key for _, key in children)
+    if indices == list(range(len(indices))):
+      by_index = {key: v for (_, key), v in children.items()}
+      return [by_index[i] for i in indices]
+  return {key: v for (_, key), v in children.items()}
+
+
+def tree_structure_of(tree: Any):
+  return jax.tree_util.tree_structure(tree, is_leaf=_is_leaf)
