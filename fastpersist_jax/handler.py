@@ -47,7 +47,6 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     # One snapshot at a time: they share the staging pool.
     self._snapshot_lock = threading.Lock()
     self._in_flight: list[ocp_future.Future] = []
-    self._closed = False
     self.last_save_stats: dict[str, float] = {}
 
   @property
@@ -66,8 +65,6 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
   async def async_save(self, directory: epath.Path, item: Any = None,
                        args: Optional["FastPersistSave"] = None) -> Optional[List[ocp_future.Future]]:
-    if self._closed:
-      raise ValueError("FastPersistHandler is closed")
     if isinstance(item, ocp.args.CheckpointArgs):
       raise ValueError("pass FastPersistSave as `args=`, not as `item`")
     if args is not None:
@@ -138,13 +135,11 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     self._in_flight = []
 
   def close(self) -> None:
-    """Waits for in-flight saves, then frees the staging pool."""
-    if self._closed:
-      return
+    """Waits for in-flight saves, then frees the staging pool. A later save
+    (Orbax may reuse a closed handler) allocates a new pool."""
     try:
       self.wait_until_finished()
     finally:
-      self._closed = True
       self._pool.close()
 
 

@@ -22,6 +22,8 @@ def encode(sharding: jax.sharding.Sharding) -> dict:
             "mesh_shape": [int(n) for n in sharding.mesh.devices.shape],
             "axis_names": [str(a) for a in sharding.mesh.axis_names],
             "spec": spec,
+            "axis_types": [getattr(t, "name", str(t)) for t in
+                           getattr(sharding.mesh, "axis_types", ())],
             "memory_kind": sharding.memory_kind}
   if isinstance(sharding, SingleDeviceSharding):
     return {"type": "single", "memory_kind": sharding.memory_kind}
@@ -46,12 +48,23 @@ def decode(d: dict | None) -> tuple[jax.sharding.Sharding | None, str]:
     if math.prod(shape) != len(devices):
       return None, (f"it was saved on a mesh of {math.prod(shape)} devices {dict(zip(names, shape))}, "
                     f"and {len(devices)} devices are present")
-    mesh = Mesh(np.asarray(devices).reshape(shape), names)
+    mesh = _make_mesh(np.asarray(devices).reshape(shape), names, d.get("axis_types"))
     try:
       return NamedSharding(mesh, spec), ""
     except (ValueError, TypeError) as e:
       return None, f"cannot rebuild sharding {spec} ({e})"
   return None, f"sharding type {kind!r} cannot be rebuilt"
+
+
+def _make_mesh(devices: np.ndarray, names: tuple, axis_types: Any) -> Mesh:
+  """A Mesh with the saved axis types (Explicit/Auto/Manual) where known."""
+  enum = getattr(jax.sharding, "AxisType", None)
+  if enum is not None and isinstance(axis_types, list) and len(axis_types) == len(names):
+    try:
+      return Mesh(devices, names, axis_types=tuple(enum[t] for t in axis_types))
+    except (KeyError, TypeError):
+      pass
+  return Mesh(devices, names)
 
 
 def describe(d: Any) -> str:
