@@ -50,8 +50,11 @@ Batch make_batch(const py::sequence& items, bool writable) {
   b.held.reserve(py::len(items));
   b.extents.reserve(py::len(items));
   for (py::handle item : items) {
-    auto t = py::reinterpret_borrow<py::tuple>(item);
-    if (t.size() != 3) throw py::value_error("each extent must be (File, offset, buffer)");
+    if (!PySequence_Check(item.ptr()) || PySequence_Size(item.ptr()) != 3) {
+      PyErr_Clear();
+      throw py::value_error("each extent must be (File, offset, buffer)");
+    }
+    auto t = py::reinterpret_borrow<py::sequence>(item);
     File* f = t[0].cast<File*>();
     const long long off = t[1].cast<long long>();
     if (off < 0) throw py::value_error("negative file offset for " + f->path());
@@ -125,7 +128,10 @@ PYBIND11_MODULE(_ext, m) {
       .def("__enter__", [](File& f) -> File& { return f; }, py::return_value_policy::reference)
       .def("__exit__", [](File& f, py::args) { f.close(); });
 
-  py::class_<Engine>(m, "Engine", "Batched reads/writes on io_uring or a thread pool.")
+  // dynamic_attr: the engine keeps its registered buffers alive (see
+  // register_buffers below).
+  py::class_<Engine>(m, "Engine", py::dynamic_attr(),
+                     "Batched reads/writes on io_uring or a thread pool.")
       .def(py::init([](const std::string& kind, unsigned queue_depth, size_t chunk_bytes,
                        unsigned threads) {
              EngineConfig c;
@@ -156,17 +162,38 @@ PYBIND11_MODULE(_ext, m) {
              py::gil_scoped_release release;
              e.sync(files);
            }, py::arg("files"), "Truncate to logical size and fdatasync every file.")
-      .def("register_buffers", [](Engine& e, const std::vector<AlignedBuffer*>& buffers) {
+      // The kernel pins the pages of a registered buffer and keeps using
+      // those pages for every fixed-buffer request whose address falls in the
+      // registered range. Were the AlignedBuffer freed while registered, a new
+      // mapping at the same address would be "registered" too, and I/O would
+      // silently go to the old pages. So the engine holds a reference to each
+      // registered buffer until it is unregistered or replaced.
+      .def("register_buffers", [](py::object self, const py::sequence& buffers) {
+             Engine& e = self.cast<Engine&>();
+             py::tuple keep(py::len(buffers));
              std::vector<std::pair<char*, size_t>> spans;
-             for (auto* b : buffers) spans.emplace_back(b->data(), b->mapped_size());
+             for (size_t i = 0; i < keep.size(); ++i) {
+               py::object obj = buffers[i];
+               auto* b = obj.cast<AlignedBuffer*>();
+               spans.emplace_back(b->data(), b->mapped_size());
+               keep[i] = obj;
+             }
              std::string why;
              bool ok;
              {
                py::gil_scoped_release release;
                ok = e.register_buffers(spans, &why);
              }
+             // A failed registration has dropped the previous one as well.
+             self.attr("_registered_buffers") = ok ? keep : py::tuple();
              return py::make_tuple(ok, why);
            }, py::arg("buffers"))
-      .def("unregister_buffers", &Engine::unregister_buffers,
-           py::call_guard<py::gil_scoped_release>());
+      .def("unregister_buffers", [](py::object self) {
+             Engine& e = self.cast<Engine&>();
+             {
+               py::gil_scoped_release release;
+               e.unregister_buffers();
+             }
+             self.attr("_registered_buffers") = py::tuple();
+           });
 }

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <deque>
 #include <thread>
+#include <unordered_map>
 
 #include "aligned_buffer.h"
 #include "errors.h"
@@ -273,17 +274,42 @@ struct Copy {
 void Engine::write(const std::vector<Extent>& extents) {
   std::lock_guard<std::mutex> lock(call_mu_);
   const size_t chunk = config_.chunk_bytes;
-  // Pass 1: how much bounce memory is needed.
-  size_t bounce_bytes = 0;
+
+  // How each extent of an O_DIRECT file at an aligned offset is written: the
+  // whole blocks (`bulk`) go direct, from the caller's memory or, when that is
+  // misaligned, from a bounce copy. A final partial block is either padded
+  // with zeros to a whole block and written direct (sync() cuts the file back
+  // to its logical end), or, when those zeros could land on bytes an earlier
+  // write() call put there, written as is through the buffered descriptor.
+  struct Plan {
+    size_t bulk = 0;
+    bool copy = false;         // bulk (and a padded tail) come from bounce memory
+    bool pad_tail = false;     // tail written direct, padded with zeros
+  };
+  // Each file's logical end before this call. Nothing at or past it has been
+  // written through this File, so zero padding there overwrites nothing: later
+  // extents of this same call that share the padded block start at unaligned
+  // offsets and are written after the direct ones.
+  std::unordered_map<const File*, uint64_t> prior_end;
   for (const Extent& e : extents) {
     check_mode(*e.file, File::Mode::kWrite);
+    prior_end.emplace(e.file, e.file->logical_end());
+  }
+  std::vector<Plan> plans(extents.size());
+  size_t bounce_bytes = 0;
+  for (size_t i = 0; i < extents.size(); ++i) {
+    const Extent& e = extents[i];
     const File& f = *e.file;
     if (e.len == 0 || !f.direct() || e.offset % f.offset_align() != 0) continue;
-    const size_t bulk = align_down(e.len, f.offset_align());
-    if (reinterpret_cast<uintptr_t>(e.data) % f.mem_align() == 0) {
-      if (bulk != e.len) bounce_bytes += align_up(f.offset_align(), kPageSize);
-    } else {
-      bounce_bytes += align_up(e.len, kPageSize);
+    Plan& pl = plans[i];
+    pl.bulk = align_down(e.len, f.offset_align());
+    pl.copy = reinterpret_cast<uintptr_t>(e.data) % f.mem_align() != 0;
+    pl.pad_tail = pl.bulk != e.len && e.offset + e.len >= prior_end[&f];
+    const size_t direct_len = pl.pad_tail ? align_up(e.len, f.offset_align()) : pl.bulk;
+    if (pl.copy) {
+      bounce_bytes += align_up(direct_len, kPageSize);
+    } else if (pl.pad_tail) {
+      bounce_bytes += align_up(f.offset_align(), kPageSize);
     }
   }
   Bounce bounce;
@@ -296,28 +322,38 @@ void Engine::write(const std::vector<Extent>& extents) {
       ops.push_back(Op{Op::kWrite, fd, f, p + done, len, off + done, len, fixed_index(p + done, len)});
     }
   };
-  for (const Extent& e : extents) {
+  for (size_t i = 0; i < extents.size(); ++i) {
+    const Extent& e = extents[i];
     File& f = *e.file;
     if (e.len == 0) continue;
     f.note_written(e.offset + e.len);
     if (!f.direct()) {
       add(aligned, f.fd(), &f, e.data, e.len, e.offset);
-    } else if (e.offset % f.offset_align() != 0) {
+      continue;
+    }
+    if (e.offset % f.offset_align() != 0) {
       add(unaligned, f.buffered_fd(), &f, e.data, e.len, e.offset);
-    } else if (reinterpret_cast<uintptr_t>(e.data) % f.mem_align() == 0) {
-      const size_t bulk = align_down(e.len, f.offset_align());
-      add(aligned, f.fd(), &f, e.data, bulk, e.offset);
-      if (bulk != e.len) {
-        // Last partial block: padded with zeros; sync() cuts the file back.
-        char* p = bounce.take(f.offset_align());
-        std::memcpy(p, e.data + bulk, e.len - bulk);
-        add(aligned, f.fd(), &f, p, f.offset_align(), e.offset + bulk);
+      continue;
+    }
+    const Plan& pl = plans[i];
+    const size_t tail = e.len - pl.bulk;
+    if (pl.copy) {
+      const size_t direct_len = pl.pad_tail ? align_up(e.len, f.offset_align()) : pl.bulk;
+      if (direct_len > 0) {
+        char* p = bounce.take(direct_len);
+        std::memcpy(p, e.data, pl.pad_tail ? e.len : pl.bulk);
+        add(aligned, f.fd(), &f, p, direct_len, e.offset);
       }
     } else {
-      const size_t padded = align_up(e.len, f.offset_align());
-      char* p = bounce.take(padded);
-      std::memcpy(p, e.data, e.len);
-      add(aligned, f.fd(), &f, p, padded, e.offset);
+      add(aligned, f.fd(), &f, e.data, pl.bulk, e.offset);
+      if (tail > 0 && pl.pad_tail) {
+        char* p = bounce.take(f.offset_align());
+        std::memcpy(p, e.data + pl.bulk, tail);
+        add(aligned, f.fd(), &f, p, f.offset_align(), e.offset + pl.bulk);
+      }
+    }
+    if (tail > 0 && !pl.pad_tail) {
+      add(unaligned, f.buffered_fd(), &f, e.data + pl.bulk, tail, e.offset + pl.bulk);
     }
   }
   execute(aligned);

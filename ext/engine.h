@@ -45,9 +45,13 @@ class Engine {
 
   const EngineConfig& config() const { return config_; }
 
-  // Writes every extent. Extents at unaligned offsets of an O_DIRECT file go
-  // through a buffered descriptor after the aligned ones, so the zero padding
-  // of an aligned extent's last block never lands on top of them.
+  // Writes every extent, and no byte outside them. Extents at unaligned
+  // offsets of an O_DIRECT file go through a buffered descriptor after the
+  // aligned ones, so the zero padding of an aligned extent's last block never
+  // lands on top of them. That padding is used only past the file's logical
+  // end as it stood before this call; a partial last block that earlier calls
+  // may have written into (extents written out of order) is written through
+  // the buffered descriptor instead.
   void write(const std::vector<Extent>& extents);
   // Reads every extent fully; a read that ends past end-of-file raises.
   void read(const std::vector<Extent>& extents);

@@ -13,7 +13,7 @@ import threading
 from typing import Iterable, Mapping, Sequence
 
 from fastpersist_jax import _ext
-from fastpersist_jax.options import FastPersistOptions
+from fastpersist_jax.options import ENGINE_ENV, FastPersistOptions
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class IOEngine:
                        "pwrite/pread thread-pool engine.", e)
         self._engine = _ext.Engine("threads", **args)
     else:
+      logger.warning("Using the pwrite/pread thread-pool engine (asked for by %s).",
+                     f"{ENGINE_ENV}=threads" if self.options.engine == "auto" else "options")
       self._engine = _ext.Engine("threads", **args)
 
   @property
@@ -123,6 +125,7 @@ class IOEngine:
     parent directory.
     """
     opened: list[File] = []
+    ok = False
     try:
       extents = []
       for path, parts in files.items():
@@ -132,9 +135,15 @@ class IOEngine:
         extents.extend((f, off, buf) for off, buf in parts)
       self.write(extents)
       self.sync(opened)
+      ok = True
     finally:
       for f in opened:
         f.close()
+        if not ok:  # never leave half-written files that look complete
+          try:
+            os.unlink(f.path)
+          except OSError:
+            pass
     for parent in {os.path.dirname(os.path.abspath(p)) for p in files}:
       fsync_directory(parent)
 

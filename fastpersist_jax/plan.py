@@ -40,6 +40,11 @@ class SavePlan:
   def total_bytes(self) -> int:
     return sum(s.nbytes for s in self.shards)
 
+  @property
+  def staged_bytes(self) -> int:
+    """Bytes of data files, alignment padding included: what staging holds."""
+    return sum(self.file_sizes)
+
 
 def normalize_index(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
   out = []

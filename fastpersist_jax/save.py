@@ -74,7 +74,7 @@ class SaveOperation:
     """Copies every owned shard into staging memory. Returns when the caller
     may modify or donate the arrays."""
     t0 = time.perf_counter()
-    self._pool.ensure(self._plan.total_bytes)
+    self._pool.ensure(self._plan.staged_bytes)
     self._started = True
     self._checksummer.start()
     try:

@@ -1,0 +1,80 @@
+"""Shared fixtures. Engine-related ones: the engine kind, an IOEngine of that
+kind, and directories on a disk filesystem and on tmpfs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+# Eight CPU devices for sharded arrays; must be set before jax is imported.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+ENGINE_KINDS = ("io_uring", "threads")
+
+
+def fs_type(path: str | os.PathLike) -> str:
+  """Filesystem type of the mount holding `path` (from /proc/self/mounts)."""
+  path = os.path.realpath(path)
+  best, kind = "", "unknown"
+  try:
+    with open("/proc/self/mounts") as f:
+      for line in f:
+        fields = line.split()
+        mnt = fields[1].replace("\\040", " ")
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+          best, kind = mnt, fields[2]
+  except OSError:
+    pass
+  return kind
+
+
+@pytest.fixture(params=ENGINE_KINDS)
+def engine_kind(request) -> str:
+  return request.param
+
+
+@pytest.fixture
+def io_engine(engine_kind):
+  from fastpersist_jax.io_engine import IOEngine
+  from fastpersist_jax.options import FastPersistOptions
+  eng = IOEngine(FastPersistOptions(engine=engine_kind))
+  assert eng.kind == engine_kind
+  return eng
+
+
+@pytest.fixture
+def disk_dir(tmp_path):
+  """A directory on a disk filesystem (O_DIRECT hits the device)."""
+  if fs_type(tmp_path) not in ("tmpfs", "ramfs", "overlay"):
+    yield tmp_path
+    return
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_tmp")
+  os.makedirs(root, exist_ok=True)
+  d = tempfile.mkdtemp(dir=root)
+  try:
+    yield d
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def shm_dir():
+  """A directory on tmpfs (/dev/shm)."""
+  if not os.path.isdir("/dev/shm"):
+    pytest.skip("no /dev/shm")
+  d = tempfile.mkdtemp(dir="/dev/shm", prefix="fastpersist-test-")
+  try:
+    yield d
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(params=("disk", "shm"))
+def data_dir(request):
+  """Each test using this runs once on disk and once on tmpfs."""
+  return os.fspath(request.getfixturevalue(f"{request.param}_dir"))
