@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "aligned_buffer.h"
+#include "copy.h"
 #include "engine.h"
 #include "errors.h"
 #include "file.h"
@@ -89,6 +90,32 @@ PYBIND11_MODULE(_ext, m) {
       raise_oserror(e.code().value(), e.what(), nullptr);
     }
   });
+
+  m.def("copy_many", [](const py::sequence& pairs, unsigned threads) {
+          std::vector<HeldBuffer> held;
+          std::vector<CopyTask> tasks;
+          held.reserve(2 * py::len(pairs));
+          tasks.reserve(py::len(pairs));
+          for (py::handle item : pairs) {
+            if (!PySequence_Check(item.ptr()) || PySequence_Size(item.ptr()) != 2) {
+              PyErr_Clear();
+              throw py::value_error("each copy must be (destination, source)");
+            }
+            auto t = py::reinterpret_borrow<py::sequence>(item);
+            held.emplace_back(t[0], /*writable=*/true);
+            held.emplace_back(t[1], /*writable=*/false);
+            const HeldBuffer& dst = held[held.size() - 2];
+            const HeldBuffer& src = held.back();
+            if (dst.size() != src.size()) {
+              throw py::value_error("copy_many: destination is " + std::to_string(dst.size()) +
+                                    " bytes, source " + std::to_string(src.size()));
+            }
+            tasks.push_back({dst.data(), src.data(), src.size()});
+          }
+          py::gil_scoped_release release;
+          parallel_copy(tasks, threads);
+        }, py::arg("pairs"), py::arg("threads") = 1,
+        "Copy [(dst, src), ...] (equal sizes) with `threads` threads, without the GIL.");
 
   py::class_<AlignedBuffer>(m, "AlignedBuffer", py::buffer_protocol(),
                             "Page-aligned, pre-faulted host memory (buffer protocol, uint8).")

@@ -72,7 +72,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     plan = make_plan(item, process_index=jax.process_index(), process_count=jax.process_count(),
                      write_host_arrays=self._is_primary(),
                      data_file_bytes=self._options.data_file_bytes)
-    op = SaveOperation(self._engine, self._pool, plan, write_metadata=self._is_primary())
+    op = SaveOperation(self._engine, self._pool, plan, write_metadata=self._is_primary(),
+                       copy_threads=self._options.resolved_copy_threads())
     directory_str = os.fspath(directory)
 
     async def commit():

@@ -45,6 +45,9 @@ class FastPersistOptions:
       references and copy in the background; only for arrays the caller
       never donates or deletes before the save finishes).
     restore_batch_bytes: how much is read in one engine call on restore.
+    copy_threads: threads copying shards into staging during the blocking
+      snapshot (the training step is waiting then, so all cores may help).
+      0 means min(4, number of CPUs).
   """
 
   engine: str = "auto"
@@ -59,6 +62,7 @@ class FastPersistOptions:
   verify_checksums: bool = True
   snapshot: str = "copy"
   restore_batch_bytes: int = 1 * GiB
+  copy_threads: int = 0
 
   def __post_init__(self):
     if self.engine not in _ENGINE_KINDS:
@@ -69,10 +73,17 @@ class FastPersistOptions:
                  "staging_slab_bytes", "data_file_bytes", "restore_batch_bytes"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.copy_threads < 0:
+      raise ValueError(f"copy_threads must be >= 0, got {self.copy_threads}")
     if self.chunk_bytes % 4096:
       raise ValueError(f"chunk_bytes must be a multiple of 4096, got {self.chunk_bytes}")
     if self.staging_slab_bytes % 4096:
       raise ValueError(f"staging_slab_bytes must be a multiple of 4096, got {self.staging_slab_bytes}")
+
+  def resolved_copy_threads(self) -> int:
+    if self.copy_threads > 0:
+      return self.copy_threads
+    return max(1, min(4, len(os.sched_getaffinity(0))))
 
   def resolved_engine(self) -> str:
     """The engine kind asked for, after the environment override."""

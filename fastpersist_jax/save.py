@@ -38,11 +38,12 @@ class SaveOperation:
   """Saves one plan. `snapshot()` then `commit(directory)`, each once."""
 
   def __init__(self, engine: IOEngine, pool: StagingPool, plan: SavePlan, *,
-               write_metadata: bool):
+               write_metadata: bool, copy_threads: int = 1):
     self._engine = engine
     self._pool = pool
     self._plan = plan
     self._write_metadata = write_metadata
+    self._copy_threads = copy_threads
     self._crcs = [0] * len(plan.shards)
     self._to_checksum: queue.Queue = queue.Queue()
     self._to_write: queue.Queue = queue.Queue()
@@ -78,7 +79,7 @@ class SaveOperation:
     self._started = True
     self._checksummer.start()
     try:
-      stage(self._plan, self._pool, self._to_checksum.put, self._abort)
+      stage(self._plan, self._pool, self._to_checksum.put, self._abort, self._copy_threads)
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
       raise
