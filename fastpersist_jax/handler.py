@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from typing import Any, List, Optional
 
 import jax
@@ -26,7 +27,7 @@ from fastpersist_jax import layout
 from fastpersist_jax.errors import CorruptCheckpointError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
-from fastpersist_jax.plan import make_plan
+from fastpersist_jax.plan import make_plan, resolve_snapshot_mode
 from fastpersist_jax.restore import Restorer
 from fastpersist_jax.save import SaveOperation
 from fastpersist_jax.staging import StagingPool
@@ -69,16 +70,18 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       raise ValueError("pass FastPersistSave as `args=`, not as `item`")
     if args is not None:
       item = args.item
+    t0 = time.perf_counter()
+    mode = resolve_snapshot_mode(self._options.snapshot, item)
     plan = make_plan(item, process_index=jax.process_index(), process_count=jax.process_count(),
                      write_host_arrays=self._is_primary(),
-                     data_file_bytes=self._options.data_file_bytes)
+                     data_file_bytes=self._options.data_file_bytes, snapshot=mode)
     op = SaveOperation(self._engine, self._pool, plan, write_metadata=self._is_primary(),
                        copy_threads=self._options.resolved_copy_threads())
     directory_str = os.fspath(directory)
 
     async def commit():
       op.commit(directory_str)
-      self.last_save_stats = dict(op.stats)
+      self.last_save_stats = dict(op.stats, snapshot_mode=mode)
 
     with self._snapshot_lock:
       # The commit future is created first: its writer thread must be ready to
@@ -86,7 +89,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       commit_future = ocp_future.CommitFutureAwaitingContractedSignals(
           commit(), name="fastpersist_commit")
       try:
-        op.snapshot()
+        op.snapshot(background=mode == "reference")
       except BaseException as e:
         op.abort(e)
         try:
@@ -94,11 +97,15 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         except BaseException:  # pylint: disable=broad-except  (the snapshot error is the one to raise)
           pass
         raise
+    op.stats["blocking_s"] = time.perf_counter() - t0
     self._in_flight = [f for f in self._in_flight if not _done(f)] + [commit_future]
     return [commit_future]
 
   def save(self, directory: epath.Path, item: Any = None,
            args: Optional["FastPersistSave"] = None) -> None:
+    """Saves synchronously (durable on return). Creates `directory` if needed."""
+    os.makedirs(os.fspath(directory), exist_ok=True)
+
     async def run():
       for f in await self.async_save(directory, item=item, args=args) or []:
         f.result()

@@ -15,7 +15,7 @@ GiB = 1 << 30
 
 ENGINE_ENV = "FASTPERSIST_ENGINE"
 _ENGINE_KINDS = ("auto", "io_uring", "threads")
-_SNAPSHOT_MODES = ("copy", "reference")
+_SNAPSHOT_MODES = ("auto", "copy", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +40,18 @@ class FastPersistOptions:
     data_file_bytes: a process starts a new data file past this size, so
       huge checkpoints are a few large files rather than one giant one.
     verify_checksums: check each shard's crc32c on restore.
-    snapshot: "copy" (default: the save blocks until every owned shard is
-      copied to host memory owned by fastpersist) or "reference" (keep
-      references and copy in the background; only for arrays the caller
-      never donates or deletes before the save finishes).
+    snapshot: what the save blocks for.
+      "copy": until every owned shard is copied into the staging pool, after
+        which the caller may donate, delete or overwrite anything.
+      "reference": only until references are taken; the copy runs in the
+        background. For jax.Arrays on CPU the reference is a host view, and
+        the CPU runtime neither frees nor donates a buffer while such a view
+        exists (a donating step then writes fresh memory), so this is safe.
+        On accelerators it is a reference to the jax.Array: only for arrays
+        the caller does not donate or delete until the save finishes; if one
+        is, the save fails with SaveError instead of writing garbage.
+      "auto" (default): "reference" when every array is on CPU, else "copy".
+      numpy leaves (mutable in place) are always copied while blocking.
     restore_batch_bytes: how much is read in one engine call on restore.
     copy_threads: threads copying shards into staging during the blocking
       snapshot (the training step is waiting then, so all cores may help).
@@ -60,7 +68,7 @@ class FastPersistOptions:
   staging_slab_bytes: int = 64 * MiB
   data_file_bytes: int = 4 * GiB
   verify_checksums: bool = True
-  snapshot: str = "copy"
+  snapshot: str = "auto"
   restore_batch_bytes: int = 1 * GiB
   copy_threads: int = 0
 

@@ -30,6 +30,16 @@ class ShardSource:
   on_accelerator: bool = False   # data lives in device memory (needs a D2H copy)
 
 
+def resolve_snapshot_mode(mode: str, tree: Any) -> str:
+  """"auto" -> "reference" when every jax.Array in `tree` is on CPU."""
+  if mode != "auto":
+    return mode
+  for x in jax.tree_util.tree_leaves(tree):
+    if isinstance(x, jax.Array) and next(iter(x.sharding.device_set)).platform != "cpu":
+      return "copy"
+  return "reference"
+
+
 @dataclasses.dataclass
 class SavePlan:
   leaves: list[layout.LeafMeta]
@@ -72,7 +82,8 @@ def _scalar_type(x: Any) -> str | None:
 
 
 def make_plan(tree: Any, *, process_index: int, process_count: int,
-              write_host_arrays: bool, data_file_bytes: int) -> SavePlan:
+              write_host_arrays: bool, data_file_bytes: int,
+              snapshot: str = "copy") -> SavePlan:
   """Plans a save of `tree` by this process.
 
   Args:
@@ -81,6 +92,9 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
     write_host_arrays: whether this process writes numpy arrays and numpy
       scalars (which every process holds whole); the primary does.
     data_file_bytes: start a new data file once one would grow past this.
+    snapshot: the resolved snapshot mode ("copy" or "reference"); with
+      "reference", CPU shards are pinned as host views now and numpy leaves
+      copied now (see FastPersistOptions.snapshot).
   """
   flat, _ = treepath.flatten(tree)
   leaves: list[layout.LeafMeta] = []
@@ -108,14 +122,17 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
       per_device = _addressable_arrays(x)
       for position, index in _owned_shards(x):
         nbytes = math.prod(b - a for a, b in index) * itemsize
-        shards.append(ShardSource(leaf_id, index, nbytes, per_device[position], on_accelerator))
+        data = per_device[position]
+        if snapshot == "reference" and not on_accelerator:
+          data = np.asarray(data)  # the host view pins the buffer (see options)
+        shards.append(ShardSource(leaf_id, index, nbytes, data, on_accelerator))
     elif isinstance(x, (np.ndarray, np.generic)):
       _check_dtype(x.dtype, where)
       kind = "numpy" if isinstance(x, np.ndarray) else "np_scalar"
       shape = tuple(int(n) for n in np.shape(x))
       leaves.append(layout.LeafMeta(encoded, kind, dtype=np.dtype(x.dtype).name, shape=shape))
       if write_host_arrays:
-        arr = np.asarray(x)
+        arr = np.array(x, copy=True) if snapshot == "reference" else np.asarray(x)
         shards.append(ShardSource(leaf_id, tuple((0, n) for n in shape), arr.nbytes, arr))
     elif (st := _scalar_type(x)) is not None:
       leaves.append(layout.LeafMeta(encoded, "scalar", value=x, scalar_type=st))
@@ -125,6 +142,11 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
           "checkpointed (supported: jax.Array, numpy arrays and scalars, Python "
           "bool/int/float/complex/str, None)")
   file_sizes = _assign_offsets(shards, data_file_bytes)
+  if snapshot == "reference":
+    for s in shards:  # referenced arrays must still be alive to be read later
+      if isinstance(s.data, jax.Array) and s.data.is_deleted():
+        raise UnsupportedLeafError(
+            f"leaf {treepath.to_str(leaves[s.leaf].path)!r}: the jax.Array has been deleted")
   return SavePlan(leaves, shards, file_sizes, process_index, process_count)
 
 

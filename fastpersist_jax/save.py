@@ -53,6 +53,7 @@ class SaveOperation:
     self._checksummer = threading.Thread(target=self._checksum_loop, name="fastpersist-crc",
                                          daemon=True)
     self._started = False
+    self._stager: threading.Thread | None = None
     self.stats: dict[str, float] = {"bytes": float(plan.total_bytes)}
 
   # Failure handling ---------------------------------------------------------
@@ -71,22 +72,36 @@ class SaveOperation:
 
   # Blocking part ------------------------------------------------------------
 
-  def snapshot(self) -> None:
-    """Copies every owned shard into staging memory. Returns when the caller
-    may modify or donate the arrays."""
-    t0 = time.perf_counter()
+  def snapshot(self, background: bool = False) -> None:
+    """Copies every owned shard into staging memory.
+
+    In the foreground, returns when the caller may modify or donate the
+    arrays. With `background`, returns at once; the copy runs on its own
+    thread (one copy thread, leaving the cores to training) and any error
+    surfaces from commit().
+    """
     self._pool.ensure(self._plan.staged_bytes)
     self._started = True
     self._checksummer.start()
+    if background:
+      self._stager = threading.Thread(target=self._stage, args=(1,), name="fastpersist-stage",
+                                      daemon=True)
+      self._stager.start()
+    else:
+      self._stage(self._copy_threads)
+      self._raise_if_failed()
+
+  def _stage(self, copy_threads: int) -> None:
+    t0 = time.perf_counter()
     try:
-      stage(self._plan, self._pool, self._to_checksum.put, self._abort, self._copy_threads)
+      stage(self._plan, self._pool, self._to_checksum.put, self._abort, copy_threads)
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
-      raise
+      if threading.current_thread() is not self._stager:
+        raise
     finally:
       self._to_checksum.put(_END)
       self.stats["snapshot_s"] = time.perf_counter() - t0
-    self._raise_if_failed()
 
   def abort(self, e: BaseException) -> None:
     """Abandons the save (e.g. the caller failed before commit could run)."""

@@ -18,7 +18,9 @@ from typing import Callable
 
 import numpy as np
 
-from fastpersist_jax import _ext
+import jax
+
+from fastpersist_jax import _ext, treepath
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.plan import SavePlan, ShardSource
@@ -106,6 +108,10 @@ class Window:
 
 def host_bytes(data) -> np.ndarray:
   """The shard's bytes as a flat uint8 array (a view where possible)."""
+  if isinstance(data, jax.Array) and data.is_deleted():
+    raise SaveError("a referenced array was deleted (donated?) before the background snapshot "
+                    "copied it; use FastPersistOptions(snapshot='copy') for arrays the training "
+                    "step donates")
   arr = np.asarray(data)
   if not arr.flags.c_contiguous:
     arr = np.ascontiguousarray(arr)
@@ -148,7 +154,10 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       raise SaveError("save aborted")
     if not shard.nbytes:
       continue
-    src = host_bytes(shard.data)
+    try:
+      src = host_bytes(shard.data)
+    except SaveError as e:
+      raise SaveError(f"leaf {treepath.to_str(plan.leaves[shard.leaf].path)!r}: {e}") from None
     done = 0
     while done < shard.nbytes:
       file_pos = shard.offset + done
@@ -167,3 +176,5 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       window.length = at + n
       done += n
   flush()
+  for shard in plan.shards:
+    shard.data = None  # staged: stop pinning the source buffers

@@ -103,6 +103,32 @@ def _fill(buf) -> None:
   words ^= words >> np.uint64(29)
 
 
+def run_fio(fio: str, rw: str, path: str, size: int, chunk: int, queue_depth: int,
+            fixedbufs: bool = False) -> tuple[float, dict]:
+  """fio --ioengine=io_uring --direct=1 --rw=RW of `size` bytes in `chunk`-sized
+  requests at `queue_depth` on `path` (writes end with fsync). Returns fio's
+  own seconds (io_bytes / bw_bytes) and details. Shared with save_bench."""
+  cmd = [fio, f"--name={rw}", "--ioengine=io_uring", "--direct=1", f"--rw={rw}",
+         f"--bs={chunk}", f"--iodepth={queue_depth}", f"--size={size}",
+         f"--filename={path}", "--output-format=json"]
+  if rw == "write":
+    cmd.append("--end_fsync=1")
+  if fixedbufs:
+    cmd.append("--fixedbufs=1")
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+  report = json.loads(out.stdout[out.stdout.index("{"):])
+  job = report["jobs"][0]
+  if job.get("error"):
+    raise RuntimeError(f"fio job error {job['error']}: {out.stderr.strip()[-2000:]}")
+  stats = job[rw]
+  if stats["io_bytes"] < size:
+    raise RuntimeError(f"fio moved {stats['io_bytes']} bytes, expected {size}")
+  return stats["io_bytes"] / stats["bw_bytes"], {"fio_bw_bytes": stats["bw_bytes"],
+                                                 "fio_runtime_ms": stats["runtime"]}
+
+
 # Methods: each returns seconds (and optionally details) ---------------------------
 
 class Bench:
@@ -183,25 +209,7 @@ class Bench:
     return time.perf_counter() - t0, {}
 
   def _run_fio(self, rw: str, path: str, fixedbufs: bool = False):
-    cmd = [self.fio, f"--name={rw}", "--ioengine=io_uring", "--direct=1", f"--rw={rw}",
-           f"--bs={self.chunk}", f"--iodepth={self.args.queue_depth}", f"--size={self.size}",
-           f"--filename={path}", "--output-format=json"]
-    if rw == "write":
-      cmd.append("--end_fsync=1")
-    if fixedbufs:
-      cmd.append("--fixedbufs=1")
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-      raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-    report = json.loads(out.stdout[out.stdout.index("{"):])
-    job = report["jobs"][0]
-    if job.get("error"):
-      raise RuntimeError(f"fio job error {job['error']}: {out.stderr.strip()[-2000:]}")
-    stats = job[rw]
-    if stats["io_bytes"] < self.size:
-      raise RuntimeError(f"fio moved {stats['io_bytes']} bytes, expected {self.size}")
-    return stats["io_bytes"] / stats["bw_bytes"], {"fio_bw_bytes": stats["bw_bytes"],
-                                                   "fio_runtime_ms": stats["runtime"]}
+    return run_fio(self.fio, rw, path, self.size, self.chunk, self.args.queue_depth, fixedbufs)
 
   def write_fio(self, path):
     return self._run_fio("write", path)
