@@ -12,6 +12,7 @@ renames the temporary directory and marks the checkpoint committed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from fastpersist_jax import layout
+from fastpersist_jax import coordination, layout
 from fastpersist_jax.errors import CorruptCheckpointError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -33,6 +34,7 @@ from fastpersist_jax.save import SaveOperation
 from fastpersist_jax.staging import StagingPool
 
 logger = logging.getLogger(__name__)
+_HANDLER_IDS = itertools.count()
 
 
 class FastPersistHandler(ocp.AsyncCheckpointHandler):
@@ -48,6 +50,10 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     # One snapshot at a time: they share the staging pool.
     self._snapshot_lock = threading.Lock()
     self._in_flight: list[ocp_future.Future] = []
+    # Identify this handler's saves identically on every process (SPMD: the
+    # processes create handlers and save in the same order).
+    self._uid = next(_HANDLER_IDS)
+    self._save_count = 0
     self.last_save_stats: dict[str, float] = {}
 
   @property
@@ -64,6 +70,13 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     primary = self._mp.primary_host
     return primary is None or jax.process_index() == primary
 
+  def _layout_mode(self) -> str:
+    """primary_host=None with several processes: each process saves into its
+    own directory (e.g. per-host NVMe) everything its devices hold."""
+    if self._mp.primary_host is None and jax.process_count() > 1:
+      return "per_host"
+    return "shared"
+
   async def async_save(self, directory: epath.Path, item: Any = None,
                        args: Optional["FastPersistSave"] = None) -> Optional[List[ocp_future.Future]]:
     if isinstance(item, ocp.args.CheckpointArgs):
@@ -74,9 +87,16 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     mode = resolve_snapshot_mode(self._options.snapshot, item)
     plan = make_plan(item, process_index=jax.process_index(), process_count=jax.process_count(),
                      write_host_arrays=self._is_primary(),
-                     data_file_bytes=self._options.data_file_bytes, snapshot=mode)
-    op = SaveOperation(self._engine, self._pool, plan, write_metadata=self._is_primary(),
-                       copy_threads=self._options.resolved_copy_threads())
+                     data_file_bytes=self._options.data_file_bytes, snapshot=mode,
+                     layout_mode=self._layout_mode(),
+                     replica_parallel=self._options.replica_parallel)
+    self._save_count += 1
+    op = SaveOperation(
+        self._engine, self._pool, plan, write_metadata=self._is_primary(),
+        copy_threads=self._options.resolved_copy_threads(),
+        outcome_key=(f"fastpersist/{coordination.current_operation_id()}/{self._uid}/"
+                     f"{self._save_count}") if jax.process_count() > 1 else None,
+        commit_timeout_s=self._options.commit_timeout_s)
     directory_str = os.fspath(directory)
 
     async def commit():
@@ -117,7 +137,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     if not self._is_primary() or not os.path.exists(os.path.join(directory, layout.METADATA_FILE)):
       return
     meta = layout.read_metadata(directory)
-    missing = [p for p in range(meta.process_count)
+    expected = [jax.process_index()] if meta.layout == "per_host" else range(meta.process_count)
+    missing = [p for p in expected
                if not os.path.exists(os.path.join(directory, layout.manifest_name(p)))]
     if missing:
       raise CorruptCheckpointError(

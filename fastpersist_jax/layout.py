@@ -13,6 +13,8 @@ import json
 import math
 import os
 import re
+import reprlib
+import stat
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,10 @@ SHARD_ALIGN = 4096
 # JSON files larger than this are refused without being read.
 MAX_JSON_BYTES = 1 << 30
 
-_DATA_RE = re.compile(r"^data\.\d{5}\.\d{4}\.bin$")
+_DATA_RE = re.compile(r"data\.([0-9]{5})\.[0-9]{4}\.bin")
+# Canonical dtype names, as np.dtype(...).name writes them (float32, bfloat16, ...).
+_DTYPE_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_SAVED_AXIS_TYPES = ("Explicit", "Auto", "Manual")
 
 LEAF_KINDS = ("array", "numpy", "np_scalar", "scalar", "none", "empty_dict",
               "empty_list", "empty_tuple")
@@ -72,6 +77,9 @@ class ShardRecord:
   offset: int
   nbytes: int
   crc32c: int
+  # Byte range of the shard's C-order bytes this record holds, when the shard
+  # was split among the processes holding replicas of it; None: all of it.
+  part: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -86,6 +94,9 @@ class CheckpointMetadata:
   process_count: int
   leaves: list[LeafMeta]
   version: int = FORMAT_VERSION
+  # "shared": one directory, every process's manifest in it. "per_host": each
+  # process wrote its own directory holding what its devices need.
+  layout: str = "shared"
 
 
 # dtypes ---------------------------------------------------------------------
@@ -93,14 +104,23 @@ class CheckpointMetadata:
 def dtype_from_name(name: str) -> np.dtype:
   """numpy dtype from its name, including ml_dtypes' (bfloat16, int4, ...)."""
   import ml_dtypes  # pylint: disable=g-import-not-at-top  (jax depends on it)
+  if not isinstance(name, str):
+    raise CorruptCheckpointError(f"dtype must be a string, got {_short(name)}")
   try:
     return np.dtype(name)
-  except TypeError:
+  except Exception:  # pylint: disable=broad-except  (TypeError, but SyntaxError for "f4,(")
     pass
-  t = getattr(ml_dtypes, str(name), None)
-  if t is None:
-    raise CorruptCheckpointError(f"unknown dtype {name!r}")
+  t = getattr(ml_dtypes, name, None)
+  # Only ml_dtypes' scalar types, not any attribute (ml_dtypes.__name__, finfo).
+  if not (isinstance(t, type) and issubclass(t, np.generic)):
+    raise CorruptCheckpointError(f"unknown dtype {_short(name)}")
   return np.dtype(t)
+
+
+def _jax_can_hold(dtype: np.dtype) -> bool:
+  """False for numpy-only types (float128, complex256) that no jax.Array has."""
+  return not ((dtype.kind == "f" and dtype.itemsize > 8) or
+              (dtype.kind == "c" and dtype.itemsize > 16))
 
 
 def dtype_is_supported(dtype: np.dtype) -> bool:
@@ -119,17 +139,27 @@ def dtype_is_supported(dtype: np.dtype) -> bool:
 
 def read_json(path: str, what: str) -> Any:
   try:
-    size = os.stat(path).st_size
+    st = os.stat(path)
   except FileNotFoundError as e:
     raise CheckpointNotFoundError(f"{what} not found: {path}") from e
-  if size > MAX_JSON_BYTES:
-    raise CorruptCheckpointError(f"{what} {path} is {size} bytes, over the {MAX_JSON_BYTES} limit")
-  with open(path, "rb") as f:
-    raw = f.read(MAX_JSON_BYTES + 1)
+  except OSError as e:
+    raise CorruptCheckpointError(f"{what} {path} cannot be read: {e}") from e
+  if not stat.S_ISREG(st.st_mode):  # a FIFO would block open(), a device never end
+    raise CorruptCheckpointError(f"{what} {path} is not a regular file")
+  if st.st_size > MAX_JSON_BYTES:
+    raise CorruptCheckpointError(
+        f"{what} {path} is {st.st_size} bytes, over the {MAX_JSON_BYTES} limit")
+  try:
+    with open(path, "rb") as f:
+      raw = f.read(MAX_JSON_BYTES + 1)
+  except OSError as e:
+    raise CorruptCheckpointError(f"{what} {path} cannot be read: {e}") from e
+  if len(raw) > MAX_JSON_BYTES:
+    raise CorruptCheckpointError(f"{what} {path} grew past the {MAX_JSON_BYTES} limit")
   try:
     return json.loads(raw)
   except (ValueError, RecursionError) as e:
-    raise CorruptCheckpointError(f"{what} {path} is not valid JSON: {e}") from e
+    raise CorruptCheckpointError(f"{what} {path} is not valid JSON: {_short(str(e))}") from e
 
 
 def to_json_bytes(obj: Any) -> bytes:
@@ -153,7 +183,8 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
       d["value"] = [leaf.value.real, leaf.value.imag] if leaf.scalar_type == "complex" else leaf.value
     leaves.append(d)
   return to_json_bytes({"format": FORMAT_NAME, "version": meta.version,
-                        "process_count": meta.process_count, "leaves": leaves})
+                        "process_count": meta.process_count, "layout": meta.layout,
+                        "leaves": leaves})
 
 
 def encode_manifest(m: Manifest) -> bytes:
@@ -161,17 +192,42 @@ def encode_manifest(m: Manifest) -> bytes:
       "format": FORMAT_NAME, "version": FORMAT_VERSION,
       "process_index": m.process_index,
       "files": [{"name": n, "size": s} for n, s in m.files],
-      "shards": [{"leaf": s.leaf, "index": [list(r) for r in s.index], "file": s.file,
-                  "offset": s.offset, "nbytes": s.nbytes, "crc32c": s.crc32c}
+      "shards": [dict({"leaf": s.leaf, "index": [list(r) for r in s.index], "file": s.file,
+                       "offset": s.offset, "nbytes": s.nbytes, "crc32c": s.crc32c},
+                      **({"part": list(s.part)} if s.part is not None else {}))
                  for s in m.shards],
   })
 
 
 # Decoding, with validation ---------------------------------------------------------
+#
+# Everything below treats the decoded JSON as hostile: any type may appear
+# anywhere, numbers may be huge or negative, lists may be nested thousands of
+# levels deep. Messages quote values through _short() (bounded size and
+# depth), and nothing is allocated or opened from a size or name until it has
+# been checked against the checkpoint's real files.
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 3
+_repr.maxstring = _repr.maxother = _repr.maxlong = 80
+_repr.maxlist = _repr.maxdict = _repr.maxtuple = 6
+
+
+def _short(v: Any) -> str:
+  """repr() for messages, safe on huge or deeply nested values."""
+  try:
+    return _repr.repr(v)
+  except Exception:  # pylint: disable=broad-except
+    return f"<{type(v).__name__}>"
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
 
 def _int(v: Any, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
-  if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-    raise CorruptCheckpointError(f"{what}: expected an integer in [{lo}, {hi}], got {v!r}")
+  if not _is_int(v) or not lo <= v <= hi:
+    raise CorruptCheckpointError(f"{what}: expected an integer in [{lo}, {hi}], got {_short(v)}")
   return v
 
 
@@ -185,49 +241,137 @@ def _check_header(d: Any, what: str) -> None:
   if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
     raise CorruptCheckpointError(f"{what} is not a {FORMAT_NAME} file")
   version = _get(d, "version", what)
-  if version != FORMAT_VERSION:
+  if not _is_int(version) or version != FORMAT_VERSION:
     raise CorruptCheckpointError(
-        f"{what} has format version {version!r}; this fastpersist_jax reads version {FORMAT_VERSION}")
+        f"{what} has format version {_short(version)}; this fastpersist_jax reads version "
+        f"{FORMAT_VERSION}")
+
+
+def _decode_dtype(name: Any, kind: str, what: str) -> str:
+  if not isinstance(name, str) or not _DTYPE_NAME_RE.fullmatch(name):
+    raise CorruptCheckpointError(f"{what}: malformed dtype {_short(name)}")
+  try:
+    dtype = dtype_from_name(name)
+  except CorruptCheckpointError as e:
+    raise CorruptCheckpointError(f"{what}: {e}") from e
+  # Only the names the writer produces (np.dtype(...).name): no byte order
+  # (">f4"), aliases ("i4"), structured or sub-array types.
+  if dtype.name != name or not dtype.isnative or not dtype_is_supported(dtype):
+    raise CorruptCheckpointError(f"{what}: unsupported dtype {_short(name)}")
+  if kind == "array" and not _jax_can_hold(dtype):
+    raise CorruptCheckpointError(f"{what}: dtype {name} is not a jax.Array dtype")
+  return name
+
+
+def _check_sharding(d: Any, shape: tuple[int, ...], what: str) -> None:
+  """A saved sharding must be one a jax.Array of `shape` could have had."""
+  if d is None:
+    return
+  if not isinstance(d, dict):
+    raise CorruptCheckpointError(f"{what}: malformed sharding {_short(d)}")
+  memory_kind = d.get("memory_kind")
+  if memory_kind is not None and not isinstance(memory_kind, str):
+    raise CorruptCheckpointError(f"{what}: malformed sharding memory_kind {_short(memory_kind)}")
+  if d.get("type") != "named":
+    return  # "single", or one that restore does not rebuild ("other")
+  mesh_shape = d.get("mesh_shape")
+  names = d.get("axis_names")
+  spec = d.get("spec")
+  axis_types = d.get("axis_types")
+  if (not isinstance(mesh_shape, list) or not 1 <= len(mesh_shape) <= 64 or
+      not all(_is_int(n) and 1 <= n <= 2**31 for n in mesh_shape)):
+    raise CorruptCheckpointError(f"{what}: malformed sharding mesh_shape {_short(mesh_shape)}")
+  if (not isinstance(names, list) or len(names) != len(mesh_shape) or
+      not all(isinstance(a, str) for a in names) or len(set(names)) != len(names)):
+    raise CorruptCheckpointError(
+        f"{what}: sharding axis_names {_short(names)} do not match mesh_shape {_short(mesh_shape)}")
+  if axis_types is not None and (not isinstance(axis_types, list) or not all(
+      t in _SAVED_AXIS_TYPES for t in axis_types) or len(axis_types) not in (0, len(names))):
+    raise CorruptCheckpointError(f"{what}: malformed sharding axis_types {_short(axis_types)}")
+  if not isinstance(spec, list) or len(spec) > len(shape):
+    raise CorruptCheckpointError(
+        f"{what}: sharding spec {_short(spec)} does not fit an array of rank {len(shape)}")
+  sizes = dict(zip(names, mesh_shape))
+  used: set[str] = set()
+  for dim, entry in enumerate(spec):
+    axes = [] if entry is None else [entry] if isinstance(entry, str) else entry
+    if not isinstance(axes, list) or not all(isinstance(a, str) and a in sizes for a in axes):
+      raise CorruptCheckpointError(f"{what}: sharding spec entry {_short(entry)} names no mesh axis")
+    if used.intersection(axes) or len(set(axes)) != len(axes):
+      raise CorruptCheckpointError(f"{what}: sharding spec {_short(spec)} uses a mesh axis twice")
+    used.update(axes)
+    parts = math.prod(sizes[a] for a in axes)
+    if shape[dim] % parts:
+      raise CorruptCheckpointError(
+          f"{what}: dimension {dim} of size {shape[dim]} cannot be split {parts} ways")
+
+
+def _decode_scalar(d: Any, what: str) -> tuple[str, Any]:
+  st = _get(d, "scalar_type", what)
+  value = _get(d, "value", what)
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  ok = {"int": _is_int,
+        "float": number,
+        "bool": lambda v: isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "complex": lambda v: isinstance(v, list) and len(v) == 2 and all(map(number, v))}
+  if not isinstance(st, str) or st not in ok or not ok[st](value):
+    raise CorruptCheckpointError(f"{what}: malformed scalar {_short(st)}={_short(value)}")
+  try:
+    if st == "float":
+      value = float(value)
+    elif st == "complex":
+      value = complex(float(value[0]), float(value[1]))
+  except OverflowError as e:  # an int too large for a float
+    raise CorruptCheckpointError(f"{what}: scalar {_short(value)} is out of range") from e
+  return st, value
 
 
 def _decode_leaf(d: Any, i: int) -> LeafMeta:
   what = f"metadata leaf {i}"
   path = treepath.validate(_get(d, "path", what))
   kind = _get(d, "kind", what)
-  if kind not in LEAF_KINDS:
-    raise CorruptCheckpointError(f"{what}: unknown kind {kind!r}")
+  if not isinstance(kind, str) or kind not in LEAF_KINDS:
+    raise CorruptCheckpointError(f"{what}: unknown kind {_short(kind)}")
   leaf = LeafMeta(path=path, kind=kind)
   if kind in ("array", "numpy", "np_scalar"):
-    dtype_name = _get(d, "dtype", what)
-    if not isinstance(dtype_name, str):
-      raise CorruptCheckpointError(f"{what}: dtype must be a string")
-    if not dtype_is_supported(dtype_from_name(dtype_name)):
-      raise CorruptCheckpointError(f"{what}: unsupported dtype {dtype_name!r}")
+    leaf.dtype = _decode_dtype(_get(d, "dtype", what), kind, what)
     shape = _get(d, "shape", what)
     if not isinstance(shape, list) or len(shape) > 64:
-      raise CorruptCheckpointError(f"{what}: malformed shape {shape!r}")
-    leaf.dtype = dtype_name
+      raise CorruptCheckpointError(f"{what}: malformed shape {_short(shape)}")
     leaf.shape = tuple(_int(s, f"{what} shape") for s in shape)
     if math.prod(leaf.shape) > 2**62:
-      raise CorruptCheckpointError(f"{what}: shape {leaf.shape} is implausibly large")
+      raise CorruptCheckpointError(f"{what}: shape {_short(leaf.shape)} is implausibly large")
+    if kind == "np_scalar" and leaf.shape:
+      raise CorruptCheckpointError(f"{what}: a numpy scalar has shape (), not {leaf.shape}")
     sharding = d.get("sharding")
-    if sharding is not None and not isinstance(sharding, dict):
+    if kind == "array":
+      _check_sharding(sharding, leaf.shape, what)
+    elif sharding is not None and not isinstance(sharding, dict):
       raise CorruptCheckpointError(f"{what}: malformed sharding")
     leaf.sharding = sharding
   elif kind == "scalar":
-    st = _get(d, "scalar_type", what)
-    value = _get(d, "value", what)
-    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "bool": lambda v: isinstance(v, bool),
-          "str": lambda v: isinstance(v, str),
-          "complex": lambda v: isinstance(v, list) and len(v) == 2 and all(
-              isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)}.get(st)
-    if ok is None or not ok(value):
-      raise CorruptCheckpointError(f"{what}: malformed scalar {st!r}={value!r}")
-    leaf.scalar_type = st
-    leaf.value = {"float": float, "complex": lambda v: complex(*v)}.get(st, lambda v: v)(value)
+    leaf.scalar_type, leaf.value = _decode_scalar(d, what)
   return leaf
+
+
+def _check_paths(leaves: list[LeafMeta], where: str) -> None:
+  """Leaf paths must be distinct, and none may lie inside another leaf."""
+  leaf_mark = object()
+  root: dict = {}
+  for i, leaf in enumerate(leaves):
+    node = root
+    clash = False
+    for kind, key in leaf.path:
+      if leaf_mark in node:  # a leaf's path is a prefix of this one
+        clash = True
+        break
+      node = node.setdefault((kind, key), {})
+    if clash or node:  # ... or this one is (a prefix of) an earlier leaf's path
+      raise CorruptCheckpointError(
+          f"{where}: leaf {i} ({_short(treepath.to_str(leaf.path))}) repeats or contains "
+          "another leaf's path")
+    node[leaf_mark] = i
 
 
 def read_metadata(directory: str) -> CheckpointMetadata:
@@ -240,8 +384,68 @@ def read_metadata(directory: str) -> CheckpointMetadata:
   leaves = _get(d, "leaves", path)
   if not isinstance(leaves, list):
     raise CorruptCheckpointError(f"{path}: leaves must be a list")
-  return CheckpointMetadata(process_count=process_count,
-                            leaves=[_decode_leaf(l, i) for i, l in enumerate(leaves)])
+  decoded = [_decode_leaf(l, i) for i, l in enumerate(leaves)]
+  _check_paths(decoded, path)
+  mode = d.get("layout", "shared")
+  if mode not in ("shared", "per_host"):
+    raise CorruptCheckpointError(f"{path}: unknown layout {_short(mode)}")
+  return CheckpointMetadata(process_count=process_count, leaves=decoded, layout=mode)
+
+
+def _check_file(directory: str, name: str, size: int, what: str) -> None:
+  try:
+    st = os.stat(os.path.join(directory, name))
+  except FileNotFoundError as e:
+    raise CorruptCheckpointError(f"{what}: data file {name} is missing") from e
+  except OSError as e:
+    raise CorruptCheckpointError(f"{what}: data file {name} cannot be examined: {e}") from e
+  if not stat.S_ISREG(st.st_mode):
+    raise CorruptCheckpointError(f"{what}: data file {name} is not a regular file")
+  if st.st_size != size:
+    raise CorruptCheckpointError(
+        f"{what}: data file {name} is {st.st_size} bytes, the manifest says {size} (truncated?)")
+
+
+def check_shard_tiling(shards: list[ShardRecord], files: list[tuple[str, int]] | None,
+                       what: str) -> None:
+  """Shards must not share file bytes, nor (per leaf) array elements.
+
+  Non-empty shards of one leaf must be cells of one grid (as every jax
+  sharding produces): along each dimension their ranges are equal or
+  disjoint, and no cell appears twice. With that, restore's coverage count
+  can only reach a region's size when every element is covered exactly once:
+  a duplicated shard cannot hide a missing one and leave memory unwritten.
+  With `files` (shards of one manifest), byte ranges in a file must not
+  overlap either, so a restore never reads (and allocates) more than the
+  data files hold.
+  """
+  by_leaf: dict[int, list[ShardRecord]] = {}
+  by_file: dict[int, list[ShardRecord]] = {}
+  for s in shards:
+    if s.nbytes == 0 or any(a == b for a, b in s.index):
+      continue
+    by_leaf.setdefault(s.leaf, []).append(s)
+    by_file.setdefault(s.file, []).append(s)
+  for leaf_id, group in by_leaf.items():
+    ndim = len(group[0].index)
+    for dim in range(ndim):
+      ranges = sorted({s.index[dim] for s in group})
+      for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
+        if b0 < a1:
+          raise CorruptCheckpointError(
+              f"{what}: shards of leaf {leaf_id} overlap along dimension {dim} "
+              f"([{a0}, {a1}) and [{b0}, ...))")
+    # Parts of one shard (replica-parallel writes) share its index.
+    if len({(s.index, s.part) for s in group}) != len(group):
+      raise CorruptCheckpointError(f"{what}: leaf {leaf_id} has the same shard more than once")
+  if files is None:
+    return
+  for file_id, group in by_file.items():
+    group.sort(key=lambda s: s.offset)
+    for a, b in zip(group, group[1:]):
+      if b.offset < a.offset + a.nbytes:
+        raise CorruptCheckpointError(
+            f"{what}: shards at offsets {a.offset} and {b.offset} of {files[file_id][0]} overlap")
 
 
 def read_manifest(directory: str, process_index: int, meta: CheckpointMetadata) -> Manifest:
@@ -249,24 +453,22 @@ def read_manifest(directory: str, process_index: int, meta: CheckpointMetadata) 
   path = os.path.join(directory, manifest_name(process_index))
   d = read_json(path, f"manifest of process {process_index}")
   _check_header(d, path)
-  if _get(d, "process_index", path) != process_index:
-    raise CorruptCheckpointError(f"{path}: process_index does not match its file name")
+  found = _get(d, "process_index", path)
+  if not _is_int(found) or found != process_index:
+    raise CorruptCheckpointError(
+        f"{path}: process_index {_short(found)} does not match its file name")
   files_raw = _get(d, "files", path)
   if not isinstance(files_raw, list):
     raise CorruptCheckpointError(f"{path}: files must be a list")
   files = []
   for j, f in enumerate(files_raw):
     name = _get(f, "name", f"{path} file {j}")
-    if not isinstance(name, str) or not _DATA_RE.match(name):
-      raise CorruptCheckpointError(f"{path}: file {j} has an invalid name {name!r}")
+    # A bare file name of this process's own data files, never a path.
+    m = _DATA_RE.fullmatch(name) if isinstance(name, str) else None
+    if m is None or int(m.group(1)) != process_index:
+      raise CorruptCheckpointError(f"{path}: file {j} has an invalid name {_short(name)}")
     size = _int(_get(f, "size", f"{path} file {j}"), f"{path} file {j} size")
-    try:
-      actual = os.stat(os.path.join(directory, name)).st_size
-    except FileNotFoundError as e:
-      raise CorruptCheckpointError(f"{path}: data file {name} is missing") from e
-    if actual != size:
-      raise CorruptCheckpointError(
-          f"{path}: data file {name} is {actual} bytes, the manifest says {size} (truncated?)")
+    _check_file(directory, name, size, path)
     files.append((name, size))
   shards_raw = _get(d, "shards", path)
   if not isinstance(shards_raw, list):
@@ -282,9 +484,9 @@ def read_manifest(directory: str, process_index: int, meta: CheckpointMetadata) 
     if not isinstance(index_raw, list) or len(index_raw) != len(leaf.shape):
       raise CorruptCheckpointError(f"{what}: index rank does not match shape {leaf.shape}")
     index = []
-    for dim, (r, n) in enumerate(zip(index_raw, leaf.shape)):
+    for r, n in zip(index_raw, leaf.shape):
       if not isinstance(r, list) or len(r) != 2:
-        raise CorruptCheckpointError(f"{what}: malformed index {index_raw!r}")
+        raise CorruptCheckpointError(f"{what}: malformed index {_short(index_raw)}")
       start = _int(r[0], f"{what} index", 0, n)
       stop = _int(r[1], f"{what} index", start, n)
       index.append((start, stop))
@@ -292,12 +494,24 @@ def read_manifest(directory: str, process_index: int, meta: CheckpointMetadata) 
     if not files:
       raise CorruptCheckpointError(f"{what}: refers to a data file but the manifest lists none")
     offset = _int(_get(s, "offset", what), f"{what} offset")
+    if offset % SHARD_ALIGN:
+      raise CorruptCheckpointError(f"{what}: offset {offset} is not {SHARD_ALIGN}-byte aligned")
     nbytes = _int(_get(s, "nbytes", what), f"{what} nbytes")
     expected = math.prod(b - a for a, b in index) * dtype_from_name(leaf.dtype).itemsize
+    part = None
+    if "part" in s:
+      raw_part = s["part"]
+      if (not isinstance(raw_part, list) or len(raw_part) != 2):
+        raise CorruptCheckpointError(f"{what}: malformed part {_short(raw_part)}")
+      start = _int(raw_part[0], f"{what} part", 0, expected)
+      stop = _int(raw_part[1], f"{what} part", start, expected)
+      part = (start, stop)
+      expected = stop - start
     if nbytes != expected:
       raise CorruptCheckpointError(f"{what}: nbytes {nbytes} does not match its index ({expected})")
     if offset + nbytes > files[file_id][1]:
       raise CorruptCheckpointError(f"{what}: extends past the end of {files[file_id][0]}")
     crc = _int(_get(s, "crc32c", what), f"{what} crc32c", 0, 2**32 - 1)
-    shards.append(ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc))
+    shards.append(ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, part))
+  check_shard_tiling(shards, files, path)
   return Manifest(process_index, files, shards)

@@ -52,7 +52,14 @@ class FastPersistOptions:
         is, the save fails with SaveError instead of writing garbage.
       "auto" (default): "reference" when every array is on CPU, else "copy".
       numpy leaves (mutable in place) are always copied while blocking.
-    restore_batch_bytes: how much is read in one engine call on restore.
+    restore_batch_bytes: how much is read in one engine call on restore;
+      the next batch is read while the previous one is verified and built.
+    replica_parallel: when a shard is replicated on several processes (data
+      parallelism), each of them writes an equal byte range of it, so every
+      host's disk works on every shard (FastPersist's write parallelism).
+      Applies to shared-directory checkpoints.
+    commit_timeout_s: in a multi-process save, how long a process that has
+      finished waits for the others' outcome before failing the save.
     copy_threads: threads copying shards into staging during the blocking
       snapshot (the training step is waiting then, so all cores may help).
       0 means min(4, number of CPUs).
@@ -69,8 +76,10 @@ class FastPersistOptions:
   data_file_bytes: int = 4 * GiB
   verify_checksums: bool = True
   snapshot: str = "auto"
-  restore_batch_bytes: int = 1 * GiB
+  restore_batch_bytes: int = 256 * MiB
   copy_threads: int = 0
+  replica_parallel: bool = True
+  commit_timeout_s: float = 600.0
 
   def __post_init__(self):
     if self.engine not in _ENGINE_KINDS:

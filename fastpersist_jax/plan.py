@@ -28,6 +28,9 @@ class ShardSource:
   file: int = 0
   offset: int = 0
   on_accelerator: bool = False   # data lives in device memory (needs a D2H copy)
+  # Byte range of the shard written by this process when its replicas on
+  # several processes share the writing (replica-parallel); None: all of it.
+  part: tuple[int, int] | None = None
 
 
 def resolve_snapshot_mode(mode: str, tree: Any) -> str:
@@ -47,6 +50,7 @@ class SavePlan:
   file_sizes: list[int]
   process_index: int
   process_count: int
+  layout: str = "shared"
 
   @property
   def total_bytes(self) -> int:
@@ -83,7 +87,8 @@ def _scalar_type(x: Any) -> str | None:
 
 def make_plan(tree: Any, *, process_index: int, process_count: int,
               write_host_arrays: bool, data_file_bytes: int,
-              snapshot: str = "copy") -> SavePlan:
+              snapshot: str = "copy", layout_mode: str = "shared",
+              replica_parallel: bool = True) -> SavePlan:
   """Plans a save of `tree` by this process.
 
   Args:
@@ -95,6 +100,12 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
     snapshot: the resolved snapshot mode ("copy" or "reference"); with
       "reference", CPU shards are pinned as host views now and numpy leaves
       copied now (see FastPersistOptions.snapshot).
+    layout_mode: "shared" (all processes write into one directory; each shard
+      once) or "per_host" (each process writes, into its own directory,
+      every shard its devices hold).
+    replica_parallel: in "shared" mode, split each shard replicated on
+      several processes into byte ranges, one per process, so every process
+      (and its disk) writes an equal part.
   """
   flat, _ = treepath.flatten(tree)
   leaves: list[layout.LeafMeta] = []
@@ -120,12 +131,12 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
       itemsize = np.dtype(x.dtype).itemsize
       on_accelerator = next(iter(x.sharding.device_set)).platform != "cpu"
       per_device = _addressable_arrays(x)
-      for position, index in _owned_shards(x):
-        nbytes = math.prod(b - a for a, b in index) * itemsize
+      for position, index, part in _owned_shards(x, process_index, layout_mode, replica_parallel):
+        nbytes = math.prod(b - a for a, b in index) * itemsize if part is None else part[1] - part[0]
         data = per_device[position]
         if snapshot == "reference" and not on_accelerator:
           data = np.asarray(data)  # the host view pins the buffer (see options)
-        shards.append(ShardSource(leaf_id, index, nbytes, data, on_accelerator))
+        shards.append(ShardSource(leaf_id, index, nbytes, data, on_accelerator, part=part))
     elif isinstance(x, (np.ndarray, np.generic)):
       _check_dtype(x.dtype, where)
       kind = "numpy" if isinstance(x, np.ndarray) else "np_scalar"
@@ -147,29 +158,57 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
       if isinstance(s.data, jax.Array) and s.data.is_deleted():
         raise UnsupportedLeafError(
             f"leaf {treepath.to_str(leaves[s.leaf].path)!r}: the jax.Array has been deleted")
-  return SavePlan(leaves, shards, file_sizes, process_index, process_count)
+  return SavePlan(leaves, shards, file_sizes, process_index, process_count, layout_mode)
 
 
-# (sharding, shape) -> [(position among addressable shards, index)] of the
-# shards this process writes. Building Shard objects costs ~10 us each and a
-# training step makes new arrays with the same shardings every time; jax keeps
-# an array's addressable data in the sharding's device order, so a position
-# found once stays valid for every array with that sharding and shape.
+# Which shards (or byte ranges of them) this process writes depends only on
+# the sharding and shape, and a training step makes new arrays with the same
+# shardings every time, so the answer is cached. Building Shard objects costs
+# ~10 us each; jax keeps an array's addressable data in the sharding's device
+# order, so a position found once stays valid for every array that shares it.
 _OWNED_CACHE: dict = {}
 _OWNED_CACHE_MAX = 16384
 
+Owned = list[tuple[int, tuple[tuple[int, int], ...], tuple[int, int] | None]]
 
-def _owned_shards(x: jax.Array) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
-  key = (x.sharding, x.shape)
+
+def split_bytes(nbytes: int, parts: int) -> list[tuple[int, int]]:
+  """`parts` contiguous ranges covering [0, nbytes), boundaries 4 KiB-aligned."""
+  step = layout.align_up(-(-nbytes // parts))
+  return [(min(k * step, nbytes), min((k + 1) * step, nbytes)) for k in range(parts)]
+
+
+def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: bool) -> Owned:
+  """[(position among x's addressable shards, index, byte range or None)]."""
+  key = (x.sharding, x.shape, x.dtype, me, layout_mode, replica_parallel)
   owned = _OWNED_CACHE.get(key)
-  if owned is None:
-    # Of the replicas of each shard, the one with replica_id 0 is written,
-    # by whichever process holds it.
-    owned = [(i, normalize_index(s.index, x.shape)) for i, s in enumerate(x.addressable_shards)
-             if s.replica_id == 0]
-    if len(_OWNED_CACHE) >= _OWNED_CACHE_MAX:
-      _OWNED_CACHE.clear()
-    _OWNED_CACHE[key] = owned
+  if owned is not None:
+    return owned
+  first_local: dict = {}   # index -> position of the first local device holding it
+  for i, s in enumerate(x.addressable_shards):
+    first_local.setdefault(normalize_index(s.index, x.shape), i)
+  owned = []
+  if layout_mode == "per_host":
+    # Each host keeps everything its own devices need.
+    owned = [(pos, index, None) for index, pos in first_local.items()]
+  else:
+    holders: dict = {}     # index -> processes holding a replica
+    for device, idx in x.sharding.devices_indices_map(x.shape).items():
+      holders.setdefault(normalize_index(idx, x.shape), set()).add(device.process_index)
+    itemsize = np.dtype(x.dtype).itemsize
+    for index, pos in first_local.items():
+      procs = sorted(holders[index])
+      if not replica_parallel or len(procs) == 1:
+        if procs[0] == me:
+          owned.append((pos, index, None))
+        continue
+      nbytes = math.prod(b - a for a, b in index) * itemsize
+      part = split_bytes(nbytes, len(procs))[procs.index(me)]
+      if part[0] < part[1]:
+        owned.append((pos, index, part if part != (0, nbytes) else None))
+  if len(_OWNED_CACHE) >= _OWNED_CACHE_MAX:
+    _OWNED_CACHE.clear()
+  _OWNED_CACHE[key] = owned
   return owned
 
 

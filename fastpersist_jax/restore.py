@@ -10,6 +10,7 @@ engine keeps a deep queue across many leaves.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -34,9 +35,41 @@ Index = tuple[tuple[int, int], ...]
 
 @dataclasses.dataclass
 class _SavedShard:
-  process: int
-  record: layout.ShardRecord
-  view: np.ndarray | None = None    # bytes once read
+  """One saved shard: its bytes may be split in parts written by several
+  processes (replica-parallel), each part with its own record and crc."""
+  index: Index
+  nbytes: int
+  parts: list[tuple[int, layout.ShardRecord]]   # (process, record), in byte order
+  view: np.ndarray | None = None                # all its bytes, once read
+
+  def describe(self, manifests, process: int, rec: layout.ShardRecord) -> str:
+    part = f" bytes {list(rec.part)}" if rec.part is not None else ""
+    return (f"shard {list(map(list, self.index))}{part} (process {process}, "
+            f"{manifests[process].files[rec.file][0]} @ {rec.offset})")
+
+
+def _assemble_parts(leaf_name: str, index: Index, nbytes: int,
+                    records: list[tuple[int, layout.ShardRecord]]) -> _SavedShard:
+  """Orders a shard's parts; they must tile its bytes exactly once. The same
+  range saved twice (per-host checkpoints gathered in one directory) is fine."""
+  chosen = []
+  at = 0
+  for process, rec in sorted(records, key=lambda pr: (pr[1].part or (0, nbytes), pr[0])):
+    start, stop = rec.part or (0, nbytes)
+    if start == at and stop > start:
+      chosen.append((process, rec))
+      at = stop
+    elif chosen and (start, stop) == (chosen[-1][1].part or (0, nbytes)):
+      continue  # a duplicate of the part just taken
+    elif stop > start or start > at:
+      raise CorruptCheckpointError(
+          f"leaf {leaf_name!r}, shard {list(map(list, index))}: saved parts overlap or leave "
+          f"a gap at byte {at} (part {[start, stop]})")
+  if at != nbytes and nbytes:
+    raise CorruptCheckpointError(
+        f"leaf {leaf_name!r}, shard {list(map(list, index))}: only bytes [0, {at}) of {nbytes} "
+        "were saved (a process's part is missing)")
+  return _SavedShard(index, nbytes, chosen)
 
 
 @dataclasses.dataclass
@@ -82,10 +115,18 @@ class Restorer:
     self._manifests: list[layout.Manifest] | None = None
 
   @property
-  def manifests(self) -> list[layout.Manifest]:
+  def manifests(self) -> dict[int, layout.Manifest]:
+    """Manifests by process. A per-host checkpoint holds only its own (or,
+    gathered by hand, some); a shared one must hold every process's."""
     if self._manifests is None:
-      self._manifests = [layout.read_manifest(self._directory, p, self.meta)
-                         for p in range(self.meta.process_count)]
+      self._manifests = {}
+      for p in range(self.meta.process_count):
+        if (self.meta.layout == "per_host" and
+            not os.path.exists(os.path.join(self._directory, layout.manifest_name(p)))):
+          continue
+        self._manifests[p] = layout.read_manifest(self._directory, p, self.meta)
+      if not self._manifests:
+        raise CorruptCheckpointError(f"{self._directory}: no manifest of any process")
     return self._manifests
 
   # Public ---------------------------------------------------------------------
@@ -107,10 +148,18 @@ class Restorer:
         selected.append((by_key[key], t))
 
     shards_by_leaf: dict[int, list[_SavedShard]] = {}
-    if any(leaves[i].kind in ("array", "numpy", "np_scalar") for i, _ in selected):
-      for m in self.manifests:
+    wanted = {i for i, _ in selected if leaves[i].kind in ("array", "numpy", "np_scalar")}
+    if wanted:
+      records: dict[tuple[int, Index], list] = {}
+      for m in self.manifests.values():
         for rec in m.shards:
-          shards_by_leaf.setdefault(rec.leaf, []).append(_SavedShard(m.process_index, rec))
+          if rec.leaf in wanted:
+            records.setdefault((rec.leaf, rec.index), []).append((m.process_index, rec))
+      for (leaf_id, index), recs in records.items():
+        meta = leaves[leaf_id]
+        nbytes = _volume(index) * layout.dtype_from_name(meta.dtype).itemsize
+        shards_by_leaf.setdefault(leaf_id, []).append(
+            _assemble_parts(treepath.to_str(meta.path), index, nbytes, recs))
 
     values: list[Any] = [None] * len(selected)
     jobs: list[tuple[int, _LeafJob]] = []
@@ -177,35 +226,49 @@ class Restorer:
     else:
       device_indices = [(None, tuple((0, n) for n in meta.shape))]
     needed = [s for s in saved
-              if any(_overlap(s.record.index, idx) is not None for _, idx in device_indices)]
+              if any(_overlap(s.index, idx) is not None for _, idx in device_indices)]
     # Every target region must be covered by saved data.
     for _, idx in device_indices:
-      covered = sum(_volume(o) for s in needed if (o := _overlap(s.record.index, idx)) is not None)
+      covered = sum(_volume(o) for s in needed if (o := _overlap(s.index, idx)) is not None)
       if covered != _volume(idx):
+        hint = ("this per-host checkpoint holds only what its own process's devices held: "
+                f"processes {sorted(self.manifests)} of {self.meta.process_count} are here; "
+                "restore on the same topology, or gather the other hosts' files into this "
+                "directory" if self.meta.layout == "per_host" else "a process's data is missing?")
         raise CorruptCheckpointError(
             f"leaf {name!r}: the checkpoint holds {covered} of the {_volume(idx)} elements of "
-            f"region {list(map(list, idx))} (a process's data is missing?)")
+            f"region {list(map(list, idx))} ({hint})")
     return _LeafJob(leaf_id, meta, sharding, device_indices, needed)
 
   # Reading ------------------------------------------------------------------
 
   def _read_and_build(self, jobs: list[tuple[int, _LeafJob]], values: list[Any]) -> None:
+    """Reads batch k+1 on a helper thread while batch k is verified and built
+    here: both the engine and crc32c run without the GIL."""
+    batches: list[list[tuple[int, _LeafJob]]] = []
+    batch_bytes = 0
+    for pos, job in jobs:
+      nbytes = sum(layout.align_up(s.nbytes) for s in job.needed)
+      if not batches or (batches[-1] and batch_bytes + nbytes > self._options.restore_batch_bytes):
+        batches.append([])
+        batch_bytes = 0
+      batches[-1].append((pos, job))
+      batch_bytes += nbytes
     files: dict[tuple[int, int], Any] = {}
-    try:
-      batch: list[tuple[int, _LeafJob]] = []
-      batch_bytes = 0
-      for pos, job in jobs:
-        nbytes = sum(layout.align_up(s.record.nbytes) for s in job.needed)
-        if batch and batch_bytes + nbytes > self._options.restore_batch_bytes:
-          self._read_batch(batch, files, values)
-          batch, batch_bytes = [], 0
-        batch.append((pos, job))
-        batch_bytes += nbytes
-      if batch:
-        self._read_batch(batch, files, values)
-    finally:
-      for f in files.values():
-        f.close()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastpersist-read") as reader:
+      try:
+        pending = reader.submit(self._load, batches[0], files) if batches else None
+        for k, batch in enumerate(batches):
+          pending.result()
+          if k + 1 < len(batches):
+            pending = reader.submit(self._load, batches[k + 1], files)
+          self._finish(batch, values)
+      finally:
+        if pending is not None:
+          pending.cancel()
+          concurrent.futures.wait([pending])
+        for f in files.values():
+          f.close()
 
   def _file(self, files, process: int, file_id: int):
     key = (process, file_id)
@@ -214,28 +277,35 @@ class Restorer:
       files[key] = self._engine.open_for_read(os.path.join(self._directory, name))
     return files[key]
 
-  def _read_batch(self, batch, files, values) -> None:
+  def _load(self, batch, files) -> None:
+    """Reads every part of every saved shard the batch needs into fresh
+    aligned memory (fresh: on CPU the restored arrays alias it)."""
     shards = [s for _, job in batch for s in job.needed]
-    total = sum(layout.align_up(s.record.nbytes) for s in shards)
-    buf = AlignedBuffer(total)
-    whole = np.frombuffer(buf, np.uint8)
+    total = sum(layout.align_up(s.nbytes) for s in shards)
+    whole = np.frombuffer(AlignedBuffer(total), np.uint8)
     extents = []
     at = 0
     for s in shards:
-      s.view = whole[at:at + s.record.nbytes]
-      if s.record.nbytes:
-        extents.append((self._file(files, s.process, s.record.file), s.record.offset, s.view))
-      at += layout.align_up(s.record.nbytes)
+      s.view = whole[at:at + s.nbytes]
+      for process, rec in s.parts:
+        if rec.nbytes:
+          start = rec.part[0] if rec.part else 0
+          extents.append((self._file(files, process, rec.file), rec.offset,
+                          s.view[start:start + rec.nbytes]))
+      at += layout.align_up(s.nbytes)
     self._engine.read(extents)
+
+  def _finish(self, batch, values) -> None:
     for pos, job in batch:
       name = treepath.to_str(job.meta.path)
       if self._options.verify_checksums:
         for s in job.needed:
-          if crc32c.crc32c(s.view) != s.record.crc32c:
-            raise ChecksumMismatchError(
-                f"leaf {name!r}, shard {list(map(list, s.record.index))} (process {s.process}, "
-                f"{self.manifests[s.process].files[s.record.file][0]} @ {s.record.offset}): "
-                "checksum mismatch, the data is corrupt")
+          for process, rec in s.parts:
+            start = rec.part[0] if rec.part else 0
+            if crc32c.crc32c(s.view[start:start + rec.nbytes]) != rec.crc32c:
+              raise ChecksumMismatchError(
+                  f"leaf {name!r}, {s.describe(self.manifests, process, rec)}: "
+                  "checksum mismatch, the data is corrupt")
       values[pos] = _build(job)
       for s in job.needed:
         s.view = None
@@ -250,15 +320,15 @@ def _region(job: _LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
   """The target region `index` of the leaf, from the saved shards read."""
   shape = tuple(b - a for a, b in index)
   for s in job.needed:
-    if s.record.index == index:
+    if s.index == index:
       return s.view.view(dtype).reshape(shape)   # exact match: no copy
   out = np.empty(shape, dtype)
   for s in job.needed:
-    o = _overlap(s.record.index, index)
+    o = _overlap(s.index, index)
     if o is None:
       continue
-    src = s.view.view(dtype).reshape(tuple(b - a for a, b in s.record.index))
-    src_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(o, s.record.index))
+    src = s.view.view(dtype).reshape(tuple(b - a for a, b in s.index))
+    src_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(o, s.index))
     dst_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(o, index))
     out[dst_sl] = src[src_sl]
   return out

@@ -20,7 +20,7 @@ from typing import Any
 
 import crc32c
 
-from fastpersist_jax import layout
+from fastpersist_jax import coordination, layout
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.plan import SavePlan
@@ -38,12 +38,15 @@ class SaveOperation:
   """Saves one plan. `snapshot()` then `commit(directory)`, each once."""
 
   def __init__(self, engine: IOEngine, pool: StagingPool, plan: SavePlan, *,
-               write_metadata: bool, copy_threads: int = 1):
+               write_metadata: bool, copy_threads: int = 1,
+               outcome_key: str | None = None, commit_timeout_s: float = 600.0):
     self._engine = engine
     self._pool = pool
     self._plan = plan
     self._write_metadata = write_metadata
     self._copy_threads = copy_threads
+    self._outcome_key = outcome_key
+    self._commit_timeout_s = commit_timeout_s
     self._crcs = [0] * len(plan.shards)
     self._to_checksum: queue.Queue = queue.Queue()
     self._to_write: queue.Queue = queue.Queue()
@@ -128,7 +131,19 @@ class SaveOperation:
 
   def commit(self, directory: str) -> None:
     """Writes staged data, syncs it, then writes this process's manifest
-    (and, on the primary, the checkpoint metadata). Raises SaveError."""
+    (and, on the primary, the checkpoint metadata). With several processes,
+    returns only when all of them have done so. Raises SaveError."""
+    error = None
+    try:
+      self._commit_local(directory)
+    except BaseException as e:  # pylint: disable=broad-except
+      error = e
+    if self._outcome_key is not None:
+      coordination.agree(self._outcome_key, error, self._commit_timeout_s)
+    elif error is not None:
+      raise error
+
+  def _commit_local(self, directory: str) -> None:
     t0 = time.perf_counter()
     files = []
     try:
@@ -190,12 +205,13 @@ class SaveOperation:
         process_index=plan.process_index,
         files=[(layout.data_file_name(plan.process_index, k), size)
                for k, size in enumerate(plan.file_sizes)],
-        shards=[layout.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes, self._crcs[i])
+        shards=[layout.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes, self._crcs[i],
+                                   s.part)
                 for i, s in enumerate(plan.shards)])
     out = {os.path.join(directory, layout.manifest_name(plan.process_index)):
            [(0, layout.encode_manifest(manifest))]}
     if self._write_metadata:
-      meta = layout.CheckpointMetadata(plan.process_count, plan.leaves)
+      meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout)
       out[os.path.join(directory, layout.METADATA_FILE)] = [(0, layout.encode_metadata(meta))]
     self._engine.write_files(out)
 

@@ -156,6 +156,8 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       continue
     try:
       src = host_bytes(shard.data)
+      if shard.part is not None:
+        src = src[shard.part[0]:shard.part[1]]
     except SaveError as e:
       raise SaveError(f"leaf {treepath.to_str(plan.leaves[shard.leaf].path)!r}: {e}") from None
     done = 0

@@ -83,18 +83,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--plot", metavar="PATH.png", help="write a bar chart to PATH (needs matplotlib)")
   parser.add_argument("--host_memory_limit_gib", type=float, default=None,
                       help="FastPersistOptions.host_memory_limit (default: the option's default)")
+  parser.add_argument("--snapshot", default=None,
+                      help="FastPersistOptions.snapshot, e.g. copy or reference (default: the "
+                      "option's default)")
   parser.add_argument("--devices", type=int, default=8,
                       help="CPU devices forced through XLA_FLAGS when XLA_FLAGS does not set a "
                       "count (default 8)")
   parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of shapes and data")
   parser.add_argument("--fio", default="fio", help="fio binary (default: fio on PATH)")
   parser.add_argument("--no_fio", action="store_true", help="skip fio even where installed")
+  parser.add_argument("--fio_fixedbufs", action="store_true",
+                      help="run fio with --fixedbufs=1 (registered buffers, as the engine uses)")
   parser.add_argument("--fio_chunk_mib", type=int, default=None,
                       help="fio request size (default: FastPersistOptions.chunk_bytes)")
   parser.add_argument("--fio_queue_depth", type=int, default=None,
                       help="fio queue depth (default: FastPersistOptions.queue_depth)")
   parser.add_argument("--methods", default=",".join(METHODS),
                       help="comma-separated subset of %s (default: all)" % ",".join(METHODS))
+  parser.add_argument("--from_json", metavar="PATH",
+                      help="run nothing: print the report (and --plot) again from a --json file")
   parser.add_argument("--child_timeout_s", type=float, default=1800,
                       help="give up on a child process after this long (default 1800)")
 
@@ -295,10 +302,13 @@ def _child(cfg: dict) -> dict:
     kw = {}
     if cfg.get("host_memory_limit") is not None:
       kw["host_memory_limit"] = cfg["host_memory_limit"]
+    if cfg.get("snapshot") is not None:
+      kw["snapshot"] = cfg["snapshot"]
     handler = FastPersistHandler(FastPersistOptions(**kw))
     result["engine"] = handler.engine_kind
-    result["options"] = {k: getattr(handler.options, k) for k in
-                         ("host_memory_limit", "queue_depth", "chunk_bytes", "staging_slab_bytes")}
+    result["options"] = {k: getattr(handler.options, k, None) for k in
+                         ("host_memory_limit", "queue_depth", "chunk_bytes", "staging_slab_bytes",
+                          "snapshot")}
     save_args = lambda: FastPersistSave(tree)  # pylint: disable=unnecessary-lambda-assignment
     restore_args = FastPersistRestore
   else:
@@ -441,11 +451,11 @@ def _run_child(cfg: dict, env: dict, timeout: float) -> dict:
     return result
 
 
-def _run_fio_pair(fio: str, path: str, size: int, chunk: int, qd: int) -> dict:
+def _run_fio_pair(fio: str, path: str, size: int, chunk: int, qd: int, fixedbufs: bool) -> dict:
   from fastpersist_jax.benchmark.io_bench import run_fio
   try:
-    ws, wd = run_fio(fio, "write", path, size, chunk, qd)
-    rs, rd = run_fio(fio, "read", path, size, chunk, qd)
+    ws, wd = run_fio(fio, "write", path, size, chunk, qd, fixedbufs)
+    rs, rd = run_fio(fio, "read", path, size, chunk, qd, fixedbufs)
   finally:
     if os.path.exists(path):
       os.unlink(path)
@@ -509,8 +519,10 @@ def print_report(info: dict, summary: dict) -> None:
         f"{info['mesh']}, {info['rounds']} rounds, in {info['dir']} "
         f"({info['fstype']} on {info['device']})")
   print(f"kernel {info['kernel']}, {info['cpus']} CPUs, jax {info['jax']}, orbax "
-        f"{info['orbax']}, fio {info['fio'] or 'not run'}; FastPersist engine "
-        f"{info.get('engine', '?')}; cold restore via {', '.join(info['evicted_with']) or '-'}")
+        f"{info['orbax']}, fio {info['fio'] or 'not run'}"
+        f"{' --fixedbufs' if info.get('fio_fixedbufs') else ''}; FastPersist engine "
+        f"{info.get('engine', '?')}, snapshot {info.get('snapshot_mode', '?')}; cold restore via "
+        f"{', '.join(info['evicted_with']) or '-'}")
   print()
   hdr = (f"{'method':18s} {'blocking ms':>15s} {'save GB/s':>15s} {'synced':>8s} "
          f"{'restore':>8s} {'restore':>8s} {'peak extra':>10s}")
@@ -540,6 +552,8 @@ def print_report(info: dict, summary: dict) -> None:
           f"save until synced {fmt(_ratio(fp['gbps_synced'], ob['gbps_synced']), '.2f')}, "
           f"restore {fmt(_ratio(fp['restore_gbps'], ob['restore_gbps']), '.2f')}, "
           f"peak extra RSS {fmt(_ratio(fp['peak_extra_rss_mib'], ob['peak_extra_rss_mib']), '.2f')}")
+  if not (fp or ob):
+    return
   print()
   print("save GB/s are the steady-state (second) save in each child; first saves (GB/s "
         "finished / synced, peak extra RSS MiB):")
@@ -565,6 +579,9 @@ def plot(path: str, summary: dict, info: dict) -> bool:
     print("note: matplotlib is not importable; no plot written", file=sys.stderr)
     return False
   methods = [m for m in CHECKPOINTERS if m in summary]
+  if not methods:
+    print("note: no checkpointer was run; no plot written", file=sys.stderr)
+    return False
   colors = {"fastpersist": "tab:blue", "orbax": "tab:orange"}
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
   groups = [("save\n(until finished)", "gbps_finished"), ("save\n(until synced)", "gbps_synced"),
@@ -580,8 +597,9 @@ def plot(path: str, summary: dict, info: dict) -> bool:
     for i, (key, label) in ((0, ("write_gbps", "fio write")), (1, ("write_gbps", "fio write")),
                             (2, ("read_gbps", "fio read"))):
       ax1.hlines(fio[key], i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1.5)
-      ax1.annotate(f"{label} {fio[key]:.2f}", (i, fio[key]), textcoords="offset points",
-                   xytext=(0, 4), ha="center", fontsize=8)
+      ax1.annotate(f"{label} {fio[key]:.2f}", (i + 0.45, fio[key]), textcoords="offset points",
+                   xytext=(0, 3), ha="right", va="bottom", fontsize=8,
+                   bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
   ax1.set_xticks(range(len(groups)), [g for g, _ in groups])
   ax1.set_ylabel("GB/s (1e9 bytes/s), median")
   top = max([summary[m][k] or 0 for m in methods for _, k in groups] +
@@ -609,8 +627,8 @@ def plot(path: str, summary: dict, info: dict) -> bool:
   elif ms:
     ax2.set_ylim(0, max(ms) * 1.15)
   ax2.legend(fontsize=8)
-  fig.suptitle(f"FastPersist vs Orbax: {info['fstype']} on {info['device']}, "
-               f"{info['cpus']} CPUs", fontsize=10)
+  fig.suptitle(f"FastPersist (snapshot {info.get('snapshot_mode', '?')}) vs Orbax: "
+               f"{info['fstype']} on {info['device']}, {info['cpus']} CPUs", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -620,6 +638,8 @@ def plot(path: str, summary: dict, info: dict) -> bool:
 def run(args) -> int:
   from fastpersist_jax.benchmark.io_bench import _mount_of
   from fastpersist_jax.options import FastPersistOptions
+  if args.from_json:
+    return _replot(args)
   if args.rounds < 1 or args.size_gib <= 0 or args.leaves < 3 or args.devices < 1:
     raise SystemExit("--rounds, --size_gib and --devices must be positive, --leaves at least 3")
   if not os.path.isdir(args.dir):
@@ -666,6 +686,7 @@ def run(args) -> int:
       "dir": os.path.abspath(args.dir), "fstype": mount["fstype"], "device": mount["source"],
       "host_memory_limit": host_limit if host_limit is not None else defaults.host_memory_limit,
       "fio": fio_version, "fio_bytes": fio_size, "fio_chunk": chunk, "fio_queue_depth": qd,
+      "fio_fixedbufs": args.fio_fixedbufs,
       "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
       "jax": jax.__version__, "orbax": getattr(ocp, "__version__", "?"),
       "bf16_bytes": sum(math.prod(l["shape"]) * 2 for l in spec if l["dtype"] == "bfloat16"),
@@ -680,13 +701,15 @@ def run(args) -> int:
       for m in methods[r % len(methods):] + methods[:r % len(methods)]:
         t = time.perf_counter()
         if m == "fio":
-          s = _run_fio_pair(fio, os.path.join(workdir, f"fio.r{r}"), fio_size, chunk, qd)
+          s = _run_fio_pair(fio, os.path.join(workdir, f"fio.r{r}"), fio_size, chunk, qd,
+                            args.fio_fixedbufs)
           samples[m].append(s)
           print(f"  round {r + 1} fio          write {s['write']['gbps']:5.2f} GB/s, read "
                 f"{s['read']['gbps']:5.2f} GB/s", file=sys.stderr)
           continue
         cfg = {"method": m, "round": r, "workdir": workdir, "spec": spec, "seed": args.seed,
-               "bytes": nbytes, "devices": devices, "host_memory_limit": host_limit}
+               "bytes": nbytes, "devices": devices, "host_memory_limit": host_limit,
+               "snapshot": args.snapshot}
         res = _run_child(cfg, env, args.child_timeout_s)
         res["child_wall_s"] = time.perf_counter() - t
         samples[m].append(res)
@@ -700,11 +723,18 @@ def run(args) -> int:
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
 
+  return _report(args, info, samples, spec)
+
+
+def _report(args, info: dict, samples: dict, spec: list[dict]) -> int:
   summary = summarize(samples)
   info["evicted_with"] = sorted({e for m in CHECKPOINTERS if m in summary
                                  for e in summary[m]["evicted_with"]})
   if samples.get("fastpersist"):
     info["engine"] = samples["fastpersist"][0].get("engine")
+    modes = sorted({str(s.get("handler_stats", {}).get("snapshot_mode", "?"))
+                    for r in samples["fastpersist"] for s in r["saves"]})
+    info["snapshot_mode"] = ",".join(modes)
   if not all(r.get("rss_peak_resettable") for m in CHECKPOINTERS for r in samples.get(m, [])):
     print("note: /proc/self/clear_refs was not writable; peaks are since the child started",
           file=sys.stderr)
@@ -716,6 +746,15 @@ def run(args) -> int:
   if args.plot and summary and plot(args.plot, summary, info):
     print(f"wrote {args.plot}")
   return 0
+
+
+def _replot(args) -> int:
+  """--from_json: the report (and --plot / --json) again from a saved run."""
+  with open(args.from_json) as f:
+    saved = json.load(f)
+  if args.json and os.path.abspath(args.json) == os.path.abspath(args.from_json):
+    args.json = None  # already there
+  return _report(args, saved["info"], saved["samples"], saved.get("tree", []))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""Multi-process saves: every process learns whether all the others succeeded.
+
+Orbax's barriers coordinate the commit, but a barrier carries no outcome: a
+process whose write failed would leave the others waiting until the barrier
+times out. Through the key-value store of JAX's distributed runtime (the one
+`jax.distributed.initialize` starts, which Orbax uses too), each process
+publishes "ok" or its error once its part is durable, then reads everyone
+else's: one failure makes every process raise at once, and a process that
+died makes the rest raise after `timeout_s`, not hang.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from fastpersist_jax.errors import SaveError
+
+
+def _client():
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return getattr(distributed.global_state, "client", None)
+
+
+def current_operation_id() -> str:
+  """Orbax's per-save operation id (the same on every process), if any."""
+  try:
+    from orbax.checkpoint._src.futures import synchronization  # pylint: disable=g-import-not-at-top
+    return synchronization.OperationIdGenerator.get_current_operation_id()
+  except (ImportError, AttributeError):
+    return "-"
+
+
+def agree(key: str, error: BaseException | None, timeout_s: float) -> None:
+  """Publishes this process's outcome under `key`, then waits for all others.
+
+  Raises `error` (if set) or SaveError naming the first process that failed
+  or did not answer. Single-process runs return (or raise `error`) at once.
+  """
+  client = _client()
+  n, me = jax.process_count(), jax.process_index()
+  if n == 1 or client is None:
+    if error is not None:
+      raise error
+    return
+  client.key_value_set(f"{key}/{me}", "ok" if error is None else f"error: {error}"[:4000])
+  if error is not None:
+    raise error
+  deadline = time.monotonic() + timeout_s
+  for p in range(n):
+    if p == me:
+      continue
+    remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
+    try:
+      outcome = client.blocking_key_value_get(f"{key}/{p}", remaining_ms)
+    except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
+      raise SaveError(f"process {p} did not finish its part of the save within {timeout_s:.0f} s "
+                      f"({type(e).__name__}); the checkpoint is not committed") from e
+    if outcome != "ok":
+      raise SaveError(f"process {p} failed its part of the save ({outcome}); the checkpoint is "
+                      "not committed")

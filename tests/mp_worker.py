@@ -1,0 +1,150 @@
+"""One process of a multi-process test (see test_multiprocess.py).
+
+Usage: mp_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DIR
+Prints "RESULT <json>" on success; any failure exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+scenario, pid, nproc, port, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+    int(sys.argv[4]), sys.argv[5]
+local_devices = int(os.environ.get("MP_LOCAL_DEVICES", "2"))
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+
+import jax  # pylint: disable=g-import-not-at-top
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if nproc > 1:
+  jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
+                             initialization_timeout=60)
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+from fastpersist_jax import (FastPersistHandler, FastPersistOptions,  # pylint: disable=g-import-not-at-top
+                             FastPersistRestore, FastPersistSave, layout)
+
+MiB = 1 << 20
+
+
+def global_state(mesh):
+  """A train-state-like tree: params sharded over "model" and replicated over
+  "data" (so every data-parallel replica holds them), a data-sharded array,
+  a scalar step and a numpy leaf. Values depend only on position."""
+  def make(shape, spec, dtype, seed):
+    host = (np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape) * 7 + seed)
+    host = (host % 251).astype(dtype)
+    return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), lambda idx: host[idx]), host
+  w, w_host = make((64, 512), P(None, "model"), np.float32, 1)
+  emb, emb_host = make((256, 128), P("data", "model"), np.float32, 2)
+  b, b_host = make((512,), P(), np.int32, 3)
+  state = {"params": {"w": w, "b": b}, "opt": {"emb": emb}, "step": 11,
+           "rng": np.arange(4, dtype=np.uint32)}
+  expected = {"params": {"w": w_host, "b": b_host}, "opt": {"emb": emb_host}, "step": 11,
+              "rng": np.arange(4, dtype=np.uint32)}
+  return state, expected
+
+
+def check(restored, expected):
+  for path, value in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    got = restored
+    for k in path:
+      got = got[k.key]
+    if isinstance(value, np.ndarray):
+      if isinstance(got, jax.Array):
+        for s in got.addressable_shards:
+          np.testing.assert_array_equal(np.asarray(s.data), value[s.index])
+      else:
+        np.testing.assert_array_equal(np.asarray(got), value)
+    else:
+      assert got == value, (path, got, value)
+
+
+def abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                      if isinstance(x, jax.Array) else x, tree)
+
+
+def data_bytes(directory, process):
+  return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+             if f.startswith(f"data.{process:05d}."))
+
+
+def main():
+  n_data = nproc
+  mesh = jax.make_mesh((n_data, jax.device_count() // n_data), ("data", "model"))
+  result = {}
+  if scenario == "shared":
+    state, expected = global_state(mesh)
+    handler = FastPersistHandler(FastPersistOptions(replica_parallel=os.environ.get("MP_SPLIT", "1") == "1"))
+    with ocp.CheckpointManager(root, item_handlers=handler) as mngr:
+      mngr.save(0, args=FastPersistSave(state))
+      mngr.wait_until_finished()
+      check(mngr.restore(0, args=FastPersistRestore(abstract(state))), expected)
+      check(mngr.restore(0), expected)   # as saved, on the same mesh
+    result["bytes_written"] = data_bytes(os.path.join(root, "0", "default"), pid)
+  elif scenario == "per_host":
+    state, expected = global_state(mesh)
+    mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
+    handler = FastPersistHandler(multiprocessing_options=mp)
+    host_dir = os.path.join(root, f"host{pid}")
+    os.makedirs(host_dir, exist_ok=True)   # Orbax leaves per-process roots to the caller
+    with ocp.CheckpointManager(host_dir, item_handlers=handler,
+                               options=ocp.CheckpointManagerOptions(
+                                   multiprocessing_options=mp, create=False)) as mngr:
+      mngr.save(0, args=FastPersistSave(state))
+      mngr.wait_until_finished()
+      check(mngr.restore(0, args=FastPersistRestore(abstract(state))), expected)
+    result["files"] = sorted(os.listdir(os.path.join(host_dir, "0", "default")))
+  elif scenario == "fail":
+    state, _ = global_state(mesh)
+    handler = FastPersistHandler(FastPersistOptions(commit_timeout_s=float(os.environ.get("MP_TIMEOUT", "30"))))
+    if pid == nproc - 1:
+      def broken_write(extents):
+        if os.environ.get("MP_KILL") == "1":
+          os._exit(9)  # the process dies mid-save  # pylint: disable=protected-access
+        raise OSError(5, "injected write failure on the last process")
+      handler._engine.write = broken_write  # pylint: disable=protected-access
+    t0 = time.time()
+    error = None
+    try:
+      with ocp.CheckpointManager(root, item_handlers=handler) as mngr:
+        mngr.save(0, args=FastPersistSave(state))
+        mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      error = f"{type(e).__name__}: {e}"
+    result["seconds"] = time.time() - t0
+    if os.environ.get("MP_KILL") == "1":
+      # A peer died: JAX's runtime cannot shut down cleanly any more (it
+      # aborts on the peer's heartbeat timeout), so report and leave now.
+      result["error"] = error
+      print("RESULT " + json.dumps(result), flush=True)
+      os._exit(0)  # pylint: disable=protected-access
+    with ocp.CheckpointManager(root, item_handlers=FastPersistHandler()) as mngr:
+      result["latest_step"] = mngr.latest_step()
+    result["error"] = error
+  elif scenario == "restore_single":
+    # One process restores what several processes saved (shared directory).
+    state_meta = FastPersistHandler().metadata(os.path.join(root, "0", "default"))
+    mesh1 = jax.make_mesh((1, jax.device_count()), ("data", "model"))
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh1, P("model")))
+        if isinstance(x, jax.ShapeDtypeStruct) and x.shape else x, state_meta)
+    with ocp.CheckpointManager(root, item_handlers=FastPersistHandler()) as mngr:
+      restored = mngr.restore(0, args=FastPersistRestore(target))
+    _, expected = global_state(jax.make_mesh((1, jax.device_count()), ("data", "model")))
+    check(restored, expected)
+    result["devices"] = jax.device_count()
+  else:
+    raise SystemExit(f"unknown scenario {scenario}")
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main()

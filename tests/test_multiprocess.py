@@ -1,0 +1,119 @@
+"""Several JAX processes on this machine (jax.distributed on localhost, CPU
+devices, gloo): shared and per-host directories, replica-parallel writes,
+failures, and restore on another process count. Each process runs
+tests/mp_worker.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(scenario: str, nproc: int, root, local_devices: int = 2, timeout: float = 120,
+                  **env) -> list[dict]:
+  port = _free_port()
+  child_env = dict(os.environ, MP_LOCAL_DEVICES=str(local_devices),
+                   **{k: str(v) for k, v in env.items()})
+  child_env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, WORKER, scenario, str(i), str(nproc), str(port),
+                             str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=child_env) for i in range(nproc)]
+  results = []
+  try:
+    for i, p in enumerate(procs):
+      out, _ = p.communicate(timeout=timeout)
+      lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+      assert p.returncode == 0 and lines, f"process {i} failed (rc={p.returncode}):\n{out[-4000:]}"
+      results.append(json.loads(lines[-1][len("RESULT "):]))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return results
+
+
+def test_two_processes_shared_directory_with_replica_parallel_writes(tmp_path):
+  results = run_processes("shared", 2, tmp_path)
+  written = [r["bytes_written"] for r in results]
+  # Params replicated over "data" are split between the two processes: each
+  # writes about half of the checkpoint instead of one process writing them all.
+  assert min(written) > 0.4 * sum(written), written
+
+
+def test_without_replica_split_one_process_writes_the_replicated_params(tmp_path):
+  split = [r["bytes_written"] for r in run_processes("shared", 2, tmp_path / "split")]
+  whole = [r["bytes_written"] for r in run_processes("shared", 2, tmp_path / "whole", MP_SPLIT=0)]
+  assert max(split) < max(whole), (split, whole)
+
+
+def test_one_process_restores_a_two_process_checkpoint(tmp_path):
+  run_processes("shared", 2, tmp_path)
+  (result,) = run_processes("restore_single", 1, tmp_path, local_devices=4)
+  assert result["devices"] == 4
+
+
+def test_per_host_directories(tmp_path):
+  results = run_processes("per_host", 2, tmp_path)
+  for i, r in enumerate(results):
+    assert f"manifest.{i:05d}.json" in r["files"] and "fastpersist.json" in r["files"]
+  # One host's directory alone cannot restore onto a single process: the error
+  # says which processes' data is there and what to do.
+  from fastpersist_jax import CorruptCheckpointError, FastPersistHandler  # pylint: disable=g-import-not-at-top
+  with pytest.raises(CorruptCheckpointError, match=r"per-host.*processes \[0\] of 2"):
+    FastPersistHandler().restore(tmp_path / "host0" / "0" / "default")
+
+
+def test_a_failing_process_fails_every_process_and_commits_nothing(tmp_path):
+  results = run_processes("fail", 2, tmp_path, MP_TIMEOUT=30)
+  for r in results:
+    assert r["error"] and "injected write failure" in r["error"], r
+    assert r["latest_step"] is None
+    assert r["seconds"] < 60
+
+
+def test_a_killed_process_makes_the_others_raise_within_the_timeout(tmp_path):
+  port = _free_port()
+  env = dict(os.environ, MP_LOCAL_DEVICES="2", MP_KILL="1", MP_TIMEOUT="10")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, WORKER, "fail", str(i), "2", str(port), str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           for i in range(2)]
+  try:
+    out, _ = procs[0].communicate(timeout=90)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  assert procs[1].returncode == 9   # died mid-save
+  line = [l for l in out.splitlines() if l.startswith("RESULT ")]
+  assert line, out[-4000:]
+  result = json.loads(line[-1][len("RESULT "):])
+  assert "process 1 did not finish its part of the save within 10 s" in result["error"]
+  assert result["seconds"] < 45
+  assert not (tmp_path / "0").exists()   # nothing committed, only Orbax's temporary directory
+
+
+@pytest.mark.slow
+def test_four_processes_shared_directory(tmp_path):
+  results = run_processes("shared", 4, tmp_path, timeout=240)
+  written = [r["bytes_written"] for r in results]
+  assert min(written) > 0.15 * sum(written), written
+
+
+@pytest.mark.slow
+def test_four_processes_per_host(tmp_path):
+  run_processes("per_host", 4, tmp_path, timeout=240)
