@@ -68,6 +68,11 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer(
 _MAX_TO_KEEP = flags.DEFINE_integer("max_to_keep", 2, "checkpoints the manager keeps")
 _HANDLER = flags.DEFINE_enum("handler", "fastpersist", ["fastpersist", "orbax"],
                              "fastpersist: FastPersistHandler; orbax: ocp.StandardCheckpointHandler")
+_SNAPSHOT = flags.DEFINE_enum("snapshot", "auto", ["auto", "copy", "reference"],
+                              "FastPersistOptions.snapshot: what a save blocks for")
+_BACKGROUND_NICE = flags.DEFINE_integer(
+    "background_nice", FastPersistOptions.background_nice,
+    "FastPersistOptions.background_nice: priority drop of the background write threads")
 _RESUME = flags.DEFINE_bool("resume", False, "restore the latest checkpoint in --ckpt_dir and continue")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "without --resume: delete the checkpoints already in --ckpt_dir")
@@ -225,7 +230,8 @@ def make_manager(handler_kind: str):
   options = ocp.CheckpointManagerOptions(max_to_keep=_MAX_TO_KEEP.value,
                                          enable_async_checkpointing=True)
   if handler_kind == "fastpersist":
-    handler = FastPersistHandler(FastPersistOptions())
+    handler = FastPersistHandler(FastPersistOptions(snapshot=_SNAPSHOT.value,
+                                                    background_nice=_BACKGROUND_NICE.value))
   else:
     handler = ocp.StandardCheckpointHandler()
   mngr = ocp.CheckpointManager(os.path.abspath(_CKPT_DIR.value), item_handlers=handler,

@@ -96,7 +96,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         copy_threads=self._options.resolved_copy_threads(),
         outcome_key=(f"fastpersist/{coordination.current_operation_id()}/{self._uid}/"
                      f"{self._save_count}") if jax.process_count() > 1 else None,
-        commit_timeout_s=self._options.commit_timeout_s)
+        commit_timeout_s=self._options.commit_timeout_s,
+        background_nice=self._options.background_nice)
     directory_str = os.fspath(directory)
 
     async def commit():

@@ -60,6 +60,10 @@ class FastPersistOptions:
       Applies to shared-directory checkpoints.
     commit_timeout_s: in a multi-process save, how long a process that has
       finished waits for the others' outcome before failing the save.
+    background_nice: niceness added to fastpersist's background threads
+      (checksum, background copy, writes), so that on a busy host the
+      training step keeps the CPU and checkpointing takes what is left.
+      0 leaves them at the caller's priority.
     copy_threads: threads copying shards into staging during the blocking
       snapshot (the training step is waiting then, so all cores may help).
       0 means min(4, number of CPUs).
@@ -79,6 +83,7 @@ class FastPersistOptions:
   restore_batch_bytes: int = 256 * MiB
   copy_threads: int = 0
   replica_parallel: bool = True
+  background_nice: int = 10
   commit_timeout_s: float = 600.0
 
   def __post_init__(self):

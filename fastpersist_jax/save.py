@@ -39,7 +39,8 @@ class SaveOperation:
 
   def __init__(self, engine: IOEngine, pool: StagingPool, plan: SavePlan, *,
                write_metadata: bool, copy_threads: int = 1,
-               outcome_key: str | None = None, commit_timeout_s: float = 600.0):
+               outcome_key: str | None = None, commit_timeout_s: float = 600.0,
+               background_nice: int = 0):
     self._engine = engine
     self._pool = pool
     self._plan = plan
@@ -47,6 +48,7 @@ class SaveOperation:
     self._copy_threads = copy_threads
     self._outcome_key = outcome_key
     self._commit_timeout_s = commit_timeout_s
+    self._background_nice = background_nice
     self._crcs = [0] * len(plan.shards)
     self._to_checksum: queue.Queue = queue.Queue()
     self._to_write: queue.Queue = queue.Queue()
@@ -95,6 +97,8 @@ class SaveOperation:
       self._raise_if_failed()
 
   def _stage(self, copy_threads: int) -> None:
+    if threading.current_thread() is self._stager:
+      lower_priority(self._background_nice)
     t0 = time.perf_counter()
     try:
       stage(self._plan, self._pool, self._to_checksum.put, self._abort, copy_threads)
@@ -117,6 +121,7 @@ class SaveOperation:
   # Background part ----------------------------------------------------------
 
   def _checksum_loop(self) -> None:
+    lower_priority(self._background_nice)
     try:
       while (w := self._to_checksum.get()) is not _END:
         if not self._abort.is_set():
@@ -133,6 +138,7 @@ class SaveOperation:
     """Writes staged data, syncs it, then writes this process's manifest
     (and, on the primary, the checkpoint metadata). With several processes,
     returns only when all of them have done so. Raises SaveError."""
+    lower_priority(self._background_nice)
     error = None
     try:
       self._commit_local(directory)
@@ -214,6 +220,18 @@ class SaveOperation:
       meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout)
       out[os.path.join(directory, layout.METADATA_FILE)] = [(0, layout.encode_metadata(meta))]
     self._engine.write_files(out)
+
+
+def lower_priority(nice: int) -> None:
+  """Raises the calling thread's niceness (Linux schedules threads, and the
+  kernel work io_uring does on their behalf, by it). Best effort."""
+  if nice <= 0:
+    return
+  try:
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+  except (OSError, AttributeError):
+    pass
 
 
 def _remove_quietly(path: str) -> None:
