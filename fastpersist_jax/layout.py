@@ -278,7 +278,7 @@ def _check_sharding(d: Any, shape: tuple[int, ...], what: str) -> None:
   names = d.get("axis_names")
   spec = d.get("spec")
   axis_types = d.get("axis_types")
-  if (not isinstance(mesh_shape, list) or not 1 <= len(mesh_shape) <= 64 or
+  if (not isinstance(mesh_shape, list) or len(mesh_shape) > 64 or
       not all(_is_int(n) and 1 <= n <= 2**31 for n in mesh_shape)):
     raise CorruptCheckpointError(f"{what}: malformed sharding mesh_shape {_short(mesh_shape)}")
   if (not isinstance(names, list) or len(names) != len(mesh_shape) or

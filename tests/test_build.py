@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -41,3 +44,7 @@ def test_every_test_file_is_a_py_test():
           listed |= {e.value for e in gen.iter.elts if isinstance(e, ast.Constant)}
   tests = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")}
   assert tests <= listed, f"tests without a py_test target: {sorted(tests - listed)}"
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))

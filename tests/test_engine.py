@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -602,3 +603,7 @@ def test_bad_engine_env(monkeypatch):
     IOEngine(FastPersistOptions())
   with pytest.raises(ValueError):
     _ext.Engine("spdk")
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -95,3 +95,7 @@ def test_resume_is_bit_identical(tmp_path, handler):
     assert resumed["losses"] == {str(s): ref["losses"][str(s)] for s in range(step + 1, N + 1)}
     assert resumed["summary"]["latest_checkpoint"] == N
   assert (ckpt / str(N)).is_dir() and (rollback / str(N)).is_dir()
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))

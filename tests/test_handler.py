@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -349,3 +350,7 @@ def test_missing_and_truncated_manifest(handler, saved):
     ocp.Checkpointer(handler).restore(d, args=FastPersistRestore(tree))
   with pytest.raises(CheckpointNotFoundError):
     handler.restore(d.parent / "does-not-exist")
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))

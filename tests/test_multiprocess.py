@@ -117,3 +117,7 @@ def test_four_processes_shared_directory(tmp_path):
 @pytest.mark.slow
 def test_four_processes_per_host(tmp_path):
   run_processes("per_host", 4, tmp_path, timeout=240)
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))

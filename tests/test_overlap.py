@@ -3,6 +3,7 @@ never changes what was saved."""
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import jax
@@ -114,3 +115,7 @@ def test_background_error_reaches_the_future_and_nothing_is_committed(mesh, tmp_
   ckptr.wait_until_finished()
   assert float(np.asarray(ckptr.restore(tmp_path / "d")["b"])[0]) == 4
   ckptr.close()
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))
