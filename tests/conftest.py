@@ -3,8 +3,10 @@ kind, and directories on a disk filesystem and on tmpfs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 
 # Eight CPU devices for sharded arrays; must be set before jax is imported.
@@ -78,3 +80,24 @@ def shm_dir():
 def data_dir(request):
   """Each test using this runs once on disk and once on tmpfs."""
   return os.fspath(request.getfixturevalue(f"{request.param}_dir"))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(options: str):
+  """A private tmpfs mounted with `options` (e.g. "size=2m"); skips the
+  calling test where that is impossible (not root, no mount(8))."""
+  if os.geteuid() != 0:
+    pytest.skip("mounting a tmpfs needs root")
+  if shutil.which("mount") is None:
+    pytest.skip("no mount(8)")
+  d = tempfile.mkdtemp(prefix="fastpersist-mnt-")
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", d],
+                     capture_output=True, text=True, check=False)
+  if r.returncode != 0:
+    os.rmdir(d)
+    pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+  try:
+    yield d
+  finally:
+    subprocess.run(["umount", d], check=False)
+    os.rmdir(d)

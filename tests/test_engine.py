@@ -8,7 +8,6 @@ plain Python file reads.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gc
 import logging
@@ -17,7 +16,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -25,9 +23,9 @@ import numpy as np
 import pytest
 
 try:
-  from conftest import fs_type
+  from conftest import fs_type, mounted_tmpfs
 except ImportError:  # tests/ imported as a package
-  from tests.conftest import fs_type
+  from tests.conftest import fs_type, mounted_tmpfs
 from fastpersist_jax import _ext
 from fastpersist_jax import io_engine as io_engine_mod
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
@@ -50,26 +48,6 @@ def aligned_copy(data: bytes) -> AlignedBuffer:
 def file_bytes(path) -> bytes:
   with open(path, "rb") as f:
     return f.read()
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(options: str):
-  """A private tmpfs mounted with `options`; skips the test where impossible."""
-  if os.geteuid() != 0:
-    pytest.skip("mounting a tmpfs needs root")
-  if shutil.which("mount") is None:
-    pytest.skip("no mount(8)")
-  d = tempfile.mkdtemp(prefix="fastpersist-mnt-")
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", d],
-                     capture_output=True, text=True)
-  if r.returncode != 0:
-    os.rmdir(d)
-    pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-  try:
-    yield d
-  finally:
-    subprocess.run(["umount", d], check=True)
-    os.rmdir(d)
 
 
 # Round trips -----------------------------------------------------------------

@@ -20,7 +20,6 @@ see `_CHILD_ROLES` at the bottom), so their code is ordinary, readable Python.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import errno
 import faulthandler
@@ -34,7 +33,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -43,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import mounted_tmpfs
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fastpersist_jax import (CheckpointNotFoundError, CorruptCheckpointError, FastPersistError,
@@ -810,24 +809,8 @@ def test_io_uring_refused_by_seccomp_falls_back(seccomp_helper, tmp_path, refusa
 # 4. Out of space ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def small_tmpfs(size: str):
-  """A private tmpfs of `size`; skips the test where it cannot be mounted."""
-  if os.geteuid() != 0:
-    pytest.skip("mounting a tmpfs needs root")
-  if shutil.which("mount") is None:
-    pytest.skip("no mount(8)")
-  d = tempfile.mkdtemp(prefix="fastpersist-full-")
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d],
-                     capture_output=True, text=True)
-  if r.returncode != 0:
-    os.rmdir(d)
-    pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-  try:
-    yield d
-  finally:
-    subprocess.run(["umount", d], check=False)
-    os.rmdir(d)
+  return mounted_tmpfs(f"size={size}")
 
 
 def _errnos_in_chain(e: BaseException) -> list:

@@ -80,6 +80,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Environment -------------------------------------------------------------------
 
+def check_target_dir(path: str, need: int) -> dict:
+  """Exits unless `path` has `need` bytes free; warns when it is memory, not
+  a disk. Returns its mount record."""
+  free = shutil.disk_usage(path).free
+  if free < need:
+    raise SystemExit(f"{path} has {free / GiB:.1f} GiB free; need {need / GiB:.1f} GiB")
+  mount = _mount_of(path)
+  if mount["fstype"] in ("tmpfs", "ramfs"):
+    print(f"warning: {path} is on {mount['fstype']}: these are memory, not disk, speeds",
+          file=sys.stderr)
+  return mount
+
+
 def _mount_of(path: str) -> dict:
   path = os.path.realpath(path)
   best = {"mount": "?", "fstype": "?", "source": "?"}
@@ -389,14 +402,7 @@ def run(args) -> int:
     raise SystemExit("--rounds, --size_gib, --chunk_mib and --queue_depth must be positive")
   if not os.path.isdir(args.dir):
     raise SystemExit(f"--dir {args.dir} is not a directory")
-  need = int(args.size_gib * GiB) + 64 * MiB
-  free = shutil.disk_usage(args.dir).free
-  if free < need:
-    raise SystemExit(f"{args.dir} has {free / GiB:.1f} GiB free; need {need / GiB:.1f} GiB")
-  mount = _mount_of(args.dir)
-  if mount["fstype"] in ("tmpfs", "ramfs"):
-    print(f"warning: {args.dir} is on {mount['fstype']}: these are memory, not disk, speeds",
-          file=sys.stderr)
+  mount = check_target_dir(args.dir, int(args.size_gib * GiB) + 64 * MiB)
 
   b = Bench(args)
   fio_version = None

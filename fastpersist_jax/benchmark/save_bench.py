@@ -636,7 +636,7 @@ def plot(path: str, summary: dict, info: dict) -> bool:
 
 
 def run(args) -> int:
-  from fastpersist_jax.benchmark.io_bench import _mount_of
+  from fastpersist_jax.benchmark.io_bench import check_target_dir
   from fastpersist_jax.options import FastPersistOptions
   if args.from_json:
     return _replot(args)
@@ -659,14 +659,7 @@ def run(args) -> int:
   nbytes = _tree_bytes(spec)
   fio_size = -(-nbytes // chunk) * chunk
 
-  need = 2 * nbytes + 256 * MiB
-  free = shutil.disk_usage(args.dir).free
-  if free < need:
-    raise SystemExit(f"{args.dir} has {free / GiB:.1f} GiB free; need {need / GiB:.1f} GiB")
-  mount = _mount_of(args.dir)
-  if mount["fstype"] in ("tmpfs", "ramfs"):
-    print(f"warning: {args.dir} is on {mount['fstype']}: these are memory, not disk, speeds",
-          file=sys.stderr)
+  mount = check_target_dir(args.dir, 2 * nbytes + 256 * MiB)
   fio = None if args.no_fio else shutil.which(args.fio)
   fio_version = None
   if fio:
