@@ -118,14 +118,43 @@ def host_bytes(data) -> np.ndarray:
   return arr.reshape(-1).view(np.uint8)
 
 
-def start_transfers(shards: list[ShardSource]) -> None:
-  """Starts every device-to-host copy before waiting on any."""
-  for s in shards:
-    if s.on_accelerator:
-      try:
-        s.data.copy_to_host_async()
-      except Exception:  # pylint: disable=broad-except  (best effort; np.asarray copies anyway)
-        pass
+class _Transfers:
+  """Device-to-host copies of accelerator shards, started ahead of the copy
+  into staging: into pinned host memory (memory kind "pinned_host", so the
+  DMA needs no bounce), falling back to jax's own host copy. At most
+  `lookahead_bytes` are in flight, so the extra host memory a save uses stays
+  bounded instead of growing to the checkpoint's size."""
+
+  def __init__(self, shards: list[ShardSource], lookahead_bytes: int):
+    self._shards = shards
+    self._lookahead = lookahead_bytes
+    self._next = 0          # first shard whose transfer is not started
+    self._in_flight = 0     # bytes started and not yet consumed
+
+  def advance(self, consumed: int) -> None:
+    """Shard `consumed` is about to be read: start transfers up to the window."""
+    while self._next < len(self._shards) and (
+        self._next <= consumed or self._in_flight < self._lookahead):
+      s = self._shards[self._next]
+      if s.on_accelerator:
+        s.data = _start_device_to_host(s.data)
+        self._in_flight += s.nbytes
+      self._next += 1
+
+  def done_with(self, shard: ShardSource) -> None:
+    if shard.on_accelerator:
+      self._in_flight -= shard.nbytes
+
+
+def _start_device_to_host(x):
+  try:
+    return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+  except Exception:  # pylint: disable=broad-except  (backend without pinned_host)
+    try:
+      x.copy_to_host_async()
+    except Exception:  # pylint: disable=broad-except  (np.asarray will copy anyway)
+      pass
+    return x
 
 
 def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
@@ -136,7 +165,7 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
   shard order, so a consumer can checksum shards incrementally. Each window's
   copies run as one GIL-free batch on `copy_threads` threads.
   """
-  start_transfers(plan.shards)
+  transfers = _Transfers(plan.shards, lookahead_bytes=max(pool.nbytes, pool.slab_bytes))
   slab_bytes = pool.slab_bytes
   window: Window | None = None
   copies: list[tuple[np.ndarray, np.ndarray]] = []
@@ -154,6 +183,7 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       raise SaveError("save aborted")
     if not shard.nbytes:
       continue
+    transfers.advance(pos)
     try:
       src = host_bytes(shard.data)
       if shard.part is not None:
@@ -177,6 +207,8 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       window.pieces.append((pos, at, n))
       window.length = at + n
       done += n
+    # The pending copies hold views of the source until their window is
+    # flushed; after that nothing pins it any more.
+    shard.data = None
+    transfers.done_with(shard)
   flush()
-  for shard in plan.shards:
-    shard.data = None  # staged: stop pinning the source buffers

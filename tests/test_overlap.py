@@ -99,6 +99,31 @@ def test_array_donated_before_background_copy_fails_cleanly(mesh):
     staging.stage(plan, pool, lambda w: pool.release(w.slab), threading.Event())
 
 
+def test_accelerator_path_stages_through_pinned_host_transfers(mesh):
+  # The accelerator path (device-to-host into "pinned_host" memory, started a
+  # bounded distance ahead of the copy) also runs on CPU devices; force it.
+  rng = np.random.default_rng(7)
+  tree = {f"w{i}": jax.device_put(rng.standard_normal((64, 96)).astype(np.float32),
+                                  NamedSharding(mesh, P("data"))) for i in range(6)}
+  plan = plan_lib.make_plan(tree, process_index=0, process_count=1, write_host_arrays=True,
+                            data_file_bytes=1 << 30, snapshot="copy")
+  expected = [np.asarray(s.data).tobytes() for s in plan.shards]
+  for s in plan.shards:
+    s.on_accelerator = True
+  pool = staging.StagingPool(IOEngine(), 64 * 1024, 128 * 1024, register=False)
+  pool.ensure(plan.staged_bytes)
+  got = {}
+
+  def consume(w):
+    view = pool.view(w.slab)
+    for pos, at, n in w.pieces:
+      got[pos] = got.get(pos, b"") + view[at:at + n].tobytes()
+    pool.release(w.slab)
+  staging.stage(plan, pool, consume, threading.Event())
+  assert [got[i] for i in range(len(plan.shards))] == expected
+  assert all(s.data is None for s in plan.shards)   # nothing left pinned
+
+
 def test_background_error_reaches_the_future_and_nothing_is_committed(mesh, tmp_path, monkeypatch):
   h = FastPersistHandler(FastPersistOptions(snapshot="reference"))
   ckptr = ocp.AsyncCheckpointer(h)
