@@ -16,6 +16,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -582,6 +583,56 @@ def test_bad_engine_env(monkeypatch):
   with pytest.raises(ValueError):
     _ext.Engine("spdk")
 
+
+_UNPRIVILEGED_CHILD = r"""
+import logging, os, sys, resource
+import numpy as np
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+from fastpersist_jax.io_engine import IOEngine
+from fastpersist_jax.staging import StagingPool
+print("memlock", resource.getrlimit(resource.RLIMIT_MEMLOCK))
+eng = IOEngine()
+pool = StagingPool(eng, 32 << 20, 64 << 20, register=True)
+pool.ensure(64 << 20)
+print("registered", pool.registered)
+view = pool.view(0)
+view[:] = np.arange(view.size, dtype=np.uint64).view(np.uint8)[:view.size]
+path = os.path.join(sys.argv[1], "f")
+eng.write_files({path: [(0, memoryview(pool.buffer(0)))]})
+back = np.frombuffer(eng.read_file(path), np.uint8)
+print("roundtrip", bool((back == view).all()))
+"""
+
+
+def test_registration_degrades_gracefully_without_memlock():
+  # As an unprivileged user with the usual 8 MiB RLIMIT_MEMLOCK, 64 MiB of
+  # staging cannot be locked or registered: it must be used unregistered,
+  # with a log line, and I/O must work.
+  if os.geteuid() != 0 or shutil.which("setpriv") is None:
+    pytest.skip("needs root and setpriv(1) to run a child as an unprivileged user")
+  import resource  # pylint: disable=g-import-not-at-top
+  limit = 8 << 20
+
+  def as_nobody(*args):
+    return subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all",
+         sys.executable, *args], capture_output=True, text=True, timeout=120, cwd="/",
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit)),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
+  probe = as_nobody("-c", "import fastpersist_jax.io_engine")
+  if probe.returncode != 0:
+    pytest.skip(f"the unprivileged user cannot import fastpersist_jax here: {probe.stderr[-300:]}")
+  d = tempfile.mkdtemp(prefix="fastpersist-nobody-", dir="/tmp")
+  try:
+    os.chmod(d, 0o777)
+    r = as_nobody("-c", _UNPRIVILEGED_CHILD, d)
+  finally:
+    shutil.rmtree(d, ignore_errors=True)
+  out = r.stdout + r.stderr
+  assert r.returncode == 0, out
+  assert "registered False" in out, out
+  assert "used unregistered" in out, out
+  assert "roundtrip True" in out, out
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))
