@@ -344,9 +344,9 @@ def main(argv):
       if not _OVERWRITE.value:
         existing = mngr.all_steps()
         mngr.close()
-        raise app.UsageError(f"{_CKPT_DIR.value} already holds checkpoints {existing}; "
-                             "pass --resume to continue, --overwrite to start afresh, or another "
-                             "--ckpt_dir")
+        raise SystemExit(f"{_CKPT_DIR.value} already holds checkpoints {existing}; "
+                         "pass --resume to continue, --overwrite to start afresh, or another "
+                         "--ckpt_dir")
       for s in mngr.all_steps():
         mngr.delete(s)
     arrays = init_state(jax.random.key(_SEED.value))

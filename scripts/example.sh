@@ -7,4 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
-exec "${FASTPERSIST_VENV:-$ROOT/.venv}/bin/python" examples/train.py "$@"
+# Run after run starts afresh unless told otherwise (--resume, --nooverwrite).
+case " $* " in
+  *" --resume"*|*" --overwrite"*|*" --nooverwrite"*|*" --noresume"*) extra=() ;;
+  *) extra=(--overwrite) ;;
+esac
+exec "${FASTPERSIST_VENV:-$ROOT/.venv}/bin/python" examples/train.py "${extra[@]}" "$@"
