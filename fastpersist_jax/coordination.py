@@ -26,15 +26,6 @@ def _client():
   return getattr(distributed.global_state, "client", None)
 
 
-def current_operation_id() -> str:
-  """Orbax's per-save operation id (the same on every process), if any."""
-  try:
-    from orbax.checkpoint._src.futures import synchronization  # pylint: disable=g-import-not-at-top
-    return synchronization.OperationIdGenerator.get_current_operation_id()
-  except (ImportError, AttributeError):
-    return "-"
-
-
 def agree(key: str, error: BaseException | None, timeout_s: float) -> None:
   """Publishes this process's outcome under `key`, then waits for all others.
 

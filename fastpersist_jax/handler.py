@@ -94,8 +94,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     op = SaveOperation(
         self._engine, self._pool, plan, write_metadata=self._is_primary(),
         copy_threads=self._options.resolved_copy_threads(),
-        outcome_key=(f"fastpersist/{coordination.current_operation_id()}/{self._uid}/"
-                     f"{self._save_count}") if jax.process_count() > 1 else None,
+        outcome_key=(f"fastpersist/{self._uid}/{self._save_count}"
+                     if jax.process_count() > 1 else None),
         commit_timeout_s=self._options.commit_timeout_s,
         background_nice=self._options.background_nice)
     directory_str = os.fspath(directory)

@@ -40,6 +40,7 @@ class _SavedShard:
   index: Index
   nbytes: int
   parts: list[tuple[int, layout.ShardRecord]]   # (process, record), in byte order
+  missing: str | None = None                    # why some bytes are not here
   view: np.ndarray | None = None                # all its bytes, once read
 
   def describe(self, manifests, process: int, rec: layout.ShardRecord) -> str:
@@ -65,11 +66,12 @@ def _assemble_parts(leaf_name: str, index: Index, nbytes: int,
       raise CorruptCheckpointError(
           f"leaf {leaf_name!r}, shard {list(map(list, index))}: saved parts overlap or leave "
           f"a gap at byte {at} (part {[start, stop]})")
+  missing = None
   if at != nbytes and nbytes:
-    raise CorruptCheckpointError(
-        f"leaf {leaf_name!r}, shard {list(map(list, index))}: only bytes [0, {at}) of {nbytes} "
-        "were saved (a process's part is missing)")
-  return _SavedShard(index, nbytes, chosen)
+    # An error only if a target needs this shard (see Restorer._plan_leaf).
+    missing = (f"leaf {leaf_name!r}, shard {list(map(list, index))}: only bytes [0, {at}) of "
+               f"{nbytes} are here")
+  return _SavedShard(index, nbytes, chosen, missing)
 
 
 @dataclasses.dataclass
@@ -229,6 +231,12 @@ class Restorer:
       device_indices = [(None, tuple((0, n) for n in meta.shape))]
     needed = [s for s in saved
               if any(_overlap(s.index, idx) is not None for _, idx in device_indices)]
+    for s in needed:
+      if s.missing:
+        hint = (f"this per-host checkpoint holds processes {sorted(self.manifests)} of "
+                f"{self.meta.process_count}; gather the other hosts' files into this directory"
+                if self.meta.layout == "per_host" else "a process's part is missing")
+        raise CorruptCheckpointError(f"{s.missing} ({hint})")
     # Every target region must be covered by saved data.
     for _, idx in device_indices:
       covered = sum(_volume(o) for s in needed if (o := _overlap(s.index, idx)) is not None)

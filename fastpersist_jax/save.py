@@ -153,6 +153,7 @@ class SaveOperation:
     t0 = time.perf_counter()
     files = []
     try:
+      _await_directory(directory, self._commit_timeout_s)
       for k, size in enumerate(self._plan.file_sizes):
         path = os.path.join(directory, layout.data_file_name(self._plan.process_index, k))
         files.append(self._engine.open_for_write(path, preallocate=size))
@@ -220,6 +221,19 @@ class SaveOperation:
       meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout)
       out[os.path.join(directory, layout.METADATA_FILE)] = [(0, layout.encode_metadata(meta))]
     self._engine.write_files(out)
+
+
+def _await_directory(directory: str, timeout_s: float) -> None:
+  """Orbax creates step directories asynchronously and signals the commit
+  future when they exist; with per-process managers (active_processes) that
+  signal is not always wired, so make sure rather than fail on a race."""
+  deadline = time.monotonic() + timeout_s
+  delay = 0.001
+  while not os.path.isdir(directory):
+    if time.monotonic() > deadline:
+      raise SaveError(f"checkpoint directory {directory} did not appear within {timeout_s:.0f} s")
+    time.sleep(delay)
+    delay = min(delay * 2, 0.05)
 
 
 def lower_priority(nice: int) -> None:
