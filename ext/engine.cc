@@ -43,6 +43,16 @@ class ErrorSlot {
     offset_ = op.offset + op.done;
     failed_.store(true);
   }
+  // A failure not tied to one request (the ring itself).
+  void set_general(int err, const char* what) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (failed_.load()) return;
+    err_ = err;
+    path_ = "<io_uring>";
+    what_ = what;
+    offset_ = UINT64_MAX;
+    failed_.store(true);
+  }
   bool failed() const { return failed_.load(); }
   [[noreturn]] void raise() const { throw_io_error(err_, path_, what_, offset_); }
 
@@ -79,6 +89,9 @@ bool complete(Op& op, int res, ErrorSlot& errors) {
     return true;
   }
   op.done += static_cast<size_t>(res);
+  // A read that stopped at end-of-file after the bytes it needs is done: its
+  // remainder would start at an unaligned offset, which O_DIRECT refuses.
+  if (op.kind == Op::kRead && op.done >= op.need) return true;
   return op.done >= op.len;  // short transfer: resubmit the remainder
 }
 
@@ -144,9 +157,14 @@ void ring_worker(io_uring* ring, unsigned depth, std::vector<Op>& ops,
     if (in_flight == 0) return;
     int rc = io_uring_submit_and_wait(ring, 1);
     if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
-      // The ring itself failed; nothing further can be reaped safely from it
-      // except by waiting, so record and keep waiting for in-flight requests.
-      errors.set(-rc, ops[0], "io_uring_submit");
+      // The submission itself failed. Requests still queued in the SQ never
+      // reached the kernel: drop them (they must not be submitted by a later
+      // call, and no completion will come for them), then wait only for the
+      // ones the kernel did take.
+      const unsigned never_submitted = io_uring_sq_ready(ring);
+      ring->sq.sqe_tail = ring->sq.sqe_head;
+      in_flight -= std::min(in_flight, never_submitted);
+      errors.set_general(-rc, "io_uring_submit");
     }
     io_uring_cqe* cqe;
     unsigned head, seen = 0;

@@ -47,7 +47,9 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     self._engine = IOEngine(self._options)
     self._pool = StagingPool(self._engine, self._options.staging_slab_bytes,
                              self._options.host_memory_limit, self._options.register_buffers)
-    # One snapshot at a time: they share the staging pool.
+    # Serialises the blocking part of saves (planning and, in "copy" mode, the
+    # copy into the shared staging pool). Background copies of "reference"
+    # saves may overlap; the pool hands each window to one save at a time.
     self._snapshot_lock = threading.Lock()
     self._in_flight: list[ocp_future.Future] = []
     # Identify this handler's saves identically on every process (SPMD: the

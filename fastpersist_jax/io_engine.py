@@ -155,6 +155,3 @@ class IOEngine:
       buf = AlignedBuffer(length)
       self.read([(f, offset, buf)])
     return memoryview(buf)
-
-  def allocate(self, nbytes: int, lock: bool = False) -> AlignedBuffer:
-    return AlignedBuffer(nbytes, lock)

@@ -64,10 +64,6 @@ class LeafMeta:
   value: Any = None     # Python scalars: the value itself
   scalar_type: str | None = None
 
-  @property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * np.dtype(dtype_from_name(self.dtype)).itemsize
-
 
 @dataclasses.dataclass
 class ShardRecord:
@@ -406,6 +402,20 @@ def _check_file(directory: str, name: str, size: int, what: str) -> None:
         f"{what}: data file {name} is {st.st_size} bytes, the manifest says {size} (truncated?)")
 
 
+def check_grid(indices: list[tuple[tuple[int, int], ...]], what: str) -> None:
+  """Non-empty shard indices of one array must be cells of one grid (as every
+  jax sharding makes them): per dimension, ranges equal or disjoint. Then
+  distinct cells never overlap, so counting covered elements proves every
+  element of a region is written exactly once."""
+  nonempty = [idx for idx in indices if all(a < b for a, b in idx)]
+  for dim in range(len(nonempty[0]) if nonempty else 0):
+    ranges = sorted({idx[dim] for idx in nonempty})
+    for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
+      if b0 < a1:
+        raise CorruptCheckpointError(
+            f"{what} overlap along dimension {dim} ([{a0}, {a1}) and [{b0}, ...))")
+
+
 def check_shard_tiling(shards: list[ShardRecord], files: list[tuple[str, int]] | None,
                        what: str) -> None:
   """Shards must not share file bytes, nor (per leaf) array elements.
@@ -427,14 +437,7 @@ def check_shard_tiling(shards: list[ShardRecord], files: list[tuple[str, int]] |
     by_leaf.setdefault(s.leaf, []).append(s)
     by_file.setdefault(s.file, []).append(s)
   for leaf_id, group in by_leaf.items():
-    ndim = len(group[0].index)
-    for dim in range(ndim):
-      ranges = sorted({s.index[dim] for s in group})
-      for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
-        if b0 < a1:
-          raise CorruptCheckpointError(
-              f"{what}: shards of leaf {leaf_id} overlap along dimension {dim} "
-              f"([{a0}, {a1}) and [{b0}, ...))")
+    check_grid([s.index for s in group], f"{what}: shards of leaf {leaf_id}")
     # Parts of one shard (replica-parallel writes) share its index.
     if len({(s.index, s.part) for s in group}) != len(group):
       raise CorruptCheckpointError(f"{what}: leaf {leaf_id} has the same shard more than once")

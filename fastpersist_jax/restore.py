@@ -163,7 +163,8 @@ class Restorer:
         shards_by_leaf.setdefault(leaf_id, []).append(
             _assemble_parts(treepath.to_str(meta.path), index, nbytes, recs))
       for leaf_id, shards in shards_by_leaf.items():
-        _check_grid(treepath.to_str(leaves[leaf_id].path), [s.index for s in shards])
+        layout.check_grid([s.index for s in shards],
+                          f"leaf {treepath.to_str(leaves[leaf_id].path)!r}: saved shards")
 
     values: list[Any] = [None] * len(selected)
     jobs: list[tuple[int, _LeafJob]] = []
@@ -319,21 +320,6 @@ class Restorer:
       values[pos] = _build(job)
       for s in job.needed:
         s.view = None
-
-
-def _check_grid(leaf_name: str, indices: list[Index]) -> None:
-  """Saved shards of a leaf, from all manifests, must be cells of one grid
-  (as every jax sharding makes them): per dimension, ranges equal or
-  disjoint. Then distinct shards never overlap, and restore's coverage count
-  proves every element is written exactly once."""
-  nonempty = [idx for idx in indices if _volume(idx) > 0]
-  for dim in range(len(nonempty[0]) if nonempty else 0):
-    ranges = sorted({idx[dim] for idx in nonempty})
-    for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
-      if b0 < a1:
-        raise CorruptCheckpointError(
-            f"leaf {leaf_name!r}: saved shards overlap along dimension {dim} "
-            f"([{a0}, {a1}) and [{b0}, ...)); the manifests are inconsistent")
 
 
 def _plain_value(meta: layout.LeafMeta) -> Any:

@@ -29,8 +29,9 @@ from fastpersist_jax.staging import StagingPool, Window, stage
 logger = logging.getLogger(__name__)
 
 _END = object()
-# Windows handed to the engine in one call: enough to keep the queue deep
-# between calls, few enough to return slabs to the copier promptly.
+# Windows handed to the engine in one call: each call drains its queue before
+# returning, so larger batches mean fewer drains; smaller ones return slabs to
+# the copier sooner.
 _MAX_WINDOWS_PER_WRITE = 8
 
 
@@ -104,11 +105,13 @@ class SaveOperation:
       stage(self._plan, self._pool, self._to_checksum.put, self._abort, copy_threads)
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
-      if threading.current_thread() is not self._stager:
-        raise
     finally:
-      self._to_checksum.put(_END)
       self.stats["snapshot_s"] = time.perf_counter() - t0
+      self._to_checksum.put(_END)
+    if threading.current_thread() is not self._stager:
+      # The first error, which may be the writer's (ENOSPC), not the
+      # "aborted" it caused here.
+      self._raise_if_failed()
 
   def abort(self, e: BaseException) -> None:
     """Abandons the save (e.g. the caller failed before commit could run)."""
@@ -198,13 +201,14 @@ class SaveOperation:
     """Returns every slab still in flight to the pool after a failure."""
     if self._started:
       self._checksummer.join()
-    while True:
-      try:
-        w = self._to_write.get_nowait()
-      except queue.Empty:
-        return
-      if w is not _END:
-        self._pool.release(w.slab)
+    for q in (self._to_checksum, self._to_write):   # (the former if the checksummer died)
+      while True:
+        try:
+          w = q.get_nowait()
+        except queue.Empty:
+          break
+        if w is not _END:
+          self._pool.release(w.slab)
 
   def _write_manifests(self, directory: str) -> None:
     plan = self._plan

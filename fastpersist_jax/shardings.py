@@ -65,9 +65,3 @@ def _make_mesh(devices: np.ndarray, names: tuple, axis_types: Any) -> Mesh:
     except (KeyError, TypeError):
       pass
   return Mesh(devices, names)
-
-
-def describe(d: Any) -> str:
-  if isinstance(d, dict) and d.get("type") == "named":
-    return f"NamedSharding(mesh={d.get('mesh_shape')}, axes={d.get('axis_names')}, spec={d.get('spec')})"
-  return str(d)

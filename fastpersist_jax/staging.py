@@ -109,9 +109,9 @@ class Window:
 def host_bytes(data) -> np.ndarray:
   """The shard's bytes as a flat uint8 array (a view where possible)."""
   if isinstance(data, jax.Array) and data.is_deleted():
-    raise SaveError("a referenced array was deleted (donated?) before the background snapshot "
-                    "copied it; use FastPersistOptions(snapshot='copy') for arrays the training "
-                    "step donates")
+    raise SaveError("the array was deleted (donated?) before its bytes were staged; with "
+                    "snapshot='reference' on an accelerator, arrays must stay alive until the "
+                    "save finishes (use snapshot='copy' for arrays the training step donates)")
   arr = np.asarray(data)
   if not arr.flags.c_contiguous:
     arr = np.ascontiguousarray(arr)
@@ -178,37 +178,45 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       emit(window)
       window = None
 
-  for pos, shard in enumerate(plan.shards):
-    if abort.is_set():
-      raise SaveError("save aborted")
-    if not shard.nbytes:
-      continue
-    transfers.advance(pos)
-    try:
-      src = host_bytes(shard.data)
-      if shard.part is not None:
-        src = src[shard.part[0]:shard.part[1]]
-    except SaveError as e:
-      raise SaveError(f"leaf {treepath.to_str(plan.leaves[shard.leaf].path)!r}: {e}") from None
-    done = 0
-    while done < shard.nbytes:
-      file_pos = shard.offset + done
-      if window is not None and (window.file != shard.file or
-                                 file_pos >= window.offset + slab_bytes):
-        flush()
-      if window is None:
-        window = Window(shard.file, file_pos - file_pos % slab_bytes, pool.acquire(abort))
-      dst = pool.view(window.slab)
-      at = file_pos - window.offset
-      if at > window.length:
-        dst[window.length:at] = 0  # alignment gap between shards
-      n = min(shard.nbytes - done, slab_bytes - at)
-      copies.append((dst[at:at + n], src[done:done + n]))
-      window.pieces.append((pos, at, n))
-      window.length = at + n
-      done += n
-    # The pending copies hold views of the source until their window is
-    # flushed; after that nothing pins it any more.
-    shard.data = None
-    transfers.done_with(shard)
-  flush()
+  try:
+    for pos, shard in enumerate(plan.shards):
+      if abort.is_set():
+        raise SaveError("save aborted")
+      if not shard.nbytes:
+        continue
+      transfers.advance(pos)
+      try:
+        src = host_bytes(shard.data)
+        if shard.part is not None:
+          src = src[shard.part[0]:shard.part[1]]
+      except SaveError as e:
+        raise SaveError(f"leaf {treepath.to_str(plan.leaves[shard.leaf].path)!r}: {e}") from None
+      done = 0
+      while done < shard.nbytes:
+        file_pos = shard.offset + done
+        if window is not None and (window.file != shard.file or
+                                   file_pos >= window.offset + slab_bytes):
+          flush()
+        if window is None:
+          window = Window(shard.file, file_pos - file_pos % slab_bytes, pool.acquire(abort))
+        dst = pool.view(window.slab)
+        at = file_pos - window.offset
+        if at > window.length:
+          dst[window.length:at] = 0  # alignment gap between shards
+        n = min(shard.nbytes - done, slab_bytes - at)
+        copies.append((dst[at:at + n], src[done:done + n]))
+        window.pieces.append((pos, at, n))
+        window.length = at + n
+        done += n
+      # The pending copies hold views of the source until their window is
+      # flushed; after that nothing pins it any more.
+      shard.data = None
+      transfers.done_with(shard)
+    flush()
+  except BaseException:
+    # A window not yet handed on still holds its slab: give it back, or the
+    # pool shrinks with every failed save until saves wait forever.
+    if window is not None:
+      copies.clear()
+      pool.release(window.slab)
+    raise

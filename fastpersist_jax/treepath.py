@@ -120,7 +120,3 @@ def _materialize(node: Any) -> Any:
       by_index = {key: v for (_, key), v in children.items()}
       return [by_index[i] for i in indices]
   return {key: v for (_, key), v in children.items()}
-
-
-def tree_structure_of(tree: Any):
-  return jax.tree_util.tree_structure(tree, is_leaf=_is_leaf)
