@@ -544,11 +544,25 @@ def crash_state(step: int, sharding=None) -> dict:
           "host": host, "step": step}
 
 
+def _slow_finalize_handler() -> FastPersistHandler:
+  """A handler that announces finalize (Orbax calls it right before the
+  commit rename) and lingers there, so the parent can kill inside the commit."""
+  handler = FastPersistHandler(FastPersistOptions(**SMALL))
+  finalize = handler.finalize
+
+  def announced_finalize(directory):
+    print(f"finalizing {os.path.basename(os.path.dirname(os.fspath(directory)))}", flush=True)
+    time.sleep(0.05)
+    finalize(directory)
+  handler.finalize = announced_finalize
+  return handler
+
+
 def _child_crash_saver(directory: str) -> None:
   """Saves steps latest+1, latest+2, ... until killed."""
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   sharding = NamedSharding(mesh, P("data"))
-  mngr = ocp.CheckpointManager(directory, item_handlers=FastPersistHandler(FastPersistOptions(**SMALL)),
+  mngr = ocp.CheckpointManager(directory, item_handlers=_slow_finalize_handler(),
                                options=ocp.CheckpointManagerOptions(max_to_keep=3))
   latest = mngr.latest_step()
   step = 0 if latest is None else latest + 1
@@ -601,7 +615,8 @@ class _Child:
     self._stderr.close()
 
   def stderr_tail(self) -> str:
-    self._stderr.flush()
+    if not self._stderr.closed:
+      self._stderr.flush()
     with open(self._stderr_path, "rb") as f:
       return f.read()[-3000:].decode(errors="replace")
 
@@ -621,11 +636,13 @@ def test_crash_consistency_under_sigkill(mesh, tmp_path):
     child = _Child(child_cmd("crash_saver", root), child_env(4), tmp_path / f"stderr.{k}")
     try:
       child.wait_for("start", timeout=120)
-      mode = k % 3
+      mode = k % 4
       if mode == 0:    # shortly after a save starts: snapshot, tmp dir creation
         child.wait_for("saving", rng.randint(1, 3))
       elif mode == 1:  # shortly after a save returned: its writes, fsyncs, rename
         child.wait_for("saved", rng.randint(1, 3))
+      elif mode == 3:  # inside finalize, just before Orbax's commit rename
+        child.wait_for("finalizing", rng.randint(1, 3))
       time.sleep(rng.uniform(0, 0.4 if mode == 2 else 0.03))
     finally:
       child.kill()
