@@ -26,6 +26,21 @@ def _client():
   return getattr(distributed.global_state, "client", None)
 
 
+def shared_value(key: str, propose, timeout_s: float) -> str:
+  """A value every process gets the same of: process 0's `propose()`."""
+  client = _client()
+  if jax.process_count() == 1 or client is None:
+    return propose()
+  if jax.process_index() == 0:
+    value = propose()
+    client.key_value_set(key, value)
+    return value
+  try:
+    return client.blocking_key_value_get(key, max(1, int(timeout_s * 1000)))
+  except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
+    raise SaveError(f"process 0 did not publish {key} within {timeout_s:.0f} s") from e
+
+
 def agree(key: str, error: BaseException | None, timeout_s: float) -> None:
   """Publishes this process's outcome under `key`, then waits for all others.
 

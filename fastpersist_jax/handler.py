@@ -74,7 +74,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
   def _layout_mode(self) -> str:
     """primary_host=None with several processes: each process saves into its
-    own directory (e.g. per-host NVMe) everything its devices hold."""
+    own directory (e.g. per-host NVMe) its part of what its devices hold."""
     if self._mp.primary_host is None and jax.process_count() > 1:
       return "per_host"
     return "shared"

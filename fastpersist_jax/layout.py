@@ -93,6 +93,10 @@ class CheckpointMetadata:
   # "shared": one directory, every process's manifest in it. "per_host": each
   # process wrote its own directory holding what its devices need.
   layout: str = "shared"
+  # Per-host checkpoints whose replicated shards were split among the hosts:
+  # an id all hosts agreed on for this save, so that a restore never combines
+  # parts of different saves.
+  save_id: str | None = None
 
 
 # dtypes ---------------------------------------------------------------------
@@ -180,6 +184,7 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
     leaves.append(d)
   return to_json_bytes({"format": FORMAT_NAME, "version": meta.version,
                         "process_count": meta.process_count, "layout": meta.layout,
+                        **({"save_id": meta.save_id} if meta.save_id else {}),
                         "leaves": leaves})
 
 
@@ -385,7 +390,11 @@ def read_metadata(directory: str) -> CheckpointMetadata:
   mode = d.get("layout", "shared")
   if mode not in ("shared", "per_host"):
     raise CorruptCheckpointError(f"{path}: unknown layout {_short(mode)}")
-  return CheckpointMetadata(process_count=process_count, leaves=decoded, layout=mode)
+  save_id = d.get("save_id")
+  if save_id is not None and (not isinstance(save_id, str) or not 0 < len(save_id) <= 128):
+    raise CorruptCheckpointError(f"{path}: malformed save_id {_short(save_id)}")
+  return CheckpointMetadata(process_count=process_count, leaves=decoded, layout=mode,
+                            save_id=save_id)
 
 
 def _check_file(directory: str, name: str, size: int, what: str) -> None:

@@ -56,8 +56,9 @@ class FastPersistOptions:
       the next batch is read while the previous one is verified and built.
     replica_parallel: when a shard is replicated on several processes (data
       parallelism), each of them writes an equal byte range of it, so every
-      host's disk works on every shard (FastPersist's write parallelism).
-      Applies to shared-directory checkpoints.
+      host's disk works on every shard (FastPersist's write parallelism). In
+      per-host directories the hosts then swap parts on restore (collectives;
+      same topology); without it, each host writes all its devices hold.
     commit_timeout_s: in a multi-process save, how long a process that has
       finished waits for the others' outcome before failing the save.
     background_nice: niceness added to fastpersist's background threads

@@ -51,6 +51,7 @@ class SavePlan:
   process_index: int
   process_count: int
   layout: str = "shared"
+  replica_parallel: bool = False
 
   @property
   def total_bytes(self) -> int:
@@ -100,12 +101,12 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
     snapshot: the resolved snapshot mode ("copy" or "reference"); with
       "reference", CPU shards are pinned as host views now and numpy leaves
       copied now (see FastPersistOptions.snapshot).
-    layout_mode: "shared" (all processes write into one directory; each shard
-      once) or "per_host" (each process writes, into its own directory,
-      every shard its devices hold).
-    replica_parallel: in "shared" mode, split each shard replicated on
-      several processes into byte ranges, one per process, so every process
-      (and its disk) writes an equal part.
+    layout_mode: "shared" (all processes write into one directory) or
+      "per_host" (each process writes into its own directory).
+    replica_parallel: split each shard replicated on several processes into
+      byte ranges, one per process, so every process (and its disk) writes
+      an equal part. Without it, "shared" writes each shard whole once and
+      "per_host" writes on every host every shard its devices hold.
   """
   flat, _ = treepath.flatten(tree)
   leaves: list[layout.LeafMeta] = []
@@ -158,7 +159,8 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
       if isinstance(s.data, jax.Array) and s.data.is_deleted():
         raise UnsupportedLeafError(
             f"leaf {treepath.to_str(leaves[s.leaf].path)!r}: the jax.Array has been deleted")
-  return SavePlan(leaves, shards, file_sizes, process_index, process_count, layout_mode)
+  return SavePlan(leaves, shards, file_sizes, process_index, process_count, layout_mode,
+                  replica_parallel)
 
 
 # Which shards (or byte ranges of them) this process writes depends only on
@@ -188,10 +190,13 @@ def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: boo
   for i, s in enumerate(x.addressable_shards):
     first_local.setdefault(normalize_index(s.index, x.shape), i)
   owned = []
-  if layout_mode == "per_host":
-    # Each host keeps everything its own devices need.
+  if layout_mode == "per_host" and not replica_parallel:
+    # Each host keeps everything its own devices hold.
     owned = [(pos, index, None) for index, pos in first_local.items()]
   else:
+    # Each shard once, split among the processes holding it. Per host, a
+    # shard held by this host alone is written whole; one held by several is
+    # split, and on restore the hosts swap their parts (exchange.py).
     holders: dict = {}     # index -> processes holding a replica
     for device, idx in x.sharding.devices_indices_map(x.shape).items():
       holders.setdefault(normalize_index(idx, x.shape), set()).add(device.process_index)
@@ -205,7 +210,9 @@ def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: boo
       nbytes = math.prod(b - a for a, b in index) * itemsize
       part = split_bytes(nbytes, len(procs))[procs.index(me)]
       if part[0] < part[1]:
-        owned.append((pos, index, part if part != (0, nbytes) else None))
+        # Recorded as a part even when it is all of a small shard: the other
+        # holders wrote nothing of it, and per-host restore swaps parts.
+        owned.append((pos, index, part))
   if len(_OWNED_CACHE) >= _OWNED_CACHE_MAX:
     _OWNED_CACHE.clear()
   _OWNED_CACHE[key] = owned

@@ -21,7 +21,7 @@ import crc32c
 import jax
 import numpy as np
 
-from fastpersist_jax import layout, shardings, treepath
+from fastpersist_jax import _ext, exchange, layout, shardings, treepath
 from fastpersist_jax.errors import (ChecksumMismatchError, CorruptCheckpointError,
                                     RestoreMismatchError)
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
@@ -45,8 +45,9 @@ class _SavedShard:
 
   def describe(self, manifests, process: int, rec: layout.ShardRecord) -> str:
     part = f" bytes {list(rec.part)}" if rec.part is not None else ""
-    return (f"shard {list(map(list, self.index))}{part} (process {process}, "
-            f"{manifests[process].files[rec.file][0]} @ {rec.offset})")
+    where = (f"{manifests[process].files[rec.file][0]} @ {rec.offset}" if process in manifests
+             else "received from that host")
+    return f"shard {list(map(list, self.index))}{part} (process {process}, {where})"
 
 
 def _assemble_parts(leaf_name: str, index: Index, nbytes: int,
@@ -115,6 +116,10 @@ class Restorer:
     self._directory = directory
     self.meta = layout.read_metadata(directory)
     self._manifests: list[layout.Manifest] | None = None
+    # Part bytes already in memory: swapped between hosts (per-host
+    # checkpoints with replica-parallel parts), keyed by (process, leaf,
+    # index, part).
+    self._received: dict[tuple, np.ndarray] = {}
 
   @property
   def manifests(self) -> dict[int, layout.Manifest]:
@@ -157,6 +162,11 @@ class Restorer:
         for rec in m.shards:
           if rec.leaf in wanted:
             records.setdefault((rec.leaf, rec.index), []).append((m.process_index, rec))
+      if self._parts_are_on_peers():
+        for process, rec, data in self._swap_parts(records):
+          if rec.leaf in wanted:
+            records.setdefault((rec.leaf, rec.index), []).append((process, rec))
+            self._received[(process, rec.leaf, rec.index, rec.part)] = data
       for (leaf_id, index), recs in records.items():
         meta = leaves[leaf_id]
         nbytes = _volume(index) * layout.dtype_from_name(meta.dtype).itemsize
@@ -189,6 +199,46 @@ class Restorer:
     if treedef is not None:
       return jax.tree_util.tree_unflatten(treedef, values)
     return treepath.unflatten_as_nested([(leaves[i].path, v) for (i, _), v in zip(selected, values)])
+
+  def _parts_are_on_peers(self) -> bool:
+    """A per-host checkpoint with replica-parallel parts, restored by as many
+    processes as saved it: the hosts swap parts. Decided from metadata alone,
+    so that every process takes part in the collective."""
+    return (self.meta.layout == "per_host" and self.meta.save_id is not None and
+            self.meta.process_count == jax.process_count() > 1)
+
+  def _swap_parts(self, records) -> list:
+    """Reads and verifies this process's parts, then swaps them with every
+    other process (a collective: all processes restore together). A local
+    failure is reported through the swap, so every process raises."""
+    me = jax.process_index()
+    mine = [rec for recs in records.values() for p, rec in recs
+            if p == me and rec.part is not None]
+    buf = np.frombuffer(AlignedBuffer(sum(layout.align_up(r.nbytes) for r in mine)), np.uint8)
+    views, error = [], None
+    files: dict = {}
+    try:
+      extents, at = [], 0
+      for rec in mine:
+        views.append(buf[at:at + rec.nbytes])
+        extents.append((self._file(files, me, rec.file), rec.offset, views[-1]))
+        at += layout.align_up(rec.nbytes)
+      self._engine.read(extents)
+      for rec, view in zip(mine, views):
+        if self._options.verify_checksums and crc32c.crc32c(view) != rec.crc32c:
+          raise ChecksumMismatchError(
+              f"leaf {treepath.to_str(self.meta.leaves[rec.leaf].path)!r}, shard "
+              f"{list(map(list, rec.index))} bytes {list(rec.part)}: checksum mismatch")
+    except (OSError, CorruptCheckpointError) as e:
+      error = f"{type(e).__name__}: {e}"
+    finally:
+      for f in files.values():
+        f.close()
+    theirs = exchange.swap_parts([] if error else list(zip(mine, views)), self.meta.save_id,
+                                 error)
+    for rec, view in zip(mine, views):   # already read and verified: not again
+      self._received[(me, rec.leaf, rec.index, rec.part)] = view
+    return theirs
 
   def abstract_tree(self) -> Any:
     """The saved tree as jax.ShapeDtypeStructs (with shardings where they fit)."""
@@ -235,7 +285,8 @@ class Restorer:
     for s in needed:
       if s.missing:
         hint = (f"this per-host checkpoint holds processes {sorted(self.manifests)} of "
-                f"{self.meta.process_count}; gather the other hosts' files into this directory"
+                f"{self.meta.process_count}; restore on the same topology (the hosts swap "
+                "parts), or gather the other hosts' files into this directory"
                 if self.meta.layout == "per_host" else "a process's part is missing")
         raise CorruptCheckpointError(f"{s.missing} ({hint})")
     # Every target region must be covered by saved data.
@@ -296,15 +347,22 @@ class Restorer:
     whole = np.frombuffer(AlignedBuffer(total), np.uint8)
     extents = []
     at = 0
+    in_memory = []
     for s in shards:
       s.view = whole[at:at + s.nbytes]
       for process, rec in s.parts:
         if rec.nbytes:
           start = rec.part[0] if rec.part else 0
-          extents.append((self._file(files, process, rec.file), rec.offset,
-                          s.view[start:start + rec.nbytes]))
+          dst = s.view[start:start + rec.nbytes]
+          data = self._received.get((process, rec.leaf, rec.index, rec.part))
+          if data is not None:
+            in_memory.append((dst, data))
+          else:
+            extents.append((self._file(files, process, rec.file), rec.offset, dst))
       at += layout.align_up(s.nbytes)
     self._engine.read(extents)
+    if in_memory:
+      _ext.copy_many(in_memory, 1)
 
   def _finish(self, batch, values) -> None:
     for pos, job in batch:

@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from typing import Any
 
 import crc32c
@@ -222,7 +223,14 @@ class SaveOperation:
     out = {os.path.join(directory, layout.manifest_name(plan.process_index)):
            [(0, layout.encode_manifest(manifest))]}
     if self._write_metadata:
-      meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout)
+      save_id = None
+      if plan.layout == "per_host" and plan.replica_parallel and self._outcome_key:
+        # Hosts swap parts on restore: tag the save so parts of different
+        # saves are never combined.
+        save_id = coordination.shared_value(f"{self._outcome_key}/save_id",
+                                            lambda: uuid.uuid4().hex, self._commit_timeout_s)
+      meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout,
+                                       save_id=save_id)
       out[os.path.join(directory, layout.METADATA_FILE)] = [(0, layout.encode_metadata(meta))]
     self._engine.write_files(out)
 

@@ -92,16 +92,45 @@ def main():
   elif scenario == "per_host":
     state, expected = global_state(mesh)
     mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
-    handler = FastPersistHandler(multiprocessing_options=mp)
+    handler = FastPersistHandler(
+        FastPersistOptions(replica_parallel=os.environ.get("MP_SPLIT", "1") == "1"),
+        multiprocessing_options=mp)
     host_dir = os.path.join(root, f"host{pid}")
     os.makedirs(host_dir, exist_ok=True)   # Orbax leaves per-process roots to the caller
     with ocp.CheckpointManager(host_dir, item_handlers=handler,
                                options=ocp.CheckpointManagerOptions(
-                                   multiprocessing_options=mp, create=False)) as mngr:
+                                   multiprocessing_options=mp, create=False,
+                                   # Orbax's asynchronous directory creation races with
+                                   # itself under per-process managers (FileExistsError).
+                                   async_options=ocp.AsyncOptions(
+                                       create_directories_asynchronously=False))) as mngr:
       mngr.save(0, args=FastPersistSave(state))
       mngr.wait_until_finished()
       check(mngr.restore(0, args=FastPersistRestore(abstract(state))), expected)
+      check(mngr.restore(0), expected)   # as saved
     result["files"] = sorted(os.listdir(os.path.join(host_dir, "0", "default")))
+    result["bytes_written"] = data_bytes(os.path.join(host_dir, "0", "default"), pid)
+  elif scenario == "per_host_mismatch":
+    # Hosts asked to restore different steps must all refuse, not mix parts.
+    state, _ = global_state(mesh)
+    mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
+    host_dir = os.path.join(root, f"host{pid}")
+    os.makedirs(host_dir, exist_ok=True)
+    with ocp.CheckpointManager(host_dir, item_handlers=FastPersistHandler(multiprocessing_options=mp),
+                               options=ocp.CheckpointManagerOptions(
+                                   multiprocessing_options=mp, create=False,
+                                   # Orbax's asynchronous directory creation races with
+                                   # itself under per-process managers (FileExistsError).
+                                   async_options=ocp.AsyncOptions(
+                                       create_directories_asynchronously=False))) as mngr:
+      mngr.save(0, args=FastPersistSave(state))
+      mngr.save(1, args=FastPersistSave(state))
+      mngr.wait_until_finished()
+      try:
+        mngr.restore(pid, args=FastPersistRestore(abstract(state)))
+        result["error"] = None
+      except Exception as e:  # pylint: disable=broad-except
+        result["error"] = f"{type(e).__name__}: {e}"
   elif scenario == "fail":
     state, _ = global_state(mesh)
     handler = FastPersistHandler(FastPersistOptions(commit_timeout_s=float(os.environ.get("MP_TIMEOUT", "30"))))
@@ -113,19 +142,26 @@ def main():
       handler._engine.write = broken_write  # pylint: disable=protected-access
     t0 = time.time()
     error = None
+    # Orbax's own barriers wait for a dead peer up to their timeout (10 min by
+    # default); keep it short here so every path out of the save is bounded.
+    mngr = ocp.CheckpointManager(root, item_handlers=handler, options=ocp.CheckpointManagerOptions(
+        async_options=ocp.AsyncOptions(timeout_secs=20)))
     try:
-      with ocp.CheckpointManager(root, item_handlers=handler) as mngr:
-        mngr.save(0, args=FastPersistSave(state))
-        mngr.wait_until_finished()
+      mngr.save(0, args=FastPersistSave(state))
+      mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       error = f"{type(e).__name__}: {e}"
     result["seconds"] = time.time() - t0
     if os.environ.get("MP_KILL") == "1":
-      # A peer died: JAX's runtime cannot shut down cleanly any more (it
-      # aborts on the peer's heartbeat timeout), so report and leave now.
+      # A peer died: Orbax's close() would wait at a barrier for it, and JAX's
+      # runtime aborts on the peer's heartbeat timeout. Report and leave now.
       result["error"] = error
       print("RESULT " + json.dumps(result), flush=True)
       os._exit(0)  # pylint: disable=protected-access
+    try:
+      mngr.close()
+    except Exception as e:  # pylint: disable=broad-except
+      error = error or f"{type(e).__name__}: {e}"
     with ocp.CheckpointManager(root, item_handlers=FastPersistHandler()) as mngr:
       result["latest_step"] = mngr.latest_step()
     result["error"] = error
