@@ -17,7 +17,6 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any
 
 import crc32c
 
@@ -25,7 +24,7 @@ from fastpersist_jax import coordination, layout
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.plan import SavePlan
-from fastpersist_jax.staging import StagingPool, Window, stage
+from fastpersist_jax.staging import StagingPool, stage
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 from jax import tree_util
 
 from fastpersist_jax.errors import CorruptCheckpointError

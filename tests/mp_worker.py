@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
 from fastpersist_jax import (FastPersistHandler, FastPersistOptions,  # pylint: disable=g-import-not-at-top
-                             FastPersistRestore, FastPersistSave, layout)
+                             FastPersistRestore, FastPersistSave)
 
 MiB = 1 << 20
 
