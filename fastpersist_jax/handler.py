@@ -48,8 +48,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     self._pool = StagingPool(self._engine, self._options.staging_slab_bytes,
                              self._options.host_memory_limit, self._options.register_buffers)
     # Serialises the blocking part of saves (planning and, in "copy" mode, the
-    # copy into the shared staging pool). Background copies of "reference"
-    # saves may overlap; the pool hands each window to one save at a time.
+    # copy into the shared staging pool). Background copies ("view" and
+    # "reference") may overlap; the pool hands each window to one save at a time.
     self._snapshot_lock = threading.Lock()
     self._in_flight: list[ocp_future.Future] = []
     # Identify this handler's saves identically on every process (SPMD: the
@@ -112,7 +112,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       commit_future = ocp_future.CommitFutureAwaitingContractedSignals(
           commit(), name="fastpersist_commit")
       try:
-        op.snapshot(background=mode == "reference")
+        op.snapshot(background=mode != "copy")
       except BaseException as e:
         op.abort(e)
         try:
@@ -162,15 +162,26 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
   # Lifecycle ------------------------------------------------------------------
 
   def wait_until_finished(self) -> None:
-    for f in self._in_flight:
-      f.result()
-    self._in_flight = []
+    """Waits for every save in flight; raises the first one's error (once:
+    Orbax surfaces it from its own wait too, and close() must not repeat it)."""
+    futures, self._in_flight = self._in_flight, []
+    error = None
+    for f in futures:
+      try:
+        f.result()
+      except BaseException as e:  # pylint: disable=broad-except
+        error = error or e
+    if error is not None:
+      raise error
 
   def close(self) -> None:
     """Waits for in-flight saves, then frees the staging pool. A later save
-    (Orbax may reuse a closed handler) allocates a new pool."""
+    (Orbax may reuse a closed handler) allocates a new pool. A save's error
+    is not raised here: it went to its commit future, which Orbax raises."""
     try:
       self.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      logger.warning("A checkpoint save failed before the handler was closed: %s", e)
     finally:
       self._pool.close()
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,7 +24,7 @@ import jax
 from fastpersist_jax import _ext, treepath
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
-from fastpersist_jax.plan import SavePlan, ShardSource
+from fastpersist_jax.plan import SavePlan, addressable_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,11 @@ class StagingPool:
         self.registered = self._engine.register(self._slabs)
       self._cond.notify_all()
 
-  def acquire(self, abort: threading.Event) -> int:
+  def acquire(self, abort: threading.Event, on_wait: Callable[[], None] | None = None) -> int:
     with self._cond:
       while not self._free:
+        if on_wait is not None:
+          on_wait()
         if abort.is_set():
           raise SaveError("save aborted while waiting for staging memory")
         self._cond.wait(0.05)
@@ -102,6 +105,7 @@ class Window:
   offset: int                          # file offset of the window's first byte
   slab: int
   length: int = 0                      # bytes of file data in it
+  pending: int = 0                     # consumers yet to finish with it
   pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
   # (shard position in plan.shards, offset in slab, length), in shard order
 
@@ -109,13 +113,43 @@ class Window:
 def host_bytes(data) -> np.ndarray:
   """The shard's bytes as a flat uint8 array (a view where possible)."""
   if isinstance(data, jax.Array) and data.is_deleted():
-    raise SaveError("the array was deleted (donated?) before its bytes were staged; with "
-                    "snapshot='reference' on an accelerator, arrays must stay alive until the "
-                    "save finishes (use snapshot='copy' for arrays the training step donates)")
-  arr = np.asarray(data)
+    raise SaveError(_DELETED)
+  try:
+    arr = np.asarray(data)
+  except Exception as e:  # pylint: disable=broad-except  (deleted between the check and the read)
+    if isinstance(data, jax.Array) and data.is_deleted():
+      raise SaveError(_DELETED) from None
+    raise
   if not arr.flags.c_contiguous:
     arr = np.ascontiguousarray(arr)
   return arr.reshape(-1).view(np.uint8)
+
+
+_DELETED = ("the array was deleted (donated?) before its bytes were staged; with "
+            "snapshot='reference', arrays must stay alive until the save finishes (use "
+            "snapshot='copy' or 'auto' for arrays the training step donates)")
+
+
+class _Resolver:
+  """Shard i's single-device array (or numpy array). A lazily planned shard's
+  source is its leaf's global array; the per-device list is looked up once
+  per leaf (shards of a leaf are consecutive in a plan)."""
+
+  def __init__(self, plan: SavePlan):
+    self._plan = plan
+    self._leaf = -1
+    self._arrays: list = []
+
+  def __call__(self, i: int) -> Any:
+    source = self._plan.sources[i]
+    if not self._plan.lazy or not isinstance(source, jax.Array):
+      return source
+    shard = self._plan.shards[i]
+    if self._leaf != shard.leaf:
+      if source.is_deleted():
+        raise SaveError(_DELETED)
+      self._arrays, self._leaf = addressable_arrays(source), shard.leaf
+    return self._arrays[shard.position]
 
 
 class _Transfers:
@@ -125,25 +159,31 @@ class _Transfers:
   `lookahead_bytes` are in flight, so the extra host memory a save uses stays
   bounded instead of growing to the checkpoint's size."""
 
-  def __init__(self, shards: list[ShardSource], lookahead_bytes: int):
-    self._shards = shards
+  def __init__(self, plan: SavePlan, lookahead_bytes: int):
+    self._shards = plan.shards
+    self._resolve = _Resolver(plan)
     self._lookahead = lookahead_bytes
     self._next = 0          # first shard whose transfer is not started
     self._in_flight = 0     # bytes started and not yet consumed
+    self._started: dict[int, Any] = {}
 
-  def advance(self, consumed: int) -> None:
-    """Shard `consumed` is about to be read: start transfers up to the window."""
+  def take(self, consumed: int) -> Any:
+    """Shard `consumed`'s host copy (in progress); starts transfers up to
+    the lookahead."""
     while self._next < len(self._shards) and (
         self._next <= consumed or self._in_flight < self._lookahead):
       s = self._shards[self._next]
-      if s.on_accelerator:
-        s.data = _start_device_to_host(s.data)
+      if s.on_accelerator and s.nbytes:
+        try:
+          self._started[self._next] = _start_device_to_host(self._resolve(self._next))
+        except SaveError:
+          if self._next == consumed:
+            raise
+          break   # raised for the shard it concerns, when that one is taken
         self._in_flight += s.nbytes
       self._next += 1
-
-  def done_with(self, shard: ShardSource) -> None:
-    if shard.on_accelerator:
-      self._in_flight -= shard.nbytes
+    self._in_flight -= self._shards[consumed].nbytes
+    return self._started.pop(consumed)
 
 
 def _start_device_to_host(x):
@@ -157,26 +197,73 @@ def _start_device_to_host(x):
     return x
 
 
+class _Copier:
+  """Runs each window's copies on its own thread, in order, then emits the
+  window: the copies release the GIL, so the caller's loop prepares the next
+  window's shards (~5 us of Python each) while this one's bytes move."""
+
+  def __init__(self, pool: StagingPool, emit: Callable[[Window], None], copy_threads: int):
+    self._pool = pool
+    self._emit = emit
+    self._copy_threads = copy_threads
+    self._queue: queue.Queue = queue.Queue(maxsize=2)
+    self._error: BaseException | None = None
+    self._thread = threading.Thread(target=self._run, name="fastpersist-copy", daemon=True)
+    self._thread.start()
+
+  def _run(self) -> None:
+    while (item := self._queue.get()) is not None:
+      window, copies = item
+      if self._error is None:
+        try:
+          _ext.copy_many(copies, self._copy_threads)
+          copies.clear()   # drop the source views as soon as their bytes are staged
+          self._emit(window)
+          continue
+        except BaseException as e:  # pylint: disable=broad-except
+          self._error = e
+      copies.clear()
+      self._pool.release(window.slab)
+
+  def submit(self, window: Window, copies: list) -> None:
+    self.raise_if_failed()
+    self._queue.put((window, copies))
+
+  def raise_if_failed(self) -> None:
+    if self._error is not None:
+      raise self._error
+
+  def finish(self) -> None:
+    """Waits for every submitted window; after a failure, returns their slabs."""
+    self._queue.put(None)
+    self._thread.join()
+    self.raise_if_failed()
+
+
 def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
-          abort: threading.Event, copy_threads: int = 1) -> None:
+          abort: threading.Event, copy_threads: int = 1,
+          on_pool_wait: Callable[[], None] | None = None) -> None:
   """Copies every planned shard into windows, emitting each window when full.
 
   Windows are emitted in file order, and within a window pieces appear in
   shard order, so a consumer can checksum shards incrementally. Each window's
-  copies run as one GIL-free batch on `copy_threads` threads.
+  copies run as one GIL-free batch on `copy_threads` threads, overlapping the
+  preparation of the next window. `on_pool_wait` is called whenever no slab
+  is free (the consumers must then free some for the copy to go on).
   """
-  transfers = _Transfers(plan.shards, lookahead_bytes=max(pool.nbytes, pool.slab_bytes))
+  transfers = _Transfers(plan, max(pool.nbytes, pool.slab_bytes))
+  resolve = _Resolver(plan)
   slab_bytes = pool.slab_bytes
+  copier = _Copier(pool, emit, copy_threads)
   window: Window | None = None
   copies: list[tuple[np.ndarray, np.ndarray]] = []
 
   def flush():
-    nonlocal window
+    nonlocal window, copies
     if window is not None:
-      _ext.copy_many(copies, copy_threads)
-      copies.clear()
-      emit(window)
-      window = None
+      w, window = window, None
+      copier.submit(w, copies)
+      copies = []
 
   try:
     for pos, shard in enumerate(plan.shards):
@@ -184,13 +271,13 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
         raise SaveError("save aborted")
       if not shard.nbytes:
         continue
-      transfers.advance(pos)
       try:
-        src = host_bytes(shard.data)
+        src = host_bytes(transfers.take(pos) if shard.on_accelerator else resolve(pos))
         if shard.part is not None:
           src = src[shard.part[0]:shard.part[1]]
       except SaveError as e:
-        raise SaveError(f"leaf {treepath.to_str(plan.leaves[shard.leaf].path)!r}: {e}") from None
+        path = treepath.to_str(plan.leaves[shard.leaf].path)
+        raise SaveError(f"leaf {path!r}: {e}") from None
       done = 0
       while done < shard.nbytes:
         file_pos = shard.offset + done
@@ -198,7 +285,8 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
                                    file_pos >= window.offset + slab_bytes):
           flush()
         if window is None:
-          window = Window(shard.file, file_pos - file_pos % slab_bytes, pool.acquire(abort))
+          window = Window(shard.file, file_pos - file_pos % slab_bytes,
+                          pool.acquire(abort, on_pool_wait))
         dst = pool.view(window.slab)
         at = file_pos - window.offset
         if at > window.length:
@@ -209,9 +297,8 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
         window.length = at + n
         done += n
       # The pending copies hold views of the source until their window is
-      # flushed; after that nothing pins it any more.
-      shard.data = None
-      transfers.done_with(shard)
+      # copied; after that nothing pins it any more.
+      plan.sources[pos] = None
     flush()
   except BaseException:
     # A window not yet handed on still holds its slab: give it back, or the
@@ -219,4 +306,9 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
     if window is not None:
       copies.clear()
       pool.release(window.slab)
+    try:
+      copier.finish()
+    except BaseException:  # pylint: disable=broad-except  (the first error is the one raised)
+      pass
     raise
+  copier.finish()
