@@ -1,6 +1,6 @@
-// Parallel memcpy for the snapshot: the training step is blocked while
-// shards are copied into staging, so every core may help (2 threads copy
-// ~1.7x faster than one on a 2-core VM).
+// Parallel copy for the snapshot: the training step is blocked while shards
+// are copied into staging, so every core may help, and large pieces are
+// copied with non-temporal stores (see copy.cc).
 #pragma once
 
 #include <cstddef>

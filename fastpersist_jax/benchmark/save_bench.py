@@ -32,6 +32,12 @@ as the baseline, then:
      every file of the checkpoint; which one is reported), checks the
      restored arrays equal the saved ones shard by shard, and reports GB/s.
 
+  3. (FastPersist only) for each of --snapshot_modes, a handler with that
+     snapshot mode saves six times; the median blocking time of the last
+     five is that mode's. Beside them, one single-threaded memcpy of the
+     tree's bytes between pre-faulted buffers (median of three) gives the
+     copy-mode yardstick "bytes / memcpy bandwidth".
+
 GB/s are 1e9 bytes/s of the tree's logical bytes (each global array once).
 Prints the medians side by side with their ratios to fio and FastPersist /
 Orbax; --json writes every raw sample, --plot a PNG bar chart. Every
@@ -86,6 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--snapshot", default=None,
                       help="FastPersistOptions.snapshot, e.g. copy or reference (default: the "
                       "option's default)")
+  parser.add_argument("--snapshot_modes", default="copy,auto,reference",
+                      help="snapshot modes whose steady blocking time FastPersist's children "
+                      "also measure, each with its own handler (default copy,auto,reference; "
+                      "empty: none)")
   parser.add_argument("--devices", type=int, default=8,
                       help="CPU devices forced through XLA_FLAGS when XLA_FLAGS does not set a "
                       "count (default 8)")
@@ -363,11 +373,53 @@ def _child(cfg: dict) -> dict:
                          "peak_extra_rss_bytes": rss.peak() - before}
     _check_equal(tree, restored)
     del restored
+    if method == "fastpersist" and cfg.get("snapshot_modes"):
+      ckptr.close()
+      result["modes"] = _blocking_by_mode(tree, cfg["snapshot_modes"], workdir, cfg["round"],
+                                          save_args)
+      result["memcpy_s"] = _memcpy_seconds(nbytes)
   finally:
     ckptr.close()
     for p in paths:
       shutil.rmtree(p, ignore_errors=True)
   return result
+
+
+def _blocking_by_mode(tree, modes: list[str], workdir: str, rnd: int, save_args) -> dict:
+  """{mode: [blocking s of each steady save]}: six saves per mode, the first
+  (pool allocation, plan) left out."""
+  import orbax.checkpoint as ocp
+  from fastpersist_jax import FastPersistHandler, FastPersistOptions
+  out = {}
+  for mode in modes:
+    ckptr = ocp.AsyncCheckpointer(FastPersistHandler(FastPersistOptions(snapshot=mode)))
+    times = []
+    try:
+      for k in range(6):
+        path = os.path.join(workdir, f"mode.{mode}.r{rnd}.{k}")
+        t0 = time.perf_counter()
+        ckptr.save(path, args=save_args())
+        times.append(time.perf_counter() - t0)
+        ckptr.wait_until_finished()
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+      ckptr.close()
+    out[mode] = times[1:]
+  return out
+
+
+def _memcpy_seconds(nbytes: int) -> float:
+  """One single-threaded copy of `nbytes` between pre-faulted buffers (median of 3)."""
+  import numpy as np
+  src = np.ones(nbytes, np.uint8)
+  dst = np.zeros(nbytes, np.uint8)
+  dst.fill(1)   # fault every page in before timing
+  times = []
+  for _ in range(3):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
 
 
 def _check_equal(tree, restored) -> None:
@@ -493,6 +545,17 @@ def summarize(samples: dict) -> dict:
         "disk_mib": _med([s["disk_bytes"] / MiB for s in steady]),
         "evicted_with": sorted({r["evicted_with"] for r in runs}),
     }
+  fp_runs = samples.get("fastpersist") or []
+  modes: dict[str, list[float]] = {}
+  for r in fp_runs:
+    for mode, times in (r.get("modes") or {}).items():
+      modes.setdefault(mode, []).extend(t * 1e3 for t in times)
+  memcpy = [r["memcpy_s"] * 1e3 for r in fp_runs if r.get("memcpy_s")]
+  if modes and memcpy:
+    out["snapshot_modes"] = {
+        "memcpy_ms": _med(memcpy),
+        "blocking_ms": {mode: _med(ms) for mode, ms in modes.items()},
+        "samples": sum(len(ms) for ms in modes.values()) // len(modes)}
   if samples.get("fio"):
     out["fio"] = {"write_gbps": _med([s["write"]["gbps"] for s in samples["fio"]]),
                   "read_gbps": _med([s["read"]["gbps"] for s in samples["fio"]])}
@@ -552,6 +615,18 @@ def print_report(info: dict, summary: dict) -> None:
           f"save until synced {fmt(_ratio(fp['gbps_synced'], ob['gbps_synced']), '.2f')}, "
           f"restore {fmt(_ratio(fp['restore_gbps'], ob['restore_gbps']), '.2f')}, "
           f"peak extra RSS {fmt(_ratio(fp['peak_extra_rss_mib'], ob['peak_extra_rss_mib']), '.2f')}")
+  modes = summary.get("snapshot_modes")
+  if modes:
+    memcpy = modes["memcpy_ms"]
+    print()
+    print(f"FastPersist save() blocking by snapshot mode (steady, median of {modes['samples']} "
+          f"saves), against one single-threaded memcpy of the tree: {memcpy:.0f} ms "
+          f"({info['tree_bytes'] / memcpy / 1e6:.1f} GB/s):")
+    targets = {"copy": f"target <= 1.2 x memcpy = {1.2 * memcpy:.0f} ms",
+               "reference": "target <= 20 ms"}
+    for mode, ms in modes["blocking_ms"].items():
+      print(f"  {mode:10s} {fmt(ms, '7.1f')} ms = {fmt(_ratio(ms, memcpy), '.2f')} x memcpy"
+            f"   {targets.get(mode, '')}")
   if not (fp or ob):
     return
   print()
@@ -642,6 +717,10 @@ def run(args) -> int:
     return _replot(args)
   if args.rounds < 1 or args.size_gib <= 0 or args.leaves < 3 or args.devices < 1:
     raise SystemExit("--rounds, --size_gib and --devices must be positive, --leaves at least 3")
+  bad_modes = {m.strip() for m in args.snapshot_modes.split(",") if m.strip()} - {
+      "auto", "copy", "reference"}
+  if bad_modes:
+    raise SystemExit(f"--snapshot_modes: unknown modes {sorted(bad_modes)}")
   if not os.path.isdir(args.dir):
     raise SystemExit(f"--dir {args.dir} is not a directory")
   wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -702,7 +781,8 @@ def run(args) -> int:
           continue
         cfg = {"method": m, "round": r, "workdir": workdir, "spec": spec, "seed": args.seed,
                "bytes": nbytes, "devices": devices, "host_memory_limit": host_limit,
-               "snapshot": args.snapshot}
+               "snapshot": args.snapshot,
+               "snapshot_modes": [m.strip() for m in args.snapshot_modes.split(",") if m.strip()]}
         res = _run_child(cfg, env, args.child_timeout_s)
         res["child_wall_s"] = time.perf_counter() - t
         samples[m].append(res)
