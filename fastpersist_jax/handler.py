@@ -28,7 +28,7 @@ from fastpersist_jax import layout
 from fastpersist_jax.errors import CorruptCheckpointError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
-from fastpersist_jax.plan import make_plan, resolve_snapshot_mode
+from fastpersist_jax.plan import make_plan
 from fastpersist_jax.restore import Restorer
 from fastpersist_jax.save import SaveOperation
 from fastpersist_jax.staging import StagingPool
@@ -86,10 +86,10 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     if args is not None:
       item = args.item
     t0 = time.perf_counter()
-    mode = resolve_snapshot_mode(self._options.snapshot, item)
     plan = make_plan(item, process_index=jax.process_index(), process_count=jax.process_count(),
                      write_host_arrays=self._is_primary(),
-                     data_file_bytes=self._options.data_file_bytes, snapshot=mode,
+                     data_file_bytes=self._options.data_file_bytes,
+                     snapshot=self._options.snapshot,
                      layout_mode=self._layout_mode(),
                      replica_parallel=self._options.replica_parallel)
     self._save_count += 1
@@ -99,8 +99,10 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         outcome_key=(f"fastpersist/{self._uid}/{self._save_count}"
                      if jax.process_count() > 1 else None),
         commit_timeout_s=self._options.commit_timeout_s,
-        background_nice=self._options.background_nice)
+        background_nice=self._options.background_nice,
+        background_cpus=self._options.background_cpus)
     directory_str = os.fspath(directory)
+    mode = plan.snapshot
 
     async def commit():
       op.commit(directory_str)

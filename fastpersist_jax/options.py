@@ -68,6 +68,10 @@ class FastPersistOptions:
       (checksum, background copy, writes), so that on a busy host the
       training step keeps the CPU and checkpointing takes what is left.
       0 leaves them at the caller's priority.
+    background_cpus: CPUs those background threads run on (e.g. cores the
+      training process's data loading and device feeding do not use); None
+      lets the scheduler place them. Blocking copies ("copy") still use every
+      core, since the caller is waiting for them.
     copy_threads: threads copying shards into staging during the blocking
       snapshot (the training step is waiting then, so all cores may help).
       0 means min(4, number of CPUs).
@@ -88,6 +92,7 @@ class FastPersistOptions:
   copy_threads: int = 0
   replica_parallel: bool = True
   background_nice: int = 10
+  background_cpus: tuple[int, ...] | None = None
   commit_timeout_s: float = 600.0
 
   def __post_init__(self):
@@ -99,6 +104,13 @@ class FastPersistOptions:
                  "staging_slab_bytes", "data_file_bytes", "restore_batch_bytes"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.background_cpus is not None:
+      cpus = tuple(self.background_cpus)
+      if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                             for c in cpus):
+        raise ValueError(f"background_cpus must be a non-empty sequence of CPU numbers, got "
+                         f"{self.background_cpus!r}")
+      object.__setattr__(self, "background_cpus", cpus)
     if self.copy_threads < 0:
       raise ValueError(f"copy_threads must be >= 0, got {self.copy_threads}")
     if self.chunk_bytes % 4096:

@@ -33,20 +33,14 @@ class PlannedShard:
   position: int = 0              # among the leaf's addressable_arrays()
 
 
-def resolve_snapshot_mode(mode: str, tree: Any) -> str:
-  """The snapshot a save takes (see FastPersistOptions.snapshot):
-    "copy"       every owned shard copied into staging while blocking;
-    "view"       host views of the CPU shards taken while blocking (they keep
-                 the runtime from donating or freeing the buffers), copied
-                 in the background: "auto" when every jax.Array is on CPU;
-    "reference"  nothing but references taken while blocking.
-  """
-  if mode != "auto":
-    return mode
-  for x in jax.tree_util.tree_leaves(tree):
-    if isinstance(x, jax.Array) and next(iter(x.sharding.device_set)).platform != "cpu":
-      return "copy"
-  return "view"
+# The snapshot a save takes (FastPersistOptions.snapshot, resolved):
+#   "copy"       every owned shard is copied into staging while blocking;
+#   "view"       host views of the CPU shards are taken while blocking (they
+#                keep the runtime from donating or freeing the buffers) and
+#                copied in the background: what "auto" means when every
+#                jax.Array is on CPU ("copy" otherwise);
+#   "reference"  nothing but references are taken while blocking.
+SNAPSHOT_MODES = ("copy", "view", "reference")
 
 
 @dataclasses.dataclass
@@ -68,7 +62,11 @@ class SavePlan:
   process_count: int
   layout: str = "shared"
   replica_parallel: bool = False
-  lazy: bool = False
+  snapshot: str = "copy"     # resolved: one of SNAPSHOT_MODES
+
+  @property
+  def lazy(self) -> bool:
+    return self.snapshot == "reference"
 
   @property
   def total_bytes(self) -> int:
@@ -115,10 +113,10 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
     write_host_arrays: whether this process writes numpy arrays and numpy
       scalars (which every process holds whole); the primary does.
     data_file_bytes: start a new data file once one would grow past this.
-    snapshot: the resolved snapshot mode (resolve_snapshot_mode): with
-      "view", CPU shards are pinned as host views now; with "reference", only
-      the arrays are referenced (each shard is looked up when it is staged);
-      with either, numpy leaves are copied now (they are mutable in place).
+    snapshot: "auto" or one of SNAPSHOT_MODES: with "view", CPU shards are
+      pinned as host views now; with "reference", only the arrays are
+      referenced (each shard is looked up when it is staged); with either,
+      numpy leaves are copied now (they are mutable in place).
     layout_mode: "shared" (all processes write into one directory) or
       "per_host" (each process writes into its own directory).
     replica_parallel: split each shard replicated on several processes into
@@ -141,9 +139,11 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
       if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
         _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))
       _LAYOUT_CACHE[key] = plan_layout
+  if snapshot == "auto":
+    snapshot = "copy" if plan_layout.any_on_accelerator else "view"
   leaves, sources = plan_layout.bind(values, snapshot)
   return SavePlan(leaves, plan_layout.shards, sources, plan_layout.file_sizes, process_index,
-                  process_count, layout_mode, replica_parallel, lazy=snapshot == "reference")
+                  process_count, layout_mode, replica_parallel, snapshot=snapshot)
 
 
 # A training loop saves trees of the same structure, shardings, shapes and
@@ -176,6 +176,10 @@ class _Layout:
   sources: tuple[tuple[int, str, tuple[int, ...]], ...]
   scalar_leaves: tuple[int, ...]
   array_on_accelerator: dict[int, bool]
+
+  @property
+  def any_on_accelerator(self) -> bool:
+    return any(self.array_on_accelerator.values())
 
   def bind(self, values: list[Any], snapshot: str) -> tuple[list[layout.LeafMeta], list[Any]]:
     """This save's leaf metadata and shard sources."""

@@ -26,7 +26,7 @@ import uuid
 
 import crc32c
 
-from fastpersist_jax import coordination, layout
+from fastpersist_jax import coordination, layout, workers
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.plan import SavePlan
@@ -47,7 +47,7 @@ class SaveOperation:
   def __init__(self, engine: IOEngine, pool: StagingPool, plan: SavePlan, *,
                write_metadata: bool, copy_threads: int = 1,
                outcome_key: str | None = None, commit_timeout_s: float = 600.0,
-               background_nice: int = 0):
+               background_nice: int = 0, background_cpus: tuple[int, ...] | None = None):
     self._engine = engine
     self._pool = pool
     self._plan = plan
@@ -56,6 +56,8 @@ class SaveOperation:
     self._outcome_key = outcome_key
     self._commit_timeout_s = commit_timeout_s
     self._background_nice = background_nice
+    self._background_cpus = background_cpus
+    self._background = workers.pool(background_nice, background_cpus)
     self._crcs = [0] * len(plan.shards)
     self._to_checksum: queue.Queue = queue.Queue()
     self._to_write: queue.Queue = queue.Queue()
@@ -64,13 +66,17 @@ class SaveOperation:
     self._release_lock = threading.Lock()
     self._error: BaseException | None = None
     self._error_lock = threading.Lock()
-    self._checksummer = threading.Thread(target=self._checksum_loop, name="fastpersist-crc",
-                                         daemon=True)
+    self._checksummer: workers.Task | None = None
     self._started = False
-    self._stager: threading.Thread | None = None
-    self.stats: dict[str, float] = {"bytes": float(plan.total_bytes)}
+    # CPU seconds of the save's own threads (the copier's helpers aside).
+    self.stats: dict[str, float] = {"bytes": float(plan.total_bytes), "cpu_s": 0.0}
+    self._stats_lock = threading.Lock()
 
   # Failure handling ---------------------------------------------------------
+
+  def _count_cpu(self, seconds: float) -> None:
+    with self._stats_lock:
+      self.stats["cpu_s"] += seconds
 
   def _fail(self, e: BaseException) -> None:
     with self._error_lock:
@@ -97,33 +103,33 @@ class SaveOperation:
     """
     self._pool.ensure(self._plan.staged_bytes)
     self._started = True
-    self._checksummer.start()
+    self._checksummer = self._background.run(self._checksum_loop)
     if background:
       self._checksum_gate.set()   # nothing blocks on the copy: checksum as it goes
-      self._stager = threading.Thread(target=self._stage, args=(1,), name="fastpersist-stage",
-                                      daemon=True)
-      self._stager.start()
+      self._background.run(self._stage, 1, True)
     else:
-      self._stage(self._copy_threads)
+      self._stage(self._copy_threads, False)
       self._raise_if_failed()
 
-  def _stage(self, copy_threads: int) -> None:
-    if threading.current_thread() is self._stager:
-      lower_priority(self._background_nice)
-    t0 = time.perf_counter()
+  def _stage(self, copy_threads: int, background: bool) -> None:
+    t0, cpu0 = time.perf_counter(), time.thread_time()
+    # The copier works for whoever waits: the caller (all cores help), or
+    # the background.
+    copier_pool = self._background if background else workers.pool()
     try:
-      stage(self._plan, self._pool, self._emit, self._abort, copy_threads,
-            on_pool_wait=self._checksum_gate.set)
+      self._count_cpu(stage(self._plan, self._pool, self._emit, self._abort, copy_threads,
+                            on_pool_wait=self._checksum_gate.set, workers=copier_pool))
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
     finally:
       self.stats["snapshot_s"] = time.perf_counter() - t0
+      self._count_cpu(time.thread_time() - cpu0)
       self._checksum_gate.set()
       # The writer's end first: once the checksummer has seen its own, every
       # window is in both queues (_drain relies on it).
       self._to_write.put(_END)
       self._to_checksum.put(_END)
-    if threading.current_thread() is not self._stager:
+    if not background:
       # The first error, which may be the writer's (ENOSPC), not the
       # "aborted" it caused here.
       self._raise_if_failed()
@@ -150,7 +156,7 @@ class SaveOperation:
       self._pool.release(w.slab)
 
   def _checksum_loop(self) -> None:
-    lower_priority(self._background_nice)
+    cpu0 = time.thread_time()
     try:
       while (w := self._to_checksum.get()) is not _END:
         try:
@@ -163,12 +169,14 @@ class SaveOperation:
           self._done_with(w)
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
+    finally:
+      self._count_cpu(time.thread_time() - cpu0)
 
   def commit(self, directory: str) -> None:
     """Writes staged data, syncs it, then writes this process's manifest
     (and, on the primary, the checkpoint metadata). With several processes,
     returns only when all of them have done so. Raises SaveError."""
-    lower_priority(self._background_nice)
+    workers.enter_background(self._background_nice, self._background_cpus)
     error = None
     try:
       self._commit_local(directory)
@@ -180,7 +188,7 @@ class SaveOperation:
       raise error
 
   def _commit_local(self, directory: str) -> None:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     files = []
     try:
       _await_directory(directory, self._commit_timeout_s)
@@ -190,7 +198,7 @@ class SaveOperation:
       self._write_windows(files)
       self._raise_if_failed()
       self._engine.sync(files)
-      if self._started:
+      if self._checksummer is not None:
         self._checksummer.join()   # every crc is in before the manifest records it
       self._raise_if_failed()
     except BaseException as e:  # pylint: disable=broad-except
@@ -206,6 +214,7 @@ class SaveOperation:
     self.stats["write_s"] = time.perf_counter() - t0
     self._write_manifests(directory)
     self.stats["commit_s"] = time.perf_counter() - t0
+    self._count_cpu(time.thread_time() - cpu0)
 
   def _write_windows(self, files) -> None:
     done = False
@@ -229,7 +238,7 @@ class SaveOperation:
 
   def _drain(self) -> None:
     """Returns every slab still in flight to the pool after a failure."""
-    if self._started:
+    if self._checksummer is not None:
       self._checksummer.join()   # returns after the stager's last window
     for q in (self._to_checksum, self._to_write):   # (the former if the checksummer died)
       while True:
@@ -275,18 +284,6 @@ def _await_directory(directory: str, timeout_s: float) -> None:
       raise SaveError(f"checkpoint directory {directory} did not appear within {timeout_s:.0f} s")
     time.sleep(delay)
     delay = min(delay * 2, 0.05)
-
-
-def lower_priority(nice: int) -> None:
-  """Raises the calling thread's niceness (Linux schedules threads, and the
-  kernel work io_uring does on their behalf, by it). Best effort."""
-  if nice <= 0:
-    return
-  try:
-    tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-  except (OSError, AttributeError):
-    pass
 
 
 def _remove_quietly(path: str) -> None:

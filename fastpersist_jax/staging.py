@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 import jax
 
 from fastpersist_jax import _ext, treepath
+from fastpersist_jax import workers as workers_lib
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.plan import SavePlan, addressable_arrays
@@ -202,16 +204,26 @@ class _Copier:
   window: the copies release the GIL, so the caller's loop prepares the next
   window's shards (~5 us of Python each) while this one's bytes move."""
 
-  def __init__(self, pool: StagingPool, emit: Callable[[Window], None], copy_threads: int):
+  def __init__(self, pool: StagingPool, emit: Callable[[Window], None], copy_threads: int,
+               runner: workers_lib.Workers):
     self._pool = pool
     self._emit = emit
     self._copy_threads = copy_threads
     self._queue: queue.Queue = queue.Queue(maxsize=2)
     self._error: BaseException | None = None
-    self._thread = threading.Thread(target=self._run, name="fastpersist-copy", daemon=True)
-    self._thread.start()
+    self.cpu_s = 0.0
+    self._task = runner.run(self._run)
 
   def _run(self) -> None:
+    cpu0 = time.thread_time()
+    try:
+      self._loop()
+    except BaseException as e:  # pylint: disable=broad-except
+      self._error = self._error or e
+    finally:
+      self.cpu_s = time.thread_time() - cpu0
+
+  def _loop(self) -> None:
     while (item := self._queue.get()) is not None:
       window, copies = item
       if self._error is None:
@@ -236,25 +248,28 @@ class _Copier:
   def finish(self) -> None:
     """Waits for every submitted window; after a failure, returns their slabs."""
     self._queue.put(None)
-    self._thread.join()
+    self._task.join()
     self.raise_if_failed()
 
 
 def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
           abort: threading.Event, copy_threads: int = 1,
-          on_pool_wait: Callable[[], None] | None = None) -> None:
+          on_pool_wait: Callable[[], None] | None = None,
+          workers: workers_lib.Workers | None = None) -> float:
   """Copies every planned shard into windows, emitting each window when full.
 
   Windows are emitted in file order, and within a window pieces appear in
   shard order, so a consumer can checksum shards incrementally. Each window's
   copies run as one GIL-free batch on `copy_threads` threads, overlapping the
   preparation of the next window. `on_pool_wait` is called whenever no slab
-  is free (the consumers must then free some for the copy to go on).
+  is free (the consumers must then free some for the copy to go on). The
+  copies run on a thread of `workers` (default: the caller's priority).
+  Returns the CPU seconds of the copy thread.
   """
   transfers = _Transfers(plan, max(pool.nbytes, pool.slab_bytes))
   resolve = _Resolver(plan)
   slab_bytes = pool.slab_bytes
-  copier = _Copier(pool, emit, copy_threads)
+  copier = _Copier(pool, emit, copy_threads, workers or workers_lib.pool())
   window: Window | None = None
   copies: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -312,3 +327,4 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       pass
     raise
   copier.finish()
+  return copier.cpu_s

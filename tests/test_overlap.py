@@ -4,6 +4,7 @@ never changes what was saved."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import threading
 
@@ -219,3 +220,41 @@ def test_failed_saves_return_their_staging_memory_and_report_the_first_error(mes
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+def test_background_threads_are_reused_at_lower_priority_on_the_chosen_cpus(mesh, tmp_path,
+                                                                           monkeypatch):
+  from fastpersist_jax import save as save_lib
+  cpu = max(os.sched_getaffinity(0))
+  seen = []
+  real_crc = save_lib.crc32c.crc32c
+
+  def spying_crc(data, crc=0):
+    tid = threading.get_native_id()
+    seen.append((threading.get_ident(), os.sched_getaffinity(0),
+                 os.getpriority(os.PRIO_PROCESS, tid)))
+    return real_crc(data, crc)
+  monkeypatch.setattr(save_lib.crc32c, "crc32c", spying_crc)
+  base_nice = os.getpriority(os.PRIO_PROCESS, 0)
+  h = FastPersistHandler(FastPersistOptions(background_nice=3, background_cpus=(cpu,)))
+  threads_before = None
+  for i in range(6):
+    h.save(tmp_path / f"c{i}", args=FastPersistSave(_state(mesh, i)))
+    if i == 1:
+      threads_before = threading.active_count()
+  assert threading.active_count() == threads_before   # no thread per save
+  assert len({ident for ident, _, _ in seen}) <= 3     # the same few threads throughout
+  assert all(aff == {cpu} for _, aff, _ in seen)
+  assert all(nice >= min(19, base_nice + 3) for _, _, nice in seen)
+  assert h.last_save_stats["cpu_s"] > 0
+  restored = h.restore(tmp_path / "c5")
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.full((64, 256), 5, np.float32))
+  # The caller's own thread is untouched.
+  assert os.getpriority(os.PRIO_PROCESS, 0) == base_nice
+  h.close()
+
+
+@pytest.mark.parametrize("cpus", [(), (-1,), ("0",), (True,)])
+def test_bad_background_cpus_are_refused(cpus):
+  with pytest.raises(ValueError, match="background_cpus"):
+    FastPersistOptions(background_cpus=cpus)
