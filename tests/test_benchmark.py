@@ -1,0 +1,62 @@
+"""The benchmarks run end to end on tiny inputs and write what they promise.
+
+Smoke tests only: no figure is asserted (timings stay out of pass/fail)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench(args, tmp_path, timeout=600):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return subprocess.run([sys.executable, "-m", "fastpersist_jax.benchmark", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_save_benchmark_reports_every_method_and_snapshot_mode(tmp_path):
+  out = tmp_path / "save.json"
+  plot = tmp_path / "save.png"
+  has_plot = importlib.util.find_spec("matplotlib") is not None
+  r = _bench(["save", "--size_gib=0.004", "--leaves=12", "--rounds=1", "--no_fio",
+              f"--dir={tmp_path}", f"--json={out}", "--methods=fastpersist,orbax"]
+             + ([f"--plot={plot}"] if has_plot else []), tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "FastPersist save() blocking by snapshot mode" in r.stdout
+  saved = json.loads(out.read_text())
+  assert set(saved["summary"]) >= {"fastpersist", "orbax", "snapshot_modes"}
+  modes = saved["summary"]["snapshot_modes"]
+  assert set(modes["blocking_ms"]) == {"copy", "auto", "reference"}
+  assert modes["memcpy_ms"] > 0
+  assert saved["summary"]["fastpersist"]["gbps_synced"] > 0
+  assert has_plot == plot.exists()
+  # Nothing is left behind in the directory it worked in.
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      ["save.json"] + (["save.png"] if has_plot else []))
+  # The report can be made again from the JSON alone.
+  again = _bench(["save", f"--from_json={out}"], tmp_path)
+  assert again.returncode == 0 and "snapshot mode" in again.stdout
+
+
+def test_io_benchmark_runs(tmp_path):
+  out = tmp_path / "io.json"
+  r = _bench(["io", "--size_gib=0.01", "--rounds=1", "--no_fio", f"--dir={tmp_path}",
+              f"--json={out}"], tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(out.read_text())
+
+
+def test_bad_snapshot_mode_is_refused(tmp_path):
+  r = _bench(["save", "--snapshot_modes=copy,lazy", f"--dir={tmp_path}"], tmp_path)
+  assert r.returncode != 0 and "lazy" in r.stderr
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__] + sys.argv[1:]))
