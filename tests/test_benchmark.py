@@ -53,6 +53,19 @@ def test_io_benchmark_runs(tmp_path):
   assert json.loads(out.read_text())
 
 
+def test_device_benchmark_runs_and_restores_bit_exact(tmp_path):
+  # Meant for an accelerator host; on CPU devices the same path runs.
+  out = tmp_path / "device.json"
+  r = _bench(["device", "--size_gib=0.02", "--leaf_mib=2", "--rounds=1", f"--dir={tmp_path}",
+              f"--json={out}"], tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  summary = json.loads(out.read_text())["summary"]
+  assert summary["restore_bit_exact"] is True
+  assert summary["snapshot_mode"] == "copy"
+  assert summary["snapshot_gbps"] > 0 and summary["device_get_gbps"] > 0
+  assert [p.name for p in tmp_path.iterdir()] == ["device.json"]
+
+
 def test_bad_snapshot_mode_is_refused(tmp_path):
   r = _bench(["save", "--snapshot_modes=copy,lazy", f"--dir={tmp_path}"], tmp_path)
   assert r.returncode != 0 and "lazy" in r.stderr

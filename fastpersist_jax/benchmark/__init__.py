@@ -18,6 +18,7 @@ import importlib.util
 from types import ModuleType
 
 SUBCOMMANDS: dict[str, str] = {
+    "device": "fastpersist_jax.benchmark.device_bench",
     "io": "fastpersist_jax.benchmark.io_bench",
     "save": "fastpersist_jax.benchmark.save_bench",
 }

@@ -1,0 +1,172 @@
+"""Snapshot from accelerator memory: FastPersist's device-to-host path vs jax.device_get.
+
+Builds a tree of about --size_gib GiB on every local device: --leaf_mib
+float32 matrices sharded by rows over a 1-D mesh, plus a few small bfloat16
+vectors replicated on every device. Then, in this one process:
+
+  device_get   jax.device_get(tree): numpy copies of every array on the host,
+               the plain device-to-host rate (--rounds times);
+  fastpersist  ocp.AsyncCheckpointer(FastPersistHandler(snapshot=--snapshot))
+               saves, --rounds + 1 times (the first, which allocates the
+               staging pool, is reported apart): blocking ms of save();
+               snapshot GB/s = bytes / the handler's snapshot time (transfers
+               into pinned host memory, started ahead, plus the copy into the
+               staging pool); durable GB/s until wait_until_finished();
+  restore      onto the same shardings, compared on the devices bit for bit.
+
+It also reports whether numpy reads a "pinned_host" array in place (the
+staging copy then reads the pinned transfer buffer without another copy).
+On CPU devices it runs too, the "device-to-host" copies then being host
+copies; it is meant for an accelerator host. The staging pool is sized to
+hold the whole tree unless --host_memory_limit_gib says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HELP = "device-to-host snapshot GB/s and blocking ms vs jax.device_get; restore bit-exact"
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--size_gib", type=float, default=4.0, help="tree size in GiB (default 4)")
+  parser.add_argument("--leaf_mib", type=float, default=64.0,
+                      help="size of each large leaf in MiB (default 64)")
+  parser.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3)")
+  parser.add_argument("--snapshot", default="copy", choices=("auto", "copy", "reference"),
+                      help="FastPersistOptions.snapshot (default copy)")
+  parser.add_argument("--host_memory_limit_gib", type=float, default=None,
+                      help="staging pool size (default: the tree's size)")
+  parser.add_argument("--dir", default=".", help="directory to write in (default: the current one)")
+  parser.add_argument("--json", metavar="PATH", help="write every number to PATH as JSON")
+
+
+def _build_tree(size_bytes: int, leaf_bytes: int):
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  devices = jax.local_devices()
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+  cols = 4096
+  rows = max(len(devices), leaf_bytes // (4 * cols) // len(devices) * len(devices))
+  big = jax.jit(lambda key: jax.random.normal(key, (rows, cols), jnp.float32),
+                out_shardings=NamedSharding(mesh, P("data", None)))
+  small = jax.jit(lambda key: jax.random.normal(key, (1024,), jnp.bfloat16),
+                  out_shardings=NamedSharding(mesh, P()))
+  n = max(1, round(size_bytes / (rows * cols * 4)))
+  tree = {"layers": [{"w": big(jax.random.key(i)), "b": small(jax.random.key(10_000 + i))}
+                     for i in range(n)]}
+  return jax.block_until_ready(tree)
+
+
+def _pinned_reads_in_place(x) -> bool | None:
+  """Whether np.asarray of a "pinned_host" copy of x's first shard is a view."""
+  import jax
+  import numpy as np
+  shard = x.addressable_shards[0].data
+  try:
+    pinned = jax.device_put(shard, shard.sharding.with_memory_kind("pinned_host"))
+    return bool(np.asarray(pinned).ctypes.data == pinned.unsafe_buffer_pointer())
+  except Exception:  # pylint: disable=broad-except  (no pinned_host memory on this backend)
+    return None
+
+
+def run(args) -> int:
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from fastpersist_jax import (FastPersistHandler, FastPersistOptions, FastPersistRestore,
+                               FastPersistSave)
+  if args.rounds < 1 or args.size_gib <= 0 or args.leaf_mib <= 0:
+    raise SystemExit("--rounds, --size_gib and --leaf_mib must be positive")
+  if not os.path.isdir(args.dir):
+    raise SystemExit(f"--dir {args.dir} is not a directory")
+  t = time.perf_counter()
+  tree = _build_tree(int(args.size_gib * GiB), int(args.leaf_mib * MiB))
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
+  device = jax.local_devices()[0]
+  info = {"devices": len(jax.local_devices()), "device_kind": device.device_kind,
+          "platform": device.platform, "tree_bytes": nbytes, "leaves": len(jax.tree.leaves(tree)),
+          "build_s": time.perf_counter() - t, "snapshot": args.snapshot,
+          "pinned_host_read_in_place": _pinned_reads_in_place(tree["layers"][0]["w"])}
+  print(f"tree: {nbytes / GiB:.2f} GiB in {info['leaves']} leaves on {info['devices']} x "
+        f"{info['device_kind']} ({info['platform']})", file=sys.stderr)
+
+  samples: dict = {"device_get_s": [], "saves": []}
+  for _ in range(args.rounds):
+    t0 = time.perf_counter()
+    host = jax.device_get(tree)
+    samples["device_get_s"].append(time.perf_counter() - t0)
+    del host
+
+  limit = int(args.host_memory_limit_gib * GiB) if args.host_memory_limit_gib else nbytes + 64 * MiB
+  handler = FastPersistHandler(FastPersistOptions(snapshot=args.snapshot, host_memory_limit=limit))
+  ckptr = ocp.AsyncCheckpointer(handler)
+  workdir = tempfile.mkdtemp(prefix=".fastpersist_device_bench.", dir=os.path.abspath(args.dir))
+  try:
+    path = None
+    for r in range(args.rounds + 1):
+      if path:
+        shutil.rmtree(path, ignore_errors=True)
+      path = os.path.join(workdir, f"c{r}")
+      t0 = time.perf_counter()
+      ckptr.save(path, args=FastPersistSave(tree))
+      t1 = time.perf_counter()
+      ckptr.wait_until_finished()
+      t2 = time.perf_counter()
+      stats = dict(handler.last_save_stats)
+      samples["saves"].append({"blocking_s": t1 - t0, "finished_s": t2 - t0, "stats": stats})
+      print(f"  save {r}: blocking {(t1 - t0) * 1e3:.0f} ms, snapshot "
+            f"{nbytes / stats['snapshot_s'] / 1e9:.2f} GB/s, durable {nbytes / (t2 - t0) / 1e9:.2f}"
+            f" GB/s", file=sys.stderr)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            tree)
+    t0 = time.perf_counter()
+    restored = jax.block_until_ready(ckptr.restore(path, args=FastPersistRestore(abstract)))
+    samples["restore_s"] = time.perf_counter() - t0
+    exact = all(bool(jnp.array_equal(a, b)) and a.sharding == b.sharding
+                for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(restored)))
+    del restored
+  finally:
+    ckptr.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+  steady = samples["saves"][1:]
+  med = statistics.median
+  summary = {
+      "device_get_gbps": nbytes / med(samples["device_get_s"]) / 1e9,
+      "snapshot_gbps": med(nbytes / s["stats"]["snapshot_s"] / 1e9 for s in steady),
+      "blocking_ms": med(s["blocking_s"] * 1e3 for s in steady),
+      "blocking_ms_first": samples["saves"][0]["blocking_s"] * 1e3,
+      "durable_gbps": med(nbytes / s["finished_s"] / 1e9 for s in steady),
+      "restore_gbps": nbytes / samples["restore_s"] / 1e9,
+      "restore_bit_exact": exact,
+      "snapshot_mode": steady[-1]["stats"].get("snapshot_mode"),
+  }
+  print(f"\ndevice-to-host on {info['devices']} x {info['device_kind']}: "
+        f"{nbytes / GiB:.2f} GiB, {info['leaves']} leaves, medians of {args.rounds}")
+  print(f"  jax.device_get                  {summary['device_get_gbps']:7.2f} GB/s")
+  print(f"  FastPersist snapshot            {summary['snapshot_gbps']:7.2f} GB/s "
+        f"(x{summary['snapshot_gbps'] / summary['device_get_gbps']:.2f} device_get; mode "
+        f"{summary['snapshot_mode']})")
+  print(f"  FastPersist save() blocking     {summary['blocking_ms']:7.0f} ms "
+        f"(first save {summary['blocking_ms_first']:.0f} ms)")
+  print(f"  FastPersist durable save        {summary['durable_gbps']:7.2f} GB/s")
+  print(f"  restore to the same shardings   {summary['restore_gbps']:7.2f} GB/s, bit-exact: "
+        f"{summary['restore_bit_exact']}")
+  print(f"  np.asarray reads pinned_host memory in place: {info['pinned_host_read_in_place']}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"info": info, "summary": summary, "samples": samples}, f, indent=1)
+    print(f"wrote {args.json}")
+  return 0 if exact else 1
