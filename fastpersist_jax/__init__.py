@@ -2,13 +2,14 @@
 
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError, FastPersistError,
-                                    RestoreMismatchError, SaveError, UnsupportedLeafError)
+                                    IOUringUnavailableError, RestoreMismatchError, SaveError,
+                                    UnsupportedLeafError)
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
 from fastpersist_jax.options import FastPersistOptions
 
 __all__ = [
     "CheckpointNotFoundError", "ChecksumMismatchError", "CorruptCheckpointError",
     "FastPersistError", "FastPersistHandler", "FastPersistOptions", "FastPersistRestore",
-    "FastPersistSave", "RestoreMismatchError", "SaveError", "UnsupportedLeafError",
+    "FastPersistSave", "IOUringUnavailableError", "RestoreMismatchError", "SaveError", "UnsupportedLeafError",
 ]
 __version__ = "0.1.0"

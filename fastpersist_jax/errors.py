@@ -29,3 +29,7 @@ class RestoreMismatchError(FastPersistError, ValueError):
 
 class SaveError(FastPersistError):
   """A save failed; nothing of it was committed."""
+
+
+class IOUringUnavailableError(FastPersistError, RuntimeError):
+  """engine="io_uring" was asked for and the kernel (or a sandbox) refuses it."""

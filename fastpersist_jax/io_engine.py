@@ -13,6 +13,7 @@ import threading
 from typing import Iterable, Mapping, Sequence
 
 from fastpersist_jax import _ext
+from fastpersist_jax.errors import IOUringUnavailableError
 from fastpersist_jax.options import ENGINE_ENV, FastPersistOptions
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ class IOEngine:
         self._engine = _ext.Engine("io_uring", **args)
       except RingUnavailable as e:
         if kind == "io_uring":
-          raise
+          raise IOUringUnavailableError(
+              f"engine='io_uring' was asked for, but {e}; engine='auto' falls back to the "
+              "pwrite/pread thread-pool engine") from e
         logger.warning("io_uring is unavailable (%s); falling back to the "
                        "pwrite/pread thread-pool engine.", e)
         self._engine = _ext.Engine("threads", **args)

@@ -572,8 +572,10 @@ def test_auto_falls_back_when_io_uring_unavailable(monkeypatch, caplog):
     eng = IOEngine(FastPersistOptions())
   assert eng.kind == "threads"
   assert any("io_uring" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
-  with pytest.raises(_ext.RingUnavailable):
+  from fastpersist_jax import FastPersistError, IOUringUnavailableError
+  with pytest.raises(IOUringUnavailableError, match="Operation not permitted.*engine='auto'") as ei:
     IOEngine(FastPersistOptions(engine="io_uring"))
+  assert isinstance(ei.value, FastPersistError)
 
 
 def test_bad_engine_env(monkeypatch):

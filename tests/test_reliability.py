@@ -819,7 +819,7 @@ def test_io_uring_refused_by_seccomp_falls_back(seccomp_helper, tmp_path, refusa
   assert any("io_uring is unavailable" in w and "thread-pool" in w for w in result["warnings"]), result
   assert result["round_trip"] == "bit-exact", result
   # Asked for explicitly, io_uring is an error that says why.
-  assert result["explicit"].startswith("RingUnavailable"), result
+  assert result["explicit"].startswith("IOUringUnavailableError"), result
   assert "io_uring" in result["explicit"] and os.strerror(err) in result["explicit"], result
 
 
