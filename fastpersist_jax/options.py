@@ -35,7 +35,10 @@ class FastPersistOptions:
       unregistered.
     host_memory_limit: size of the reusable host staging pool. A checkpoint
       larger than this is staged in pieces: the save then blocks until the
-      first pieces are on disk.
+      first pieces are on disk. From accelerators, device-to-host transfers
+      run up to 4 staging slabs ahead of the copy into the pool, in pinned
+      host memory of their own: a save's extra host memory is this plus
+      4 * staging_slab_bytes.
     staging_slab_bytes: unit the pool is allocated and recycled in.
     data_file_bytes: a process starts a new data file past this size, so
       huge checkpoints are a few large files rather than one giant one.

@@ -146,12 +146,12 @@ def test_array_deleted_before_staging_fails_cleanly(mesh, snapshot, on_accelerat
   assert len(pool._free) == pool.max_slabs or not pool.nbytes   # no slab leaked
 
 
-def test_accelerator_path_stages_through_pinned_host_transfers(mesh):
+def test_accelerator_path_stages_through_pinned_host_transfers(mesh, monkeypatch):
   # The accelerator path (device-to-host into "pinned_host" memory, started a
   # bounded distance ahead of the copy) also runs on CPU devices; force it.
   rng = np.random.default_rng(7)
-  tree = {f"w{i}": jax.device_put(rng.standard_normal((64, 96)).astype(np.float32),
-                                  NamedSharding(mesh, P("data"))) for i in range(6)}
+  tree = {f"w{i}": jax.device_put(rng.standard_normal((128, 128)).astype(np.float32),
+                                  NamedSharding(mesh, P("data"))) for i in range(12)}
   plan = plan_lib.make_plan(tree, process_index=0, process_count=1, write_host_arrays=True,
                             data_file_bytes=1 << 30, snapshot="copy")
   expected = [np.asarray(d).tobytes() for d in plan.sources]
@@ -165,9 +165,21 @@ def test_accelerator_path_stages_through_pinned_host_transfers(mesh):
     for pos, at, n in w.pieces:
       got[pos] = got.get(pos, b"") + view[at:at + n].tobytes()
     pool.release(w.slab)
+  # Transfers run a bounded distance ahead: host memory stays the pool plus
+  # a few slabs, whatever the checkpoint's size.
+  in_flight = []
+  real_take = staging._Transfers.take
+
+  def take(self, consumed):
+    out = real_take(self, consumed)
+    in_flight.append(self._in_flight)
+    return out
+  monkeypatch.setattr(staging._Transfers, "take", take)
   staging.stage(plan, pool, consume, threading.Event())
   assert [got[i] for i in range(len(plan.shards))] == expected
   assert all(d is None for d in plan.sources)   # nothing left pinned
+  limit = staging._D2H_LOOKAHEAD_SLABS * pool.slab_bytes
+  assert plan.staged_bytes > 2 * limit and 0 < max(in_flight) <= limit
 
 
 def test_background_error_reaches_the_future_and_nothing_is_committed(mesh, tmp_path, monkeypatch):
