@@ -166,13 +166,14 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
   def wait_until_finished(self) -> None:
     """Waits for every save in flight; raises the first one's error (once:
     Orbax surfaces it from its own wait too, and close() must not repeat it)."""
-    futures, self._in_flight = self._in_flight, []
     error = None
-    for f in futures:
+    for f in list(self._in_flight):
       try:
         f.result()
-      except BaseException as e:  # pylint: disable=broad-except
+      except Exception as e:  # pylint: disable=broad-except  (the rest are still waited for)
         error = error or e
+      if f in self._in_flight:   # only once finished: close() must not free the pool under it
+        self._in_flight.remove(f)
     if error is not None:
       raise error
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any
 
 import jax
@@ -126,19 +127,25 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
   """
   flat, treedef = treepath.flatten(tree)
   values = [x for _, x in flat]
-  key = (treedef, tuple(map(_signature, values)), process_index, process_count,
+  # Dict keys 1, True and 1.0 make equal treedefs; only some of them can be
+  # saved, so their types are part of the key.
+  key_types = tuple(type(k.key) for path, _ in flat for k in path
+                    if isinstance(k, jax.tree_util.DictKey))
+  key = (treedef, key_types, tuple(map(_signature, values)), process_index, process_count,
          write_host_arrays, data_file_bytes, layout_mode, replica_parallel)
   try:
-    plan_layout = _LAYOUT_CACHE.get(key)
-  except TypeError:   # unhashable pytree node data: plan from scratch every time
+    with _LAYOUT_CACHE_LOCK:
+      plan_layout = _LAYOUT_CACHE.get(key)
+  except Exception:  # pylint: disable=broad-except  (pytree node data that cannot be hashed or compared)
     plan_layout, key = None, None
   if plan_layout is None:
     plan_layout = _build_layout(flat, process_index, write_host_arrays, data_file_bytes,
                                 layout_mode, replica_parallel)
     if key is not None:
-      if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
-        _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))
-      _LAYOUT_CACHE[key] = plan_layout
+      with _LAYOUT_CACHE_LOCK:
+        if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
+          _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))
+        _LAYOUT_CACHE[key] = plan_layout
   if snapshot == "auto":
     snapshot = "copy" if plan_layout.any_on_accelerator else "view"
   leaves, sources = plan_layout.bind(values, snapshot)
@@ -152,6 +159,7 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
 # and the thousands of objects it makes trigger full garbage collections.
 _LAYOUT_CACHE: dict = {}
 _LAYOUT_CACHE_MAX = 8
+_LAYOUT_CACHE_LOCK = threading.Lock()
 
 
 def _signature(x: Any) -> Any:

@@ -67,7 +67,7 @@ class SaveOperation:
     self._error: BaseException | None = None
     self._error_lock = threading.Lock()
     self._checksummer: workers.Task | None = None
-    self._started = False
+    self._stage_entered = False
     # CPU seconds of the save's own threads (the copier's helpers aside).
     self.stats: dict[str, float] = {"bytes": float(plan.total_bytes), "cpu_s": 0.0}
     self._stats_lock = threading.Lock()
@@ -102,7 +102,6 @@ class SaveOperation:
     surfaces from commit().
     """
     self._pool.ensure(self._plan.staged_bytes)
-    self._started = True
     self._checksummer = self._background.run(self._checksum_loop)
     if background:
       self._checksum_gate.set()   # nothing blocks on the copy: checksum as it goes
@@ -112,6 +111,7 @@ class SaveOperation:
       self._raise_if_failed()
 
   def _stage(self, copy_threads: int, background: bool) -> None:
+    self._stage_entered = True   # from here on, this method ends both queues
     t0, cpu0 = time.perf_counter(), time.thread_time()
     # The copier works for whoever waits: the caller (all cores help), or
     # the background.
@@ -137,8 +137,10 @@ class SaveOperation:
   def abort(self, e: BaseException) -> None:
     """Abandons the save (e.g. the caller failed before commit could run)."""
     self._fail(e)
-    if not self._started:
+    if not self._stage_entered:   # (e.g. no thread could be started for it)
       self._to_write.put(_END)
+      if self._checksummer is not None:
+        self._to_checksum.put(_END)
 
   # Background part ----------------------------------------------------------
 

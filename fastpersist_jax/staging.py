@@ -245,12 +245,19 @@ class _Copier:
       self._pool.release(window.slab)
 
   def submit(self, window: Window, copies: list) -> None:
-    self.raise_if_failed()
+    """Hands a window over (after a failure the copier returns its slab),
+    then raises the copier's error, if any."""
     self._queue.put((window, copies))
+    self.raise_if_failed()
 
   def raise_if_failed(self) -> None:
     if self._error is not None:
       raise self._error
+
+  def cancel(self, e: BaseException) -> None:
+    """Windows not yet copied are released instead of emitted."""
+    if self._error is None:
+      self._error = e
 
   def finish(self) -> None:
     """Waits for every submitted window; after a failure, returns their slabs."""
@@ -322,16 +329,21 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       # copied; after that nothing pins it any more.
       plan.sources[pos] = None
     flush()
-  except BaseException:
+    copier.finish()
+  except BaseException as e:
     # A window not yet handed on still holds its slab: give it back, or the
-    # pool shrinks with every failed save until saves wait forever.
+    # pool shrinks with every failed save until saves wait forever. Windows
+    # the copier has not emitted yet are released too, not emitted after
+    # the consumers were told the stage has ended.
     if window is not None:
       copies.clear()
       pool.release(window.slab)
+    copier.cancel(e)
     try:
       copier.finish()
     except BaseException:  # pylint: disable=broad-except  (the first error is the one raised)
       pass
+    for i in range(len(plan.sources)):   # nothing stays pinned by a failed save
+      plan.sources[i] = None
     raise
-  copier.finish()
   return copier.cpu_s

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fastpersist_jax import (CheckpointNotFoundError, CorruptCheckpointError, FastPersistError,
                              FastPersistHandler, FastPersistOptions, FastPersistRestore,
-                             FastPersistSave, layout)
+                             FastPersistSave, SaveError, UnsupportedLeafError, layout)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -1039,6 +1039,85 @@ def test_restore_while_being_written(mesh, tmp_path):
   tree_bytes_equal(tree, ocp.Checkpointer(reader).restore(final, args=FastPersistRestore(abstract(tree))))
   ckptr.close()
   reader.close()
+
+
+def _within(seconds: float, fn):
+  """fn() on a thread; fails the test (instead of hanging it) past `seconds`."""
+  out: dict = {}
+
+  def run():
+    try:
+      out["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      out["error"] = e
+  t = threading.Thread(target=run, daemon=True)
+  t.start()
+  t.join(seconds)
+  assert not t.is_alive(), f"hung for {seconds} s"
+  if "error" in out:
+    raise out["error"]
+  return out.get("value")
+
+
+@pytest.mark.parametrize("snapshot", ["copy", "auto", "reference"])
+def test_failed_copy_returns_its_slab(mesh, tmp_path, monkeypatch, snapshot):
+  # With a one-slab pool, a slab lost by a failed save would hang the next.
+  from fastpersist_jax import staging
+  h = FastPersistHandler(FastPersistOptions(snapshot=snapshot, host_memory_limit=1 * MiB,
+                                            staging_slab_bytes=1 * MiB))
+  real = staging._ext.copy_many
+  calls = []
+
+  def failing_once(copies, threads):
+    calls.append(1)
+    if len(calls) == 1:
+      raise OSError(errno.EFAULT, "injected copy failure")
+    return real(copies, threads)
+  monkeypatch.setattr(staging._ext, "copy_many", failing_once)
+  tree = _big_tree(mesh, 21)
+  with pytest.raises(SaveError, match="injected copy failure"):
+    _within(60, lambda: h.save(tmp_path / "bad", args=FastPersistSave(tree)))
+  _within(60, lambda: h.save(tmp_path / "good", args=FastPersistSave(tree)))
+  tree_bytes_equal(tree, h.restore(tmp_path / "good", args=FastPersistRestore(abstract(tree))))
+  h.close()
+
+
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_no_thread_for_a_stage_fails_the_save_without_hanging(mesh, tmp_path, monkeypatch,
+                                                              failing_call):
+  from fastpersist_jax import workers
+  real = workers.Workers.run
+  calls = []
+
+  def run(self, fn, *args):
+    calls.append(fn)
+    if len(calls) == failing_call:
+      raise RuntimeError("can't start new thread")
+    return real(self, fn, *args)
+  monkeypatch.setattr(workers.Workers, "run", run)
+  h = FastPersistHandler(FastPersistOptions(snapshot="auto", **SMALL))
+  ckptr = ocp.AsyncCheckpointer(h)
+  tree = _big_tree(mesh, 22)
+  with pytest.raises(Exception, match="can't start new thread"):
+    _within(60, lambda: (ckptr.save(tmp_path / "bad", args=FastPersistSave(tree)),
+                         ckptr.wait_until_finished()))
+  assert not (tmp_path / "bad").exists()
+  monkeypatch.undo()
+  _within(60, lambda: (ckptr.save(tmp_path / "good", args=FastPersistSave(tree)),
+                       ckptr.wait_until_finished()))
+  ckptr.close()
+
+
+def test_cached_plan_does_not_let_an_unsupported_key_through(mesh, tmp_path):
+  # {1: x}, {True: x} and {1.0: x} have equal tree structures; only the
+  # first can be saved, whatever was saved before.
+  h = FastPersistHandler(FastPersistOptions(**SMALL))
+  x = jnp.arange(8.0)
+  h.save(tmp_path / "int", args=FastPersistSave({1: x}))
+  for bad in ({True: x}, {1.0: x}):
+    with pytest.raises(UnsupportedLeafError, match="dict keys"):
+      h.save(tmp_path / f"bad{len(os.listdir(tmp_path))}", args=FastPersistSave(bad))
+  h.close()
 
 
 # Child processes ---------------------------------------------------------------------
