@@ -95,6 +95,16 @@ def pool(nice: int = 0, cpus: tuple[int, ...] | None = None) -> Workers:
     return _POOLS[key]
 
 
+def _forget_pools_in_child() -> None:
+  # A forked child has none of the parent's threads: idle workers it would
+  # hand tasks to do not exist there.
+  global _POOLS_LOCK
+  _POOLS.clear()
+  _POOLS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
+
 _entered = threading.local()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
+import signal
 import sys
 import threading
 
@@ -270,3 +272,35 @@ def test_background_threads_are_reused_at_lower_priority_on_the_chosen_cpus(mesh
 def test_bad_background_cpus_are_refused(cpus):
   with pytest.raises(ValueError, match="background_cpus"):
     FastPersistOptions(background_cpus=cpus)
+
+
+@pytest.mark.filterwarnings("ignore:os.fork")
+def test_saves_work_in_a_forked_child(mesh, tmp_path):
+  # The parent's idle background threads do not exist in a forked child.
+  h = FastPersistHandler(FastPersistOptions(staging_slab_bytes=1 * MiB))
+  h.save(tmp_path / "parent", args=FastPersistSave({"x": np.arange(1000)}))
+  r, w = os.pipe()
+  pid = os.fork()
+  if pid == 0:  # the child: a plain numpy save (no JAX computation needed)
+    ok = b"0"
+    try:
+      os.close(r)
+      child = FastPersistHandler(FastPersistOptions(staging_slab_bytes=1 * MiB))
+      th = threading.Thread(target=lambda: child.save(tmp_path / "child",
+                                                      args=FastPersistSave({"x": np.arange(7)})),
+                            daemon=True)
+      th.start()
+      th.join(30)
+      ok = b"1" if not th.is_alive() and (tmp_path / "child").exists() else b"0"
+    finally:
+      os.write(w, ok)
+      os._exit(0)
+  os.close(w)
+  ready, _, _ = select.select([r], [], [], 90)
+  got = os.read(r, 1) if ready else b""
+  if not ready:
+    os.kill(pid, signal.SIGKILL)
+  os.waitpid(pid, 0)
+  assert got == b"1", "the save in the forked child did not finish"
+  restored = h.restore(tmp_path / "child")
+  np.testing.assert_array_equal(restored["x"], np.arange(7))
