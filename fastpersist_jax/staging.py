@@ -114,11 +114,9 @@ class Window:
 
 def host_bytes(data) -> np.ndarray:
   """The shard's bytes as a flat uint8 array (a view where possible)."""
-  if isinstance(data, jax.Array) and data.is_deleted():
-    raise SaveError(_DELETED)
   try:
     arr = np.asarray(data)
-  except Exception as e:  # pylint: disable=broad-except  (deleted between the check and the read)
+  except Exception:  # pylint: disable=broad-except  (a deleted array, or a real failure)
     if isinstance(data, jax.Array) and data.is_deleted():
       raise SaveError(_DELETED) from None
     raise

@@ -235,18 +235,17 @@ class _Rss:
       return False
 
   @staticmethod
-  def current() -> int:
+  def _bytes(field: str) -> int:
     try:
-      return _status_kib("VmRSS") * 1024
-    except (OSError, KeyError):
+      return _status_kib(field) * 1024
+    except (OSError, KeyError):  # no /proc: the lifetime peak is all there is
       return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-  @staticmethod
-  def peak() -> int:
-    try:
-      return _status_kib("VmHWM") * 1024
-    except (OSError, KeyError):
-      return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  def current(self) -> int:
+    return self._bytes("VmRSS")
+
+  def peak(self) -> int:
+    return self._bytes("VmHWM")
 
 
 def _dir_bytes(path: str) -> int:
