@@ -23,7 +23,11 @@ from fastpersist_jax import treepath
 from fastpersist_jax.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 FORMAT_NAME = "fastpersist"
-FORMAT_VERSION = 1
+# Version 2 added typed PRNG keys ("prng_impl"), empty custom nodes
+# ("empty_node") and the saved devices of a sharding ("device_ids").
+FORMAT_VERSION = 2
+# Versions this reader understands (what version 1 lacks simply is absent).
+READABLE_VERSIONS = (1, 2)
 METADATA_FILE = "fastpersist.json"
 # Shards start on this boundary in data files: the largest O_DIRECT alignment
 # in practice, so every shard can be read straight into an aligned buffer.
@@ -37,7 +41,11 @@ _DTYPE_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _SAVED_AXIS_TYPES = ("Explicit", "Auto", "Manual")
 
 LEAF_KINDS = ("array", "numpy", "np_scalar", "scalar", "none", "empty_dict",
-              "empty_list", "empty_tuple")
+              "empty_list", "empty_tuple", "empty_node")
+# Kinds whose bytes are in data files.
+ARRAY_KINDS = ("array", "numpy", "np_scalar")
+# Typed PRNG key implementations (jax.random.key_impl) a checkpoint may name.
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 SCALAR_TYPES = ("int", "float", "bool", "complex", "str")
 
 
@@ -63,6 +71,9 @@ class LeafMeta:
   sharding: dict | None = None
   value: Any = None     # Python scalars: the value itself
   scalar_type: str | None = None
+  # Typed PRNG keys: the implementation's name. dtype and shape are then
+  # those of jax.random.key_data (uint32, the key shape + the impl's shape).
+  prng_impl: str | None = None
 
 
 @dataclasses.dataclass
@@ -178,6 +189,8 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
       d["shape"] = list(leaf.shape)
     if leaf.sharding is not None:
       d["sharding"] = leaf.sharding
+    if leaf.prng_impl is not None:
+      d["prng_impl"] = leaf.prng_impl
     if leaf.kind == "scalar":
       d["scalar_type"] = leaf.scalar_type
       d["value"] = [leaf.value.real, leaf.value.imag] if leaf.scalar_type == "complex" else leaf.value
@@ -242,10 +255,10 @@ def _check_header(d: Any, what: str) -> None:
   if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
     raise CorruptCheckpointError(f"{what} is not a {FORMAT_NAME} file")
   version = _get(d, "version", what)
-  if not _is_int(version) or version != FORMAT_VERSION:
+  if not _is_int(version) or version not in READABLE_VERSIONS:
     raise CorruptCheckpointError(
-        f"{what} has format version {_short(version)}; this fastpersist_jax reads version "
-        f"{FORMAT_VERSION}")
+        f"{what} has format version {_short(version)}; this fastpersist_jax reads versions "
+        f"{list(READABLE_VERSIONS)}")
 
 
 def _decode_dtype(name: Any, kind: str, what: str) -> str:
@@ -273,6 +286,14 @@ def _check_sharding(d: Any, shape: tuple[int, ...], what: str) -> None:
   memory_kind = d.get("memory_kind")
   if memory_kind is not None and not isinstance(memory_kind, str):
     raise CorruptCheckpointError(f"{what}: malformed sharding memory_kind {_short(memory_kind)}")
+  device_ids = d.get("device_ids")
+  if device_ids is not None and (
+      not isinstance(device_ids, list) or len(device_ids) > 1 << 20 or
+      not all(_is_int(i) and 0 <= i < 2**31 for i in device_ids) or
+      len(set(device_ids)) != len(device_ids)):
+    raise CorruptCheckpointError(f"{what}: malformed sharding device_ids {_short(device_ids)}")
+  if d.get("type") == "single" and device_ids is not None and len(device_ids) != 1:
+    raise CorruptCheckpointError(f"{what}: a single-device sharding names {len(device_ids)} devices")
   if d.get("type") != "named":
     return  # "single", or one that restore does not rebuild ("other")
   mesh_shape = d.get("mesh_shape")
@@ -286,6 +307,9 @@ def _check_sharding(d: Any, shape: tuple[int, ...], what: str) -> None:
       not all(isinstance(a, str) for a in names) or len(set(names)) != len(names)):
     raise CorruptCheckpointError(
         f"{what}: sharding axis_names {_short(names)} do not match mesh_shape {_short(mesh_shape)}")
+  if device_ids is not None and len(device_ids) != math.prod(mesh_shape):
+    raise CorruptCheckpointError(
+        f"{what}: sharding device_ids {_short(device_ids)} do not fill mesh_shape {mesh_shape}")
   if axis_types is not None and (not isinstance(axis_types, list) or not all(
       t in _SAVED_AXIS_TYPES for t in axis_types) or len(axis_types) not in (0, len(names))):
     raise CorruptCheckpointError(f"{what}: malformed sharding axis_types {_short(axis_types)}")
@@ -335,7 +359,7 @@ def _decode_leaf(d: Any, i: int) -> LeafMeta:
   if not isinstance(kind, str) or kind not in LEAF_KINDS:
     raise CorruptCheckpointError(f"{what}: unknown kind {_short(kind)}")
   leaf = LeafMeta(path=path, kind=kind)
-  if kind in ("array", "numpy", "np_scalar"):
+  if kind in ARRAY_KINDS:
     leaf.dtype = _decode_dtype(_get(d, "dtype", what), kind, what)
     shape = _get(d, "shape", what)
     if not isinstance(shape, list) or len(shape) > 64:
@@ -347,7 +371,13 @@ def _decode_leaf(d: Any, i: int) -> LeafMeta:
       raise CorruptCheckpointError(f"{what}: a numpy scalar has shape (), not {leaf.shape}")
     sharding = d.get("sharding")
     if kind == "array":
-      _check_sharding(sharding, leaf.shape, what)
+      prng_impl = d.get("prng_impl")
+      if prng_impl is not None:
+        if prng_impl not in PRNG_IMPLS or leaf.dtype != "uint32" or not leaf.shape:
+          raise CorruptCheckpointError(f"{what}: malformed PRNG key record {_short(prng_impl)}")
+        leaf.prng_impl = prng_impl
+      # A key array's sharding covers the key shape, without the impl's dims.
+      _check_sharding(sharding, leaf.shape[:-1] if prng_impl else leaf.shape, what)
     elif sharding is not None and not isinstance(sharding, dict):
       raise CorruptCheckpointError(f"{what}: malformed sharding")
     leaf.sharding = sharding
@@ -376,10 +406,19 @@ def _check_paths(leaves: list[LeafMeta], where: str) -> None:
 
 
 def read_metadata(directory: str) -> CheckpointMetadata:
+  """Reads and validates `directory`'s fastpersist.json.
+
+  Raises CheckpointNotFoundError (no directory or no metadata file) or
+  CorruptCheckpointError naming the file and the field at fault.
+  """
   path = os.path.join(directory, METADATA_FILE)
   if not os.path.isdir(directory):
     raise CheckpointNotFoundError(f"no checkpoint directory at {directory}")
-  d = read_json(path, "checkpoint metadata")
+  return decode_metadata(read_json(path, "checkpoint metadata"), path)
+
+
+def decode_metadata(d: Any, path: str) -> CheckpointMetadata:
+  """Validates decoded JSON of fastpersist.json (named `path` in messages)."""
   _check_header(d, path)
   process_count = _int(_get(d, "process_count", path), f"{path} process_count", 1, 1 << 20)
   leaves = _get(d, "leaves", path)
@@ -394,7 +433,7 @@ def read_metadata(directory: str) -> CheckpointMetadata:
   if save_id is not None and (not isinstance(save_id, str) or not 0 < len(save_id) <= 128):
     raise CorruptCheckpointError(f"{path}: malformed save_id {_short(save_id)}")
   return CheckpointMetadata(process_count=process_count, leaves=decoded, layout=mode,
-                            save_id=save_id)
+                            save_id=save_id, version=d["version"])
 
 
 def _check_file(directory: str, name: str, size: int, what: str) -> None:
@@ -463,7 +502,16 @@ def check_shard_tiling(shards: list[ShardRecord], files: list[tuple[str, int]] |
 def read_manifest(directory: str, process_index: int, meta: CheckpointMetadata) -> Manifest:
   """Reads and validates one process's manifest against metadata and files."""
   path = os.path.join(directory, manifest_name(process_index))
-  d = read_json(path, f"manifest of process {process_index}")
+  return decode_manifest(read_json(path, f"manifest of process {process_index}"), path, directory,
+                         process_index, meta)
+
+
+def decode_manifest(d: Any, path: str, directory: str, process_index: int,
+                    meta: CheckpointMetadata) -> Manifest:
+  """Validates decoded JSON of one manifest against `meta` and the data
+  files in `directory` (sizes as they are on disk now). Save runs this on
+  what it is about to commit, so a save never commits what restore rejects.
+  Raises CorruptCheckpointError naming `path` and the record at fault."""
   _check_header(d, path)
   found = _get(d, "process_index", path)
   if not _is_int(found) or found != process_index:
@@ -490,7 +538,7 @@ def read_manifest(directory: str, process_index: int, meta: CheckpointMetadata) 
     what = f"{path} shard {j}"
     leaf_id = _int(_get(s, "leaf", what), f"{what} leaf", 0, len(meta.leaves) - 1)
     leaf = meta.leaves[leaf_id]
-    if leaf.kind not in ("array", "numpy", "np_scalar"):
+    if leaf.kind not in ARRAY_KINDS:
       raise CorruptCheckpointError(f"{what}: leaf {leaf_id} holds no array data")
     index_raw = _get(s, "index", what)
     if not isinstance(index_raw, list) or len(index_raw) != len(leaf.shape):

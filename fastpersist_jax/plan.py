@@ -89,9 +89,24 @@ def normalize_index(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, in
   return tuple(out)
 
 
-def _check_dtype(dtype: np.dtype, where: str) -> None:
-  if not layout.dtype_is_supported(np.dtype(dtype)):
+def _check_dtype(dtype: Any, where: str) -> None:
+  try:
+    supported = layout.dtype_is_supported(np.dtype(dtype))
+  except TypeError:   # extended dtypes other than PRNG keys
+    supported = False
+  if not supported:
     raise UnsupportedLeafError(f"{where}: dtype {dtype} cannot be checkpointed")
+
+
+def is_prng_key(x: Any) -> bool:
+  """A typed PRNG key array (jax.random.key), saved as its key data."""
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _array_data(x: Any) -> Any:
+  """What is saved of a leaf: a typed key's uint32 key data (a view of the
+  same buffers, no copy), anything else as it is."""
+  return jax.random.key_data(x) if is_prng_key(x) else x
 
 
 def _scalar_type(x: Any) -> str | None:
@@ -148,6 +163,10 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
         _LAYOUT_CACHE[key] = plan_layout
   if snapshot == "auto":
     snapshot = "copy" if plan_layout.any_on_accelerator else "view"
+  if plan_layout.prng_leaves:
+    values = list(values)
+    for i in plan_layout.prng_leaves:
+      values[i] = jax.random.key_data(values[i])
   leaves, sources = plan_layout.bind(values, snapshot)
   return SavePlan(leaves, plan_layout.shards, sources, plan_layout.file_sizes, process_index,
                   process_count, layout_mode, replica_parallel, snapshot=snapshot)
@@ -184,6 +203,7 @@ class _Layout:
   sources: tuple[tuple[int, str, tuple[int, ...]], ...]
   scalar_leaves: tuple[int, ...]
   array_on_accelerator: dict[int, bool]
+  prng_leaves: tuple[int, ...]             # typed keys: saved as their key data
 
   @property
   def any_on_accelerator(self) -> bool:
@@ -201,7 +221,7 @@ class _Layout:
         sources.append(np.asarray(x) if snapshot == "copy" else np.array(x, copy=True))
         continue
       if x.is_deleted():
-        raise UnsupportedLeafError(f"leaf {treepath.to_str(self.paths[leaf_id])!r}: the "
+        raise UnsupportedLeafError(f"leaf {treepath.to_str(self.paths[leaf_id])}: the "
                                    "jax.Array has been deleted (donated?)")
       if snapshot == "reference":
         sources.extend([x] * len(positions))
@@ -222,25 +242,34 @@ def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_
   shards: list[PlannedShard] = []
   sources: list[tuple[int, str, tuple[int, ...]]] = []
   scalar_leaves: list[int] = []
+  prng_leaves: list[int] = []
   on_accel: dict[int, bool] = {}
   for leaf_id, (path, x) in enumerate(flat):
-    where = f"leaf {treepath.to_str(path)!r}"
+    where = f"leaf {treepath.to_str(path)}"
     try:
       encoded = treepath.encode(path)
     except TypeError as e:
       raise UnsupportedLeafError(f"{where}: {e}") from e
-    if x is None:
-      leaves.append(layout.LeafMeta(encoded, "none"))
-    elif type(x) in (dict, list, tuple) and not x:
-      leaves.append(layout.LeafMeta(encoded, {dict: "empty_dict", list: "empty_list",
-                                              tuple: "empty_tuple"}[type(x)]))
+    if treepath.is_empty_node(x):
+      leaves.append(layout.LeafMeta(encoded, treepath.empty_node_kind(x)))
     elif isinstance(x, jax.Array):
-      _check_dtype(x.dtype, where)
+      prng_impl = None
+      if is_prng_key(x):
+        prng_impl = str(jax.random.key_impl(x))
+        if prng_impl not in layout.PRNG_IMPLS:
+          raise UnsupportedLeafError(f"{where}: PRNG key implementation {prng_impl!r} cannot be "
+                                     f"checkpointed (supported: {', '.join(layout.PRNG_IMPLS)})")
+        prng_leaves.append(leaf_id)
+        sharding = x.sharding       # of the keys; the key data adds trailing dims
+        x = jax.random.key_data(x)
+      else:
+        _check_dtype(x.dtype, where)
+        sharding = x.sharding
       if x.is_deleted():
         raise UnsupportedLeafError(f"{where}: the jax.Array has been deleted (donated?)")
       shape = tuple(int(n) for n in x.shape)
       leaves.append(layout.LeafMeta(encoded, "array", dtype=np.dtype(x.dtype).name, shape=shape,
-                                    sharding=shardings.encode(x.sharding)))
+                                    sharding=shardings.encode(sharding), prng_impl=prng_impl))
       on_accel[leaf_id] = next(iter(x.sharding.device_set)).platform != "cpu"
       owned = _owned_shards(x, process_index, layout_mode, replica_parallel)
       shards.extend(PlannedShard(leaf_id, index, nbytes, on_accelerator=on_accel[leaf_id],
@@ -266,7 +295,7 @@ def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_
           "bool/int/float/complex/str, None)")
   shards, file_sizes = _assign_offsets(shards, data_file_bytes)
   return _Layout(tuple(path for path, _ in flat), tuple(leaves), shards, file_sizes,
-                 tuple(sources), tuple(scalar_leaves), on_accel)
+                 tuple(sources), tuple(scalar_leaves), on_accel, tuple(prng_leaves))
 
 
 # Which shards (or byte ranges of them) this process writes depends only on
@@ -344,12 +373,18 @@ def addressable_arrays(x: jax.Array) -> list:
 def _assign_offsets(shards: list[PlannedShard],
                     data_file_bytes: int) -> tuple[list[PlannedShard], list[int]]:
   """Packs shards into data files at aligned offsets; returns them placed,
-  and the file sizes."""
+  and the file sizes (each ends with its last shard's last byte).
+
+  A shard of no bytes (a zero-size array) occupies nothing: it is recorded
+  at offset 0 of the current file, which it neither grows nor pads."""
   sizes: list[int] = []
   placed = []
   for s in shards:
     if not sizes:
       sizes.append(0)
+    if not s.nbytes:
+      placed.append(dataclasses.replace(s, file=len(sizes) - 1, offset=0))
+      continue
     offset = layout.align_up(sizes[-1])
     if offset + s.nbytes > data_file_bytes and sizes[-1] > 0:
       sizes.append(0)

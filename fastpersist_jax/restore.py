@@ -65,12 +65,12 @@ def _assemble_parts(leaf_name: str, index: Index, nbytes: int,
       continue  # a duplicate of the part just taken
     elif stop > start or start > at:
       raise CorruptCheckpointError(
-          f"leaf {leaf_name!r}, shard {list(map(list, index))}: saved parts overlap or leave "
+          f"leaf {leaf_name}, shard {list(map(list, index))}: saved parts overlap or leave "
           f"a gap at byte {at} (part {[start, stop]})")
   missing = None
   if at != nbytes and nbytes:
     # An error only if a target needs this shard (see Restorer._plan_leaf).
-    missing = (f"leaf {leaf_name!r}, shard {list(map(list, index))}: only bytes [0, {at}) of "
+    missing = (f"leaf {leaf_name}, shard {list(map(list, index))}: only bytes [0, {at}) of "
                f"{nbytes} are here")
   return _SavedShard(index, nbytes, chosen, missing)
 
@@ -80,8 +80,11 @@ class _LeafJob:
   leaf_id: int
   meta: layout.LeafMeta
   sharding: jax.sharding.Sharding | None    # None: build a numpy array
-  device_indices: list[tuple[Any, Index]]   # (device, index) of target shards
+  device_indices: list[tuple[Any, Index]]   # (device, index) of target shards, in saved data
   needed: list[_SavedShard]
+  dtype: np.dtype                           # what to build: the target's, cast from the saved
+  prng_impl: str | None = None              # build typed keys of this implementation
+  python_type: type | None = None           # a Python scalar target: return one of this type
 
 
 def _overlap(a: Index, b: Index) -> Index | None:
@@ -98,13 +101,102 @@ def _volume(index: Index) -> int:
   return math.prod(b - a for a, b in index)
 
 
-def _check_target(meta: layout.LeafMeta, target: Any, name: str) -> None:
-  shape = tuple(getattr(target, "shape", ()))
-  dtype = np.dtype(getattr(target, "dtype"))
-  if shape != meta.shape:
-    raise RestoreMismatchError(f"leaf {name!r}: target shape {shape} differs from saved {meta.shape}")
-  if dtype != layout.dtype_from_name(meta.dtype):
-    raise RestoreMismatchError(f"leaf {name!r}: target dtype {dtype} differs from saved {meta.dtype}")
+_PYTHON_SCALARS = (bool, int, float, complex)
+
+
+def _is_python_scalar(x: Any) -> bool:
+  return type(x) in _PYTHON_SCALARS
+
+
+def _is_array_target(x: Any) -> bool:
+  return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
+
+
+def _saved_shape(meta: layout.LeafMeta) -> tuple[int, ...]:
+  """The shape users see: a typed key array's, without the key data's dims."""
+  return meta.shape[:-1] if meta.prng_impl else meta.shape
+
+
+def _key_dtype(impl: str) -> Any:
+  return jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype
+
+
+def _target_dtype(meta: layout.LeafMeta, target: Any, name: str) -> tuple[np.dtype, str | None]:
+  """(dtype of the data to build, PRNG impl of the keys to wrap it in).
+
+  A saved typed key restores into a key target of the same implementation,
+  or into its raw key data (uint32, with the key data's shape). Any other
+  saved array is cast to the target's dtype with numpy's semantics, as
+  np.asarray(saved).astype(dtype) does."""
+  saved = layout.dtype_from_name(meta.dtype)
+  t_dtype = getattr(target, "dtype", None)
+  if meta.prng_impl:
+    if t_dtype is not None and jax.dtypes.issubdtype(t_dtype, jax.dtypes.prng_key):
+      if t_dtype != _key_dtype(meta.prng_impl):
+        raise RestoreMismatchError(f"leaf {name}: target keys {t_dtype} differ from the saved "
+                                   f"{meta.prng_impl} keys")
+      return saved, meta.prng_impl
+    if target is None or _is_python_scalar(target):
+      return saved, meta.prng_impl
+    shape = tuple(getattr(target, "shape", ()))
+    if shape != meta.shape or np.dtype(t_dtype) != saved:
+      raise RestoreMismatchError(
+          f"leaf {name}: saved as {meta.prng_impl} keys of shape {_saved_shape(meta)}; the target "
+          f"({shape}, {t_dtype}) is neither such keys nor their key data ({meta.shape}, uint32)")
+    return saved, None
+  if target is None or _is_python_scalar(target):
+    return saved, None
+  if jax.dtypes.issubdtype(t_dtype, jax.dtypes.extended):
+    raise RestoreMismatchError(f"leaf {name}: the target holds {t_dtype}, the checkpoint "
+                               f"{meta.dtype} data, which cannot become {t_dtype}")
+  try:
+    dtype = np.dtype(t_dtype)
+    np.zeros(1, saved).astype(dtype)
+  except (TypeError, ValueError) as e:
+    raise RestoreMismatchError(
+        f"leaf {name}: the saved {meta.dtype} cannot be cast to the target's {t_dtype} ({e})") from e
+  return dtype, None
+
+
+def _check_shape(meta: layout.LeafMeta, target: Any, name: str, raw_key_data: bool) -> None:
+  shape = () if _is_python_scalar(target) else tuple(getattr(target, "shape", ()))
+  want = meta.shape if raw_key_data else _saved_shape(meta)
+  if shape != want:
+    raise RestoreMismatchError(f"leaf {name}: target shape {shape} differs from saved {want}")
+
+
+def _scalar_as_array(meta: layout.LeafMeta, target: Any, name: str) -> Any:
+  """A saved Python scalar restored into an array target (e.g. a step saved as
+  0, restored into ShapeDtypeStruct((), int32)): a 0-d array of the target's
+  dtype, on the target's sharding (numpy for a numpy target)."""
+  shape = tuple(target.shape)
+  if shape != ():
+    raise RestoreMismatchError(
+        f"leaf {name}: saved as a Python {meta.scalar_type}; the target has shape {shape}")
+  if meta.scalar_type == "str" or jax.dtypes.issubdtype(target.dtype, jax.dtypes.extended):
+    raise RestoreMismatchError(
+        f"leaf {name}: a saved {meta.scalar_type} cannot become a {target.dtype} array")
+  value = np.asarray(meta.value).astype(np.dtype(target.dtype))
+  if meta.scalar_type in ("int", "bool") and value.item() != meta.value:
+    raise RestoreMismatchError(
+        f"leaf {name}: the saved {meta.value} does not fit the target's {target.dtype}")
+  if isinstance(target, np.ndarray):
+    return value
+  sharding = getattr(target, "sharding", None)
+  return jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
+
+
+def _as_python(value: np.ndarray, python_type: type, name: str) -> Any:
+  """A restored 0-d array as the target's Python scalar type, when lossless."""
+  v = value.reshape(()).item()
+  try:
+    out = python_type(v)
+  except (TypeError, ValueError) as e:
+    raise RestoreMismatchError(f"leaf {name}: the saved {v!r} is not a {python_type.__name__}") from e
+  if not (out == v or (out != out and v != v)):   # (NaN restores as NaN)
+    raise RestoreMismatchError(
+        f"leaf {name}: the saved {v!r} would change as a {python_type.__name__} ({out!r})")
+  return out
 
 
 class Restorer:
@@ -145,17 +237,21 @@ class Restorer:
       treedef = None
     else:
       flat, treedef = treepath.flatten(target)
-      by_key = {treepath.key_of(l.path): i for i, l in enumerate(leaves)}
+      by_key = {}
+      for i, l in enumerate(leaves):
+        if by_key.setdefault(treepath.key_of(l.path), i) != i:
+          raise CorruptCheckpointError(f"{self._directory}: two saved leaves are both named "
+                                       f"{treepath.to_str(l.path)}")
       selected = []
       for path, t in flat:
         key = treepath.key_of(path)
         if key not in by_key:
           raise RestoreMismatchError(
-              f"leaf {treepath.to_str(path)!r} of the restore target is not in the checkpoint")
+              f"leaf {treepath.to_str(path)} of the restore target is not in the checkpoint")
         selected.append((by_key[key], t))
 
     shards_by_leaf: dict[int, list[_SavedShard]] = {}
-    wanted = {i for i, _ in selected if leaves[i].kind in ("array", "numpy", "np_scalar")}
+    wanted = {i for i, _ in selected if leaves[i].kind in layout.ARRAY_KINDS}
     if wanted:
       records: dict[tuple[int, Index], list] = {}
       for m in self.manifests.values():
@@ -174,7 +270,7 @@ class Restorer:
             _assemble_parts(treepath.to_str(meta.path), index, nbytes, recs))
       for leaf_id, shards in shards_by_leaf.items():
         layout.check_grid([s.index for s in shards],
-                          f"leaf {treepath.to_str(leaves[leaf_id].path)!r}: saved shards")
+                          f"leaf {treepath.to_str(leaves[leaf_id].path)}: saved shards")
 
     values: list[Any] = [None] * len(selected)
     jobs: list[tuple[int, _LeafJob]] = []
@@ -182,13 +278,17 @@ class Restorer:
     for pos, (leaf_id, t) in enumerate(selected):
       meta = leaves[leaf_id]
       name = treepath.to_str(meta.path)
-      if meta.kind in ("array", "numpy", "np_scalar"):
+      if meta.kind in layout.ARRAY_KINDS:
         job = self._plan_leaf(leaf_id, meta, t, name, shards_by_leaf.get(leaf_id, []),
                               fallback_to_numpy)
         jobs.append((pos, job))
+      elif meta.kind == "scalar" and _is_array_target(t):
+        values[pos] = _scalar_as_array(meta, t, name)
+      elif _is_array_target(t):
+        raise RestoreMismatchError(f"leaf {name}: saved as {meta.kind}, target is an array")
+      elif meta.kind != "scalar" and t is not None and treepath.is_empty_node(t):
+        values[pos] = t    # the target's own empty node (e.g. optax.EmptyState())
       else:
-        if t is not None and isinstance(t, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
-          raise RestoreMismatchError(f"leaf {name!r}: saved as {meta.kind}, target is an array")
         values[pos] = _plain_value(meta)
     if fallback_to_numpy:
       logger.warning("Restoring %d array(s) as numpy because their saved sharding does not fit "
@@ -227,7 +327,7 @@ class Restorer:
       for rec, view in zip(mine, views):
         if self._options.verify_checksums and crc32c.crc32c(view) != rec.crc32c:
           raise ChecksumMismatchError(
-              f"leaf {treepath.to_str(self.meta.leaves[rec.leaf].path)!r}, shard "
+              f"leaf {treepath.to_str(self.meta.leaves[rec.leaf].path)}, shard "
               f"{list(map(list, rec.index))} bytes {list(rec.part)}: checksum mismatch")
     except (OSError, CorruptCheckpointError) as e:
       error = f"{type(e).__name__}: {e}"
@@ -246,7 +346,9 @@ class Restorer:
     for meta in self.meta.leaves:
       if meta.kind == "array":
         sharding, _ = shardings.decode(meta.sharding)
-        value = jax.ShapeDtypeStruct(meta.shape, layout.dtype_from_name(meta.dtype), sharding=sharding)
+        dtype = (_key_dtype(meta.prng_impl) if meta.prng_impl else
+                 layout.dtype_from_name(meta.dtype))
+        value = jax.ShapeDtypeStruct(_saved_shape(meta), dtype, sharding=sharding)
       elif meta.kind in ("numpy", "np_scalar"):
         value = jax.ShapeDtypeStruct(meta.shape, layout.dtype_from_name(meta.dtype))
       else:
@@ -256,28 +358,39 @@ class Restorer:
 
   # Planning -----------------------------------------------------------------
 
+  @staticmethod
+  def _saved_sharding(meta, name, prng_impl, fallback_to_numpy):
+    """The saved sharding rebuilt here, or None (noted for the warning)."""
+    sharding, why = shardings.decode(meta.sharding)
+    if sharding is None:
+      fallback_to_numpy.append(f"{name}: {why}")
+    elif meta.prng_impl and prng_impl is None:
+      sharding = _key_data_sharding(sharding)   # raw key data: the keys' sharding + a dim
+    return sharding
+
   def _plan_leaf(self, leaf_id, meta, t, name, saved, fallback_to_numpy) -> _LeafJob:
     sharding = None
+    python_type = type(t) if _is_python_scalar(t) else None
+    if t is not None and python_type is None and not _is_array_target(t):
+      raise RestoreMismatchError(
+          f"leaf {name}: saved as an array; target {type(t).__name__} is not an array")
+    dtype, prng_impl = _target_dtype(meta, t, name)
     if t is not None:
-      if not hasattr(t, "shape") or not hasattr(t, "dtype"):
-        raise RestoreMismatchError(
-            f"leaf {name!r}: saved as an array; target {type(t).__name__} is not an array")
-      _check_target(meta, t, name)
+      _check_shape(meta, t, name, raw_key_data=bool(meta.prng_impl) and prng_impl is None)
       if isinstance(t, jax.Array):
         sharding = t.sharding
       elif isinstance(t, jax.ShapeDtypeStruct):
-        sharding = t.sharding
+        sharding = _on_devices(t.sharding, meta, name)
         if sharding is None and meta.kind == "array":
-          sharding, why = shardings.decode(meta.sharding)
-          if sharding is None:
-            fallback_to_numpy.append(f"{name}: {why}")
+          sharding = self._saved_sharding(meta, name, prng_impl, fallback_to_numpy)
     elif meta.kind == "array":
-      sharding, why = shardings.decode(meta.sharding)
-      if sharding is None:
-        fallback_to_numpy.append(f"{name}: {why}")
+      sharding = self._saved_sharding(meta, name, prng_impl, fallback_to_numpy)
     if sharding is not None:
-      device_indices = [(d, normalize_index(idx, meta.shape)) for d, idx in
-                        sharding.addressable_devices_indices_map(meta.shape).items()]
+      # Target shards of the data: a typed key's index covers its key data too.
+      shape = _saved_shape(meta) if prng_impl else meta.shape
+      tail = tuple((0, n) for n in meta.shape[len(shape):])
+      device_indices = [(d, normalize_index(idx, shape) + tail) for d, idx in
+                        sharding.addressable_devices_indices_map(shape).items()]
     else:
       device_indices = [(None, tuple((0, n) for n in meta.shape))]
     needed = [s for s in saved
@@ -298,9 +411,9 @@ class Restorer:
                 "restore on the same topology, or gather the other hosts' files into this "
                 "directory" if self.meta.layout == "per_host" else "a process's data is missing?")
         raise CorruptCheckpointError(
-            f"leaf {name!r}: the checkpoint holds {covered} of the {_volume(idx)} elements of "
+            f"leaf {name}: the checkpoint holds {covered} of the {_volume(idx)} elements of "
             f"region {list(map(list, idx))} ({hint})")
-    return _LeafJob(leaf_id, meta, sharding, device_indices, needed)
+    return _LeafJob(leaf_id, meta, sharding, device_indices, needed, dtype, prng_impl, python_type)
 
   # Reading ------------------------------------------------------------------
 
@@ -373,7 +486,7 @@ class Restorer:
             start = rec.part[0] if rec.part else 0
             if crc32c.crc32c(s.view[start:start + rec.nbytes]) != rec.crc32c:
               raise ChecksumMismatchError(
-                  f"leaf {name!r}, {s.describe(self.manifests, process, rec)}: "
+                  f"leaf {name}, {s.describe(self.manifests, process, rec)}: "
                   "checksum mismatch, the data is corrupt")
       values[pos] = _build(job)
       for s in job.needed:
@@ -381,7 +494,7 @@ class Restorer:
 
 
 def _plain_value(meta: layout.LeafMeta) -> Any:
-  return {"none": None, "empty_dict": {}, "empty_list": [], "empty_tuple": (),
+  return {"none": None, "empty_node": None, "empty_dict": {}, "empty_list": [], "empty_tuple": (),
           "scalar": meta.value}[meta.kind]
 
 
@@ -403,19 +516,61 @@ def _region(job: _LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
   return out
 
 
+def _on_devices(sharding: Any, meta: layout.LeafMeta, name: str) -> Any:
+  """A target sharding on an AbstractMesh (what jax.eval_shape gives for
+  arrays on an Explicit mesh) made concrete: on the saved mesh's devices when
+  its axes are the same, else over all devices when their number fits."""
+  if not (isinstance(sharding, jax.sharding.NamedSharding) and
+          isinstance(sharding.mesh, jax.sharding.AbstractMesh)):
+    return sharding
+  abstract_mesh = sharding.mesh
+  saved, _ = shardings.decode(meta.sharding)
+  if (isinstance(saved, jax.sharding.NamedSharding) and
+      saved.mesh.shape_tuple == abstract_mesh.shape_tuple):
+    devices = saved.mesh.devices
+  elif math.prod(abstract_mesh.axis_sizes) == jax.device_count():
+    devices = np.asarray(jax.devices()).reshape(abstract_mesh.axis_sizes)
+  else:
+    raise RestoreMismatchError(
+        f"leaf {name}: the target's sharding is on an abstract mesh {dict(abstract_mesh.shape)} "
+        f"and {jax.device_count()} devices are present; give the target a concrete mesh")
+  mesh = jax.sharding.Mesh(devices, abstract_mesh.axis_names, axis_types=abstract_mesh.axis_types)
+  return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+def _key_data_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """The sharding of a key array's key data: the same, plus a whole last dim."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, None),
+                                      memory_kind=sharding.memory_kind)
+  return sharding   # single-device and fully replicated shardings fit any rank
+
+
 def _build(job: _LeafJob) -> Any:
   meta = job.meta
-  dtype = layout.dtype_from_name(meta.dtype)
+  saved = layout.dtype_from_name(meta.dtype)
+  cast = (lambda a: a) if job.dtype == saved else (lambda a: a.astype(job.dtype))
   if job.sharding is None:
-    arr = _region(job, tuple((0, n) for n in meta.shape), dtype)
+    arr = cast(_region(job, tuple((0, n) for n in meta.shape), saved))
+    if job.python_type is not None:
+      return _as_python(arr, job.python_type, treepath.to_str(meta.path))
+    if job.prng_impl:
+      return jax.random.wrap_key_data(arr, impl=job.prng_impl)
     if meta.kind == "np_scalar":
       return arr.reshape(())[()]
     return arr
   per_index: dict[Index, np.ndarray] = {}
   for _, idx in job.device_indices:
     if idx not in per_index:
-      per_index[idx] = _region(job, idx, dtype)
-  # One device_put for all of the leaf's shards: ~3x less overhead than one each.
+      per_index[idx] = cast(_region(job, idx, saved))
+  # One device_put for all of the leaf's shards (~3x less overhead than one
+  # each), each into the target's memory kind (e.g. pinned_host).
+  memory_kind = job.sharding.memory_kind
   arrays = jax.device_put([per_index[idx] for _, idx in job.device_indices],
-                          [device for device, _ in job.device_indices])
-  return jax.make_array_from_single_device_arrays(meta.shape, job.sharding, arrays)
+                          [jax.sharding.SingleDeviceSharding(device, memory_kind=memory_kind)
+                           for device, _ in job.device_indices])
+  shape = meta.shape
+  if job.prng_impl:
+    arrays = [jax.random.wrap_key_data(a, impl=job.prng_impl) for a in arrays]
+    shape = _saved_shape(meta)
+  return jax.make_array_from_single_device_arrays(shape, job.sharding, arrays)

@@ -17,6 +17,7 @@ error is what the caller (or the commit future) raises.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -27,7 +28,7 @@ import uuid
 import crc32c
 
 from fastpersist_jax import coordination, layout, workers
-from fastpersist_jax.errors import SaveError
+from fastpersist_jax.errors import CorruptCheckpointError, SaveError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.plan import SavePlan
 from fastpersist_jax.staging import StagingPool, Window, stage
@@ -260,8 +261,9 @@ class SaveOperation:
         shards=[layout.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes, self._crcs[i],
                                    s.part)
                 for i, s in enumerate(plan.shards)])
-    out = {os.path.join(directory, layout.manifest_name(plan.process_index)):
-           [(0, layout.encode_manifest(manifest))]}
+    manifest_path = os.path.join(directory, layout.manifest_name(plan.process_index))
+    manifest_bytes = layout.encode_manifest(manifest)
+    out = {manifest_path: [(0, manifest_bytes)]}
     if self._write_metadata:
       save_id = None
       if plan.layout == "per_host" and plan.replica_parallel and self._outcome_key:
@@ -272,7 +274,23 @@ class SaveOperation:
       meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout,
                                        save_id=save_id)
       out[os.path.join(directory, layout.METADATA_FILE)] = [(0, layout.encode_metadata(meta))]
+    _check_restorable(directory, manifest_path, manifest_bytes, plan)
     self._engine.write_files(out)
+
+
+def _check_restorable(directory: str, manifest_path: str, manifest_bytes: bytes,
+                      plan: SavePlan) -> None:
+  """Runs restore's own validation on what is about to be committed (the
+  metadata and manifest as encoded, against the data files as synced), so a
+  save never commits a step its restore would reject. Raises SaveError."""
+  meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout)
+  try:
+    meta = layout.decode_metadata(json.loads(layout.encode_metadata(meta)),
+                                  os.path.join(directory, layout.METADATA_FILE))
+    layout.decode_manifest(json.loads(manifest_bytes), manifest_path, directory,
+                           plan.process_index, meta)
+  except CorruptCheckpointError as e:
+    raise SaveError(f"not committing a checkpoint its restore would reject: {e}") from e
 
 
 def _await_directory(directory: str, timeout_s: float) -> None:

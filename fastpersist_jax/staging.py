@@ -304,7 +304,7 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
           src = src[shard.part[0]:shard.part[1]]
       except SaveError as e:
         path = treepath.to_str(plan.leaves[shard.leaf].path)
-        raise SaveError(f"leaf {path!r}: {e}") from None
+        raise SaveError(f"leaf {path}: {e}") from None
       done = 0
       while done < shard.nbytes:
         file_pos = shard.offset + done

@@ -2,13 +2,19 @@
 
 Leaves are identified on disk by their key path, so a checkpoint can be
 restored into a target of the same structure, a sub-tree of it, or (with no
-target) into nested dicts/lists the way Orbax does.
+target) into nested dicts/lists the way Orbax does. A target's leaves are
+matched to saved ones by their keys' names and indices, not by the kind of
+node holding them (as Orbax does): a namedtuple's field `a`, a dataclass
+attribute `a` and a dict key "a" are the same entry, so the tree
+`item_metadata` returns (plain dicts and lists) is a valid restore target.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import jax
+import numpy as np
 from jax import tree_util
 
 from fastpersist_jax.errors import CorruptCheckpointError
@@ -18,15 +24,36 @@ from fastpersist_jax.errors import CorruptCheckpointError
 KeyEntry = list
 
 
-def _is_leaf(x: Any) -> bool:
-  # None and empty containers are kept as leaves so that a restore with no
-  # target gives back the same structure, as Orbax's handlers do.
-  return x is None or (type(x) in (dict, list, tuple) and len(x) == 0)
+def is_empty_node(x: Any) -> bool:
+  """None, or a pytree node with no children ({}, [], (), optax.EmptyState())."""
+  if x is None:
+    return True
+  if type(x) in (dict, list, tuple):
+    return not x
+  if isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex, str)):
+    return False
+  children = tree_util.default_registry.flatten_one_level(x)
+  return children is not None and not list(children[0])
+
+
+def empty_node_kind(x: Any) -> str:
+  """How an empty node is recorded (layout.LEAF_KINDS): a restore without a
+  target rebuilds {} / [] / () / None as Orbax's handlers do (an empty
+  custom node, such as optax.EmptyState(), comes back as None there too)."""
+  if x is None:
+    return "none"
+  if isinstance(x, dict):
+    return "empty_dict"
+  if isinstance(x, list):
+    return "empty_list"
+  if type(x) is tuple:
+    return "empty_tuple"
+  return "empty_node"
 
 
 def flatten(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
   """Flattens to [(key_path, leaf)], keeping None/empty containers as leaves."""
-  return tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+  return tree_util.tree_flatten_with_path(tree, is_leaf=is_empty_node)
 
 
 def encode(path: tuple) -> list[KeyEntry]:
@@ -49,29 +76,25 @@ def encode(path: tuple) -> list[KeyEntry]:
 
 
 def to_str(path: tuple | list) -> str:
-  """A readable path for messages: params/layers/0/w."""
+  """A path for messages, as jax.tree_util.keystr writes it: ['params'][0].w
+  (so a sequence index [0], a dict key ['a'] and an attribute .a differ)."""
   parts = []
   for k in path:
     if isinstance(k, list):
-      parts.append(str(k[1]))
-    elif isinstance(k, tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, tree_util.GetAttrKey):
-      parts.append(k.name)
-    elif isinstance(k, tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
+      kind, key = k
+      parts.append(f".{key}" if kind == "a" else f"[{key!r}]" if kind == "d" else f"[{key}]")
     else:
       parts.append(str(k))
-  return "/".join(parts) or "<root>"
+  return "".join(parts) or "<root>"
 
 
 def key_of(path: tuple | list) -> tuple:
-  """A hashable identity for a path, equal for live and decoded paths."""
+  """A hashable identity for a path, equal for live and decoded paths: the
+  keys alone, so that a dict key, attribute or namedtuple field of one name
+  match each other, and a sequence index matches the same position."""
   if path and not isinstance(path[0], list):
     path = encode(path)
-  return tuple((kind, key) for kind, key in path)
+  return tuple(key for _, key in path)
 
 
 def validate(path: Any) -> list[KeyEntry]:

@@ -176,18 +176,18 @@ def test_partial_restore_and_mismatches(handler, mesh, tmp_path):
   ckptr.save(tmp_path / "c", args=FastPersistSave(tree))
   part = ckptr.restore(tmp_path / "c", args=FastPersistRestore({"params": {"w": tree["params"]["w"]}}))
   assert list(part) == ["params"] and list(part["params"]) == ["w"]
-  with pytest.raises(RestoreMismatchError, match="params/w.*shape"):
+  with pytest.raises(RestoreMismatchError, match=r"\['params'\]\['w'\].*shape"):
     ckptr.restore(tmp_path / "c", args=FastPersistRestore({"params": {"w": jnp.ones((4, 5))}}))
-  with pytest.raises(RestoreMismatchError, match="params/b.*dtype"):
-    ckptr.restore(tmp_path / "c", args=FastPersistRestore({"params": {"b": jnp.zeros(4, jnp.int32)}}))
-  with pytest.raises(RestoreMismatchError, match="params/nope.*not in the checkpoint"):
+  with pytest.raises(RestoreMismatchError, match=r"\['params'\]\['b'\].*key<fry>.*float32"):
+    ckptr.restore(tmp_path / "c", args=FastPersistRestore({"params": {"b": jax.random.key(0)}}))
+  with pytest.raises(RestoreMismatchError, match=r"\['params'\]\['nope'\].*not in the checkpoint"):
     ckptr.restore(tmp_path / "c", args=FastPersistRestore({"params": {"nope": jnp.zeros(4)}}))
 
 
 def test_unsupported_leaf_fails_before_writing(handler, tmp_path):
   d = tmp_path / "c"
   d.mkdir()
-  with pytest.raises(UnsupportedLeafError, match="opt/fn"):
+  with pytest.raises(UnsupportedLeafError, match=r"\['opt'\]\['fn'\]"):
     handler.save(d, args=FastPersistSave({"w": jnp.ones(3), "opt": {"fn": object()}}))
   with pytest.raises(UnsupportedLeafError, match="strings"):
     handler.save(d, args=FastPersistSave({"strings": np.array(["a", "b"])}))
@@ -325,7 +325,7 @@ def test_flipped_byte_is_detected(handler, saved):
   raw = bytearray(data.read_bytes())
   raw[4096 * 2 + 17] ^= 0x01   # "b" is at 0, then w's shards at 4096, 8192, ...: the 2nd
   data.write_bytes(bytes(raw))
-  with pytest.raises(ChecksumMismatchError, match=r"leaf 'w', shard \[\[8, 16\], \[0, 32\]\]"):
+  with pytest.raises(ChecksumMismatchError, match=r"leaf \['w'\], shard \[\[8, 16\], \[0, 32\]\]"):
     ocp.Checkpointer(handler).restore(d, args=FastPersistRestore(tree))
 
 

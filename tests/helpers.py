@@ -1,0 +1,66 @@
+"""Helpers shared by the tests: tree comparison, restore targets, meshes.
+
+Importing this module sets XLA_FLAGS for eight CPU devices when nothing else
+did (it must happen before jax is imported).
+"""
+
+from __future__ import annotations
+
+import os
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+MiB = 1 << 20
+
+
+def is_prng_key(x) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def raw_bytes(x) -> tuple[str, tuple, bytes]:
+  """(dtype, shape, bytes) of an array leaf; typed keys by their key data."""
+  if is_prng_key(x):
+    data = np.asarray(jax.random.key_data(x))
+    return f"key<{jax.random.key_impl(x)}>", tuple(x.shape), data.tobytes()
+  a = np.asarray(x)
+  return a.dtype.name, a.shape, a.tobytes()
+
+
+def assert_trees_equal(expected, actual, check_sharding: bool = True) -> None:
+  """Same structure; every array leaf bit for bit the same (dtype, shape, NaN
+  payloads, typed keys' implementation and data), on an equivalent sharding
+  when it is a jax.Array; other leaves equal and of the same type."""
+  e_flat, e_def = jax.tree_util.tree_flatten_with_path(expected)
+  a_flat, a_def = jax.tree_util.tree_flatten(actual)
+  assert jax.tree_util.tree_structure(expected) == a_def, (jax.tree_util.tree_structure(expected),
+                                                           a_def)
+  for (path, e), a in zip(e_flat, a_flat):
+    where = jax.tree_util.keystr(path)
+    if isinstance(e, (jax.Array, np.ndarray, np.generic)):
+      assert raw_bytes(a) == raw_bytes(e), (where, raw_bytes(e)[:2], raw_bytes(a)[:2])
+      assert isinstance(a, jax.Array) == isinstance(e, jax.Array), (where, type(e), type(a))
+      if check_sharding and isinstance(e, jax.Array):
+        assert a.sharding.is_equivalent_to(e.sharding, e.ndim), (where, a.sharding, e.sharding)
+        assert a.sharding.memory_kind == e.sharding.memory_kind, where
+    else:
+      assert type(a) is type(e) and (a == e or (a != a and e != e)), (where, e, a)
+
+
+def abstract(tree):
+  """Restore target: ShapeDtypeStructs with the arrays' shardings (typed keys
+  keep their key dtype), every other leaf as it is."""
+  def one(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+  return jax.tree.map(one, tree)
+
+
+def mesh_2x4():
+  assert jax.device_count() == 8, "tests need XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  return jax.make_mesh((2, 4), ("data", "model"))
