@@ -17,6 +17,7 @@ import reprlib
 import stat
 from typing import Any
 
+import crc32c
 import numpy as np
 
 from fastpersist_jax import treepath
@@ -177,6 +178,26 @@ def to_json_bytes(obj: Any) -> bytes:
   return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def seal(doc: dict) -> bytes:
+  """`doc` as JSON, with a last field "crc32c": the CRC-32C of the JSON of
+  everything before it. Data bytes have their own CRCs; this one covers what
+  says where they go and what they are (dtype, shape, index, offset), so a
+  damaged manifest or metadata file can never restore wrong values."""
+  return to_json_bytes({**doc, "crc32c": crc32c.crc32c(to_json_bytes(doc))})
+
+
+def _check_seal(d: dict, what: str) -> None:
+  """Version 2 documents must carry a matching "crc32c" (see seal)."""
+  if d["version"] < 2:
+    return
+  crc = _get(d, "crc32c", what)
+  body = {k: v for k, v in d.items() if k != "crc32c"}
+  if not _is_int(crc) or crc != crc32c.crc32c(to_json_bytes(body)):
+    raise CorruptCheckpointError(
+        f"{what}: the file's checksum does not match its contents (damaged or edited after "
+        "it was written)")
+
+
 # Encoding ---------------------------------------------------------------------
 
 def encode_metadata(meta: CheckpointMetadata) -> bytes:
@@ -195,14 +216,14 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
       d["scalar_type"] = leaf.scalar_type
       d["value"] = [leaf.value.real, leaf.value.imag] if leaf.scalar_type == "complex" else leaf.value
     leaves.append(d)
-  return to_json_bytes({"format": FORMAT_NAME, "version": meta.version,
+  return seal({"format": FORMAT_NAME, "version": meta.version,
                         "process_count": meta.process_count, "layout": meta.layout,
                         **({"save_id": meta.save_id} if meta.save_id else {}),
                         "leaves": leaves})
 
 
 def encode_manifest(m: Manifest) -> bytes:
-  return to_json_bytes({
+  return seal({
       "format": FORMAT_NAME, "version": FORMAT_VERSION,
       "process_index": m.process_index,
       "files": [{"name": n, "size": s} for n, s in m.files],
@@ -420,6 +441,7 @@ def read_metadata(directory: str) -> CheckpointMetadata:
 def decode_metadata(d: Any, path: str) -> CheckpointMetadata:
   """Validates decoded JSON of fastpersist.json (named `path` in messages)."""
   _check_header(d, path)
+  _check_seal(d, path)
   process_count = _int(_get(d, "process_count", path), f"{path} process_count", 1, 1 << 20)
   leaves = _get(d, "leaves", path)
   if not isinstance(leaves, list):
@@ -513,6 +535,7 @@ def decode_manifest(d: Any, path: str, directory: str, process_index: int,
   what it is about to commit, so a save never commits what restore rejects.
   Raises CorruptCheckpointError naming `path` and the record at fault."""
   _check_header(d, path)
+  _check_seal(d, path)
   found = _get(d, "process_index", path)
   if not _is_int(found) or found != process_index:
     raise CorruptCheckpointError(

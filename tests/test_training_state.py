@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from fastpersist_jax import (FastPersistHandler, FastPersistOptions, FastPersistRestore,
+from fastpersist_jax import (CorruptCheckpointError, FastPersistHandler, FastPersistOptions,
+                             FastPersistRestore,
                              FastPersistSave, RestoreMismatchError, SaveError,
                              UnsupportedLeafError, layout, plan)
 from helpers import MiB, abstract, assert_trees_equal
@@ -449,3 +450,35 @@ def test_property_random_trees_round_trip(handler, tmp_path_factory, tree):
           if isinstance(x, (jax.Array, np.ndarray, np.generic))] == \
       [helpers.raw_bytes(x) for x in saved_leaves
        if isinstance(x, (jax.Array, np.ndarray, np.generic))]
+
+
+def test_an_edited_manifest_or_metadata_never_restores_wrong_values(manager, mesh):
+  # Two shards' indices swapped (the tiling stays valid and every data CRC
+  # still matches its bytes), or a dtype renamed to one of the same size:
+  # only the documents' own checksums can tell.
+  tree = {"w": jax.device_put(jnp.arange(64.0, dtype=jnp.float32).reshape(8, 8),
+                              NamedSharding(mesh, P("model")))}
+  step = manager.save(tree)
+  item = manager.mgr.directory / str(step) / "default"
+  manifest, metadata = item / layout.manifest_name(0), item / layout.METADATA_FILE
+  originals = {p: p.read_bytes() for p in (manifest, metadata)}
+
+  def edit(path, change):
+    doc = json.loads(originals[path])
+    change(doc)
+    path.write_text(json.dumps(doc))
+
+  def swap_indices(doc):
+    a, b = doc["shards"][0], doc["shards"][1]
+    a["index"], b["index"] = b["index"], a["index"]
+
+  def rename_dtype(doc):
+    doc["leaves"][0]["dtype"] = "int32"
+
+  for path, change in ((manifest, swap_indices), (metadata, rename_dtype)):
+    edit(path, change)
+    for target in (None, abstract(tree)):
+      with pytest.raises(CorruptCheckpointError, match="checksum does not match its contents"):
+        manager.restore(step, target)
+    path.write_bytes(originals[path])
+  assert_trees_equal(tree, manager.restore(step, abstract(tree)))
