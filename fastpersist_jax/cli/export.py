@@ -10,8 +10,9 @@ as JSON. The header is computed from the metadata before any data is read,
 then each leaf is read, verified and appended, so memory holds one leaf at a
 time. With max_shard_bytes the tensors are split into
 model-0000i-of-0000n.safetensors files plus model.safetensors.index.json
-(Hugging Face's layout). The output is written into a temporary directory
-renamed into place once complete.
+(Hugging Face's layout). Each file is checked with the safetensors package
+(header, names, metadata) before the output, written into a temporary
+directory, is renamed into place.
 
 orbax: written through Orbax's PyTreeCheckpointHandler (TensorStore, the
 format StandardCheckpointer reads) with a type handler that loads each leaf
@@ -125,6 +126,11 @@ def export_safetensors(item_dir: str, out: str, max_shard_bytes: int = 0,
   UnsupportedLeafError (a dtype safetensors lacks, no cast), ExportError
   (name clash, `out` exists), ChecksumMismatchError / CorruptCheckpointError
   (damaged checkpoint; nothing is left at `out`)."""
+  try:
+    import safetensors  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ExportError("--format=safetensors needs the safetensors package: "
+                      "pip install 'fastpersist_jax[export]'") from e
   with reader.CheckpointReader(item_dir) as rd:
     tensors: list[tuple[int, str, np.dtype, tuple[int, ...], int]] = []
     metadata: dict[str, str] = {}
@@ -156,6 +162,9 @@ def export_safetensors(item_dir: str, out: str, max_shard_bytes: int = 0,
     try:
       for fname, group in zip(names, shards):
         _write_safetensors(rd, os.path.join(tmp, fname), group, metadata)
+        with safetensors.safe_open(os.path.join(tmp, fname), "np") as f:
+          if set(f.keys()) != {t[1] for t in group} or (f.metadata() or {}) != metadata:
+            raise ExportError(f"{fname}: safetensors reads back other names or metadata")
       if n > 1:
         index = {"metadata": {"total_size": sum(t[4] for t in tensors)},
                  "weight_map": {t[1]: fname for fname, g in zip(names, shards) for t in g}}

@@ -198,8 +198,19 @@ def verify(path: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
   is reported, not raised."""
   items = reader.item_directories(path)
   engine = IOEngine(FastPersistOptions())
-  buffer = np.frombuffer(AlignedBuffer(max(buffer_bytes, 2 * layout.SHARD_ALIGN)), np.uint8)
+  # No larger than the data files need (two halves of a window each).
+  data = max((_data_bytes(item) for item in items), default=0)
+  size = min(buffer_bytes, 2 * layout.align_up(data))
+  buffer = np.frombuffer(AlignedBuffer(max(size, 2 * layout.SHARD_ALIGN)), np.uint8)
   return [verify_item(item, engine, buffer, on_damage) for item in items]
+
+
+def _data_bytes(directory: str) -> int:
+  try:
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+               if f.startswith("data."))
+  except OSError:
+    return 0
 
 
 def format_report(r: ItemReport) -> str:
