@@ -39,6 +39,7 @@ def host_values():
       },
       "f8": rng.standard_normal((8, 4)).astype(ml_dtypes.float8_e4m3fn),
       "rng": np.arange(4, dtype=np.uint32),
+      "scale": np.float32(1.5),
       "step": 7,
       "none": None,
   }
@@ -214,7 +215,7 @@ def test_inspect_prints_paths_shapes_dtypes_and_shardings(step_dir, capsys):
   assert leaves["['step']"]["value"] == 7 and leaves["['none']"]["kind"] == "none"
   values = host_values()
   arrays = [values["params"]["w"], values["params"]["bf"], values["params"]["layers"][0],
-            values["f8"], values["rng"]]
+            values["f8"], values["rng"], values["scale"]]
   assert item["bytes"] == sum(a.nbytes for a in arrays)
 
 
@@ -234,7 +235,8 @@ def test_export_safetensors_is_bit_exact(step_dir, tmp_path):
     loaded = {n: f.get_tensor(n) for n in names - {"f8"}}
   values = host_values()
   expected = {"params.w": values["params"]["w"], "params.bf": values["params"]["bf"],
-              "params.layers.0": values["params"]["layers"][0], "rng": values["rng"]}
+              "params.layers.0": values["params"]["layers"][0], "rng": values["rng"],
+              "scale": np.asarray(values["scale"])}
   assert names == set(expected) | {"f8"}
   for name, e in expected.items():
     assert loaded[name].dtype == e.dtype and loaded[name].shape == e.shape, name
@@ -261,7 +263,7 @@ def test_export_safetensors_in_shards_with_an_index(step_dir, tmp_path, capsys):
   values = host_values()
   assert merged["params.w"].tobytes() == values["params"]["w"].tobytes()
   assert merged["params.bf"].tobytes() == values["params"]["bf"].tobytes()
-  assert index["metadata"]["total_size"] == 8192 + 256 + 40 + 32 + 16
+  assert index["metadata"]["total_size"] == 8192 + 256 + 40 + 32 + 16 + 4
 
 
 def test_export_safetensors_refuses_int4_naming_the_leaf_and_cast(int4_step_dir, tmp_path,
@@ -319,8 +321,9 @@ sys.modules["fastpersist_jax"] = None   # importing it would fail
 import numpy as np, orbax.checkpoint as ocp
 r = ocp.StandardCheckpointer().restore(sys.argv[1])
 flat = {"params.w": r["params"]["w"], "params.bf": r["params"]["bf"],
-        "params.layers.0": r["params"]["layers"][0], "f8": r["f8"], "rng": r["rng"]}
-np.savez(sys.argv[2], **{k: np.asarray(v).view(np.uint8) for k, v in flat.items()},
+        "params.layers.0": r["params"]["layers"][0], "f8": r["f8"], "rng": r["rng"],
+        "scale": r["scale"]}
+np.savez(sys.argv[2], **{k: np.asarray(v).reshape(-1).view(np.uint8) for k, v in flat.items()},
          dtypes=np.array([f"{k}={np.asarray(v).dtype.name}" for k, v in flat.items()]),
          step=np.asarray(r["step"]))
 """
@@ -338,7 +341,7 @@ def test_export_orbax_restores_bit_exact_without_fastpersist(step_dir, tmp_path)
   values = host_values()
   expected = {"params.w": values["params"]["w"], "params.bf": values["params"]["bf"],
               "params.layers.0": values["params"]["layers"][0], "f8": values["f8"],
-              "rng": values["rng"]}
+              "rng": values["rng"], "scale": np.asarray(values["scale"])}
   dtypes = dict(s.split("=") for s in got["dtypes"])
   for name, e in expected.items():
     assert dtypes[name] == e.dtype.name, name
@@ -366,7 +369,7 @@ def test_export_orbax_holds_one_leaf_at_a_time(step_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(export._LeafSource, "load", logged_load)  # pylint: disable=protected-access
   monkeypatch.setattr(export, "_numpy_write", logged_write)
   export.export_orbax(os.path.join(step_dir, "default"), str(tmp_path / "o"))
-  assert events == ["read", "written"] * 5   # each leaf written before the next is read
+  assert events == ["read", "written"] * 6   # each leaf written before the next is read
 
 
 # two processes, replica-parallel parts --------------------------------------------------

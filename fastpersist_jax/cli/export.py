@@ -73,9 +73,15 @@ def _target_dtype(where: str, leaf_name: str, dtype_name: str, cast: str | None)
   if cast is None:
     raise UnsupportedLeafError(
         f"{where}: leaf {leaf_name} has dtype {dtype_name}, which safetensors cannot hold; pass "
-        f"--cast=DTYPE (e.g. --cast={'int8' if 'int' in dtype_name else 'float32'}) to convert "
-        "such leaves")
+        f"--cast=DTYPE (e.g. --cast={_suggested_cast(dtype_name)}) to convert such leaves")
   return cast_dtype(cast)
+
+
+def _suggested_cast(dtype_name: str) -> str:
+  for prefix, cast in (("uint", "uint8"), ("int", "int8"), ("complex", "complex64")):
+    if dtype_name.startswith(prefix):
+      return cast
+  return "float32"
 
 
 def cast_dtype(name: str) -> np.dtype:
@@ -137,6 +143,9 @@ def export_safetensors(item_dir: str, out: str, max_shard_bytes: int = 0,
     owner: dict[str, str] = {}
     for i, meta in enumerate(rd.meta.leaves):
       name = tensor_name(meta.path)
+      if name == "__metadata__":
+        raise ExportError(f"leaf {rd.leaf_name(i)} maps to the safetensors name {name!r}, "
+                          "which safetensors reserves for the header's metadata")
       if name in owner:
         raise ExportError(f"leaves {owner[name]} and {rd.leaf_name(i)} both map to the "
                           f"safetensors name {name!r}")

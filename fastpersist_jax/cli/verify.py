@@ -231,6 +231,9 @@ def main(path: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> int:
   reports = verify(path, buffer_bytes, on_damage=lambda msg: print(f"DAMAGED: {msg}", flush=True))
   for r in reports:
     print(format_report(r))
+    if "orbax-checkpoint-tmp" in r.directory:
+      print(f"note: {r.directory} is in an uncommitted Orbax step directory (a save still being "
+            "written, or one that never finished)")
   total = sum(r.bytes_read for r in reports)
   seconds = sum(r.seconds for r in reports)
   ok = all(r.ok for r in reports)
