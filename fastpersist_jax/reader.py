@@ -139,6 +139,7 @@ class CheckpointReader:
   # Shards -------------------------------------------------------------------
 
   def leaf_name(self, leaf_id: int) -> str:
+    """The leaf's path as jax.tree_util.keystr prints it."""
     return keystr(self.meta.leaves[leaf_id].path)
 
   def describe(self, process: int, rec: layout.ShardRecord) -> str:
@@ -213,6 +214,7 @@ class CheckpointReader:
   # Reading ------------------------------------------------------------------
 
   def engine(self) -> IOEngine:
+    """The I/O engine reads go through (created on first use)."""
     if self._engine is None:
       self._engine = IOEngine(FastPersistOptions())
     return self._engine

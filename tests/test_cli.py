@@ -176,6 +176,11 @@ def test_verify_usage_errors_exit_2(tmp_path, capsys):
   assert "no directory" in r.stderr and "missing" in r.stderr
   rc, _, err = cli_in_process(capsys, "verify", tmp_path)
   assert rc == 2 and "not a fastpersist checkpoint" in err
+  from absl import app  # pylint: disable=g-import-not-at-top
+  for argv in (["inspect"], ["frobnicate", str(tmp_path)]):
+    with pytest.raises(app.UsageError) as e:
+      cli_in_process(capsys, *argv)
+    assert e.value.exitcode == 2
 
 
 def test_verify_per_host_checkpoint_checks_what_is_here(tmp_path, capsys):
