@@ -1,0 +1,67 @@
+"""Command-line tools for fastpersist checkpoints.
+
+  python -m fastpersist_jax verify STEP_OR_ITEM_DIR
+  python -m fastpersist_jax inspect STEP_OR_ITEM_DIR [--json]
+  python -m fastpersist_jax export STEP_OR_ITEM_DIR OUT --format=safetensors|orbax
+      [--max_shard_bytes=N] [--cast=DTYPE]
+
+STEP_OR_ITEM_DIR: an item directory (holding fastpersist.json) or an Orbax
+step directory holding one or more items (<step>/default/, ...).
+Exit status: 0 success (verify: intact), 1 damaged or failed, 2 usage error
+(no such directory, not a checkpoint, a dtype that needs --cast).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+flags.DEFINE_bool("json", False, "inspect: print JSON instead of a table.")
+flags.DEFINE_enum("format", "safetensors", ["safetensors", "orbax"], "export: output format.")
+flags.DEFINE_integer("max_shard_bytes", 0,
+                     "export --format=safetensors: split into files of at most this many bytes "
+                     "of tensor data, with an index json (0: one file).", lower_bound=0)
+flags.DEFINE_string("cast", None,
+                    "export: convert leaves whose dtype the format cannot hold (e.g. int4 for "
+                    "safetensors) to this dtype (e.g. int8); for orbax, every array.")
+flags.DEFINE_integer("buffer_mib", 256, "verify: size of the reusable read buffer.", lower_bound=1)
+
+FLAGS = flags.FLAGS
+COMMANDS = ("verify", "inspect", "export")
+
+
+def main(argv: list[str]) -> int:
+  """Dispatches a subcommand; returns its exit status."""
+  from fastpersist_jax.errors import (CheckpointNotFoundError, FastPersistError,  # pylint: disable=g-import-not-at-top
+                                      UnsupportedLeafError)
+  from fastpersist_jax.cli import export, inspect, verify  # pylint: disable=g-import-not-at-top
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # Orbax's INFO lines would drown the report
+  args = argv[1:]
+  if not args or args[0] not in COMMANDS:
+    raise app.UsageError(f"expected a command, one of {', '.join(COMMANDS)}", exitcode=2)
+  command, operands = args[0], args[1:]
+  want = 2 if command == "export" else 1
+  if len(operands) != want:
+    raise app.UsageError(f"{command} takes {want} operand(s), got {operands}", exitcode=2)
+  try:
+    if command == "verify":
+      return verify.main(operands[0], FLAGS.buffer_mib << 20)
+    if command == "inspect":
+      return inspect.main(operands[0], FLAGS.json)
+    return export.main(operands[0], operands[1], FLAGS.format, FLAGS.max_shard_bytes, FLAGS.cast)
+  except (CheckpointNotFoundError, UnsupportedLeafError, export.ExportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except FastPersistError as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+
+
+def run() -> None:
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

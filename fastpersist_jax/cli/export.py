@@ -1,0 +1,320 @@
+"""`export`: a checkpoint item to safetensors or to a standard Orbax
+checkpoint, leaf by leaf (never the whole tree in memory), every CRC-32C
+checked on the way (reader.CheckpointReader).
+
+safetensors: tensor names are the leaf's key path entries (dict keys,
+sequence indices, attribute names) joined with "." (e.g. params.layers.0.w;
+a single-leaf tree is named "root"); non-array leaves (Python scalars, None,
+empty containers) go into the header's `__metadata__` under the same name,
+as JSON. The header is computed from the metadata before any data is read,
+then each leaf is read, verified and appended, so memory holds one leaf at a
+time. With max_shard_bytes the tensors are split into
+model-0000i-of-0000n.safetensors files plus model.safetensors.index.json
+(Hugging Face's layout). Each file is checked with the safetensors package
+(header, names, metadata) before the output, written into a temporary
+directory, is renamed into place.
+
+orbax: written through Orbax's PyTreeCheckpointHandler (TensorStore, the
+format StandardCheckpointer reads) with a type handler that loads each leaf
+only when Orbax writes it, one leaf at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import struct
+from typing import Any
+
+import numpy as np
+
+from fastpersist_jax import layout, reader, treepath
+from fastpersist_jax.errors import FastPersistError, UnsupportedLeafError
+
+FORMATS = ("safetensors", "orbax")
+
+# numpy/ml_dtypes name -> safetensors dtype code.
+SAFETENSORS_DTYPES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16",
+    "uint32": "U32", "int32": "I32", "uint64": "U64", "int64": "I64",
+    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
+    "complex64": "C64",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "float8_e8m0fnu": "F8_E8M0",
+}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class ExportError(FastPersistError):
+  """The export cannot be written as asked (name clash, output exists)."""
+
+
+def tensor_name(path: list) -> str:
+  """The safetensors name of a leaf: its key path entries joined with "."."""
+  return ".".join(str(key) for _, key in path) or "root"
+
+
+def _json_value(meta: layout.LeafMeta) -> str:
+  value = reader.plain_value(meta)
+  if isinstance(value, complex):
+    value = {"complex": [value.real, value.imag]}
+  return json.dumps(value)
+
+
+def _target_dtype(where: str, leaf_name: str, dtype_name: str, cast: str | None) -> np.dtype:
+  """The dtype a leaf is written as: its own, or `cast` where safetensors lacks
+  its own. Raises UnsupportedLeafError naming the leaf and --cast."""
+  if dtype_name in SAFETENSORS_DTYPES:
+    return layout.dtype_from_name(dtype_name)
+  if cast is None:
+    raise UnsupportedLeafError(
+        f"{where}: leaf {leaf_name} has dtype {dtype_name}, which safetensors cannot hold; pass "
+        f"--cast=DTYPE (e.g. --cast={_suggested_cast(dtype_name)}) to convert such leaves")
+  return cast_dtype(cast)
+
+
+def _suggested_cast(dtype_name: str) -> str:
+  for prefix, cast in (("uint", "uint8"), ("int", "int8"), ("complex", "complex64")):
+    if dtype_name.startswith(prefix):
+      return cast
+  return "float32"
+
+
+def cast_dtype(name: str) -> np.dtype:
+  """The dtype named by --cast; it must be one safetensors holds. Raises
+  UnsupportedLeafError."""
+  if name not in SAFETENSORS_DTYPES:
+    raise UnsupportedLeafError(
+        f"--cast={name}: not a dtype safetensors holds (one of {sorted(SAFETENSORS_DTYPES)})")
+  return layout.dtype_from_name(name)
+
+
+def _prepare_out(out: str) -> str:
+  """A fresh temporary directory next to `out`, which must not exist. Raises
+  ExportError."""
+  out = os.path.abspath(out)
+  if os.path.lexists(out):
+    raise ExportError(f"{out} already exists; remove it or choose another output")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  tmp = f"{out}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  return tmp
+
+
+def _commit(tmp: str, out: str) -> None:
+  for name in os.listdir(tmp):
+    fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+  os.rename(tmp, out)
+  fd = os.open(os.path.dirname(os.path.abspath(out)), os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def export_safetensors(item_dir: str, out: str, max_shard_bytes: int = 0,
+                       cast: str | None = None) -> list[str]:
+  """Writes the item at `item_dir` as safetensors into the new directory
+  `out`: model.safetensors, or (max_shard_bytes > 0 and more than one shard
+  needed) model-0000i-of-0000n.safetensors files of at most max_shard_bytes
+  of tensor data each (a larger tensor gets a file of its own) plus
+  model.safetensors.index.json. `cast`: dtype name for leaves whose dtype
+  safetensors lacks. Returns the paths of the files written. Raises
+  UnsupportedLeafError (a dtype safetensors lacks, no cast), ExportError
+  (name clash, `out` exists), ChecksumMismatchError / CorruptCheckpointError
+  (damaged checkpoint; nothing is left at `out`)."""
+  try:
+    import safetensors  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ExportError("--format=safetensors needs the safetensors package: "
+                      "pip install 'fastpersist_jax[export]'") from e
+  with reader.CheckpointReader(item_dir) as rd:
+    tensors: list[tuple[int, str, np.dtype, tuple[int, ...], int]] = []
+    metadata: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for i, meta in enumerate(rd.meta.leaves):
+      name = tensor_name(meta.path)
+      if name == "__metadata__":
+        raise ExportError(f"leaf {rd.leaf_name(i)} maps to the safetensors name {name!r}, "
+                          "which safetensors reserves for the header's metadata")
+      if name in owner:
+        raise ExportError(f"leaves {owner[name]} and {rd.leaf_name(i)} both map to the "
+                          f"safetensors name {name!r}")
+      owner[name] = rd.leaf_name(i)
+      if meta.kind in reader.ARRAY_KINDS:
+        dtype = _target_dtype(rd.directory, rd.leaf_name(i), meta.dtype, cast)
+        nbytes = int(np.prod(meta.shape, dtype=np.int64)) * dtype.itemsize
+        tensors.append((i, name, dtype, meta.shape, nbytes))
+      else:
+        metadata[name] = _json_value(meta)
+    shards: list[list] = [[]]
+    size = 0
+    for t in tensors:
+      if max_shard_bytes > 0 and shards[-1] and size + t[4] > max_shard_bytes:
+        shards.append([])
+        size = 0
+      shards[-1].append(t)
+      size += t[4]
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [
+        f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    tmp = _prepare_out(out)
+    try:
+      for fname, group in zip(names, shards):
+        _write_safetensors(rd, os.path.join(tmp, fname), group, metadata)
+        with safetensors.safe_open(os.path.join(tmp, fname), "np") as f:
+          if set(f.keys()) != {t[1] for t in group} or (f.metadata() or {}) != metadata:
+            raise ExportError(f"{fname}: safetensors reads back other names or metadata")
+      if n > 1:
+        index = {"metadata": {"total_size": sum(t[4] for t in tensors)},
+                 "weight_map": {t[1]: fname for fname, g in zip(names, shards) for t in g}}
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+          json.dump(index, f, indent=1)
+      _commit(tmp, out)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  return [os.path.join(out, f) for f in names + ([INDEX_FILE] if n > 1 else [])]
+
+
+def _write_safetensors(rd: reader.CheckpointReader, path: str, group: list,
+                       metadata: dict[str, str]) -> None:
+  """One safetensors file: the header from shapes and dtypes, then each
+  tensor's bytes, read and verified one leaf at a time."""
+  header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+  at = 0
+  for _, name, dtype, shape, nbytes in group:
+    header[name] = {"dtype": SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                    "data_offsets": [at, at + nbytes]}
+    at += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)   # tensor data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for leaf_id, _, dtype, _, nbytes in group:
+      value = np.asarray(rd.read_leaf(leaf_id))
+      if value.dtype != dtype:
+        value = value.astype(dtype)
+      data = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+      assert data.nbytes == nbytes, (rd.leaf_name(leaf_id), data.nbytes, nbytes)
+      f.write(data.data)
+      del value, data
+
+
+# Orbax ------------------------------------------------------------------------------
+
+
+class _LeafSource:
+  """A leaf to be read only when Orbax writes it."""
+
+  def __init__(self, rd: reader.CheckpointReader, leaf_id: int, dtype: np.dtype | None):
+    self.rd = rd
+    self.leaf_id = leaf_id
+    meta = rd.meta.leaves[leaf_id]
+    self.shape = tuple(meta.shape)
+    self.dtype = dtype or layout.dtype_from_name(meta.dtype)
+    self.ndim = len(self.shape)
+    self.size = int(np.prod(self.shape, dtype=np.int64))
+
+  def load(self) -> np.ndarray:
+    value = np.asarray(self.rd.read_leaf(self.leaf_id))
+    return value if value.dtype == self.dtype else value.astype(self.dtype)
+
+
+def _streaming_handler_class():
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """Writes _LeafSource leaves exactly as NumpyHandler writes np.ndarrays
+    (same typestr, same files), loading one leaf at a time."""
+
+    async def serialize(self, values, infos, args=None):
+      args = args or [ocp.SaveArgs()] * len(values)
+      return [ocp.future.CommitFutureAwaitingContractedSignals(
+          self._write_one_by_one(values, infos, args), name="fastpersist_export")]
+
+    async def _write_one_by_one(self, values, infos, args):
+      for value, info, arg in zip(values, infos, args):
+        array = await asyncio.to_thread(value.load)
+        await _numpy_write(self, array, info, arg)
+        del array
+
+  return StreamingNumpyHandler
+
+
+async def _numpy_write(handler: Any, array: np.ndarray, info: Any, arg: Any) -> None:
+  """Writes one numpy array the way Orbax's NumpyHandler does. The one use of
+  a non-public Orbax method (NumpyHandler._background_serialize: its public
+  serialize defers the write into a commit future of its own); the orbax
+  export test fails if Orbax moves it."""
+  await handler._background_serialize([array], [info], [arg])  # pylint: disable=protected-access
+
+
+def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
+  """Writes the item at `item_dir` as a standard Orbax checkpoint at the new
+  path `out`, which `ocp.StandardCheckpointer().restore(out)` (or
+  PyTreeCheckpointHandler) reads: arrays come back as numpy arrays, with the
+  saved dtype (or `cast`, applied to every array when given). Python scalars
+  and strings are written as Orbax writes them; None and empty containers as
+  empty nodes. Returns `out`. Raises ExportError (`out` exists, a zero-size
+  array, which Orbax refuses), ChecksumMismatchError / CorruptCheckpointError
+  (damaged checkpoint; Orbax commits nothing then)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out = os.path.abspath(out)
+  if os.path.lexists(out):
+    raise ExportError(f"{out} already exists; remove it or choose another output")
+  target = layout.dtype_from_name(cast) if cast else None
+  with reader.CheckpointReader(item_dir) as rd:
+    items = []
+    for i, meta in enumerate(rd.meta.leaves):
+      if meta.kind in reader.ARRAY_KINDS:
+        if 0 in meta.shape:
+          raise ExportError(f"leaf {rd.leaf_name(i)} has shape {meta.shape}: Orbax cannot save "
+                            "an array with no elements")
+        value = _LeafSource(rd, i, target)
+      else:
+        value = reader.plain_value(meta)
+        if isinstance(value, complex):
+          value = np.complex128(value)
+      items.append((meta.path, value))
+    tree = treepath.unflatten_as_nested(items)
+    scalar = ocp.type_handlers.ScalarHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (str, ocp.type_handlers.StringHandler()),
+        (_LeafSource, _streaming_handler_class()(deepcopy_host_arrays=False)))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+      ckptr.save(out, args=ocp.args.PyTreeSave(tree))
+  return out
+
+
+def main(path: str, out: str, fmt: str, max_shard_bytes: int = 0, cast: str | None = None) -> int:
+  """The export command. Exports one item (an item directory, or a step
+  directory holding one item) to `out`; a step directory of several items
+  is exported item by item into out/<item name>. Returns 0. Raises
+  FastPersistError subclasses (see export_safetensors / export_orbax)."""
+  if fmt not in FORMATS:
+    raise ExportError(f"--format must be one of {FORMATS}, got {fmt!r}")
+  items = reader.item_directories(path)
+  if len(items) > 1 and os.path.lexists(out):
+    raise ExportError(f"{out} already exists; remove it or choose another output")
+  for item in items:
+    dest = out if len(items) == 1 else os.path.join(out, os.path.basename(item))
+    if fmt == "safetensors":
+      written = export_safetensors(item, dest, max_shard_bytes, cast)
+    else:
+      written = [export_orbax(item, dest, cast)]
+    for w in written:
+      print(f"wrote {w}")
+  return 0

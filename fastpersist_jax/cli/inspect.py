@@ -1,0 +1,74 @@
+"""`inspect`: the saved tree from its metadata alone (no data is read): leaf
+paths, kinds, shapes, dtypes, shardings and bytes, with totals."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from fastpersist_jax import layout, reader
+
+
+def _sharding_str(d: dict | None) -> str:
+  if not d:
+    return "-"
+  if d.get("type") == "named":
+    spec = ", ".join("None" if e is None else repr(e) if isinstance(e, str) else
+                     repr(tuple(e)) for e in d.get("spec", []))
+    mesh = ", ".join(f"{a}={n}" for a, n in zip(d.get("axis_names", []), d.get("mesh_shape", [])))
+    return f"mesh({mesh}) P({spec})"
+  return str(d.get("type"))
+
+
+def describe_item(directory: str) -> dict[str, Any]:
+  """The tree of one item directory as JSON-ready data: {"directory",
+  "layout", "process_count", "leaves": [{"path", "kind", "dtype", "shape",
+  "sharding", "bytes", "value"}], "leaf_count", "array_count", "bytes"}.
+  Raises CheckpointNotFoundError or CorruptCheckpointError (bad metadata)."""
+  meta = layout.read_metadata(directory)
+  leaves = []
+  total = 0
+  for leaf in meta.leaves:
+    entry: dict[str, Any] = {"path": reader.keystr(leaf.path), "kind": leaf.kind}
+    if leaf.kind in reader.ARRAY_KINDS:
+      nbytes = math.prod(leaf.shape) * layout.dtype_from_name(leaf.dtype).itemsize
+      total += nbytes
+      entry.update(dtype=leaf.dtype, shape=list(leaf.shape), sharding=leaf.sharding, bytes=nbytes)
+    elif leaf.kind == "scalar":
+      value = leaf.value
+      entry.update(scalar_type=leaf.scalar_type,
+                   value=[value.real, value.imag] if isinstance(value, complex) else value)
+    leaves.append(entry)
+  return {"directory": directory, "layout": meta.layout, "process_count": meta.process_count,
+          "leaves": leaves, "leaf_count": len(leaves),
+          "array_count": sum(l["kind"] in reader.ARRAY_KINDS for l in leaves), "bytes": total}
+
+
+def format_item(d: dict[str, Any]) -> str:
+  """A readable table of describe_item's result."""
+  rows = [("path", "kind", "dtype", "shape", "sharding", "bytes")]
+  for l in d["leaves"]:
+    if "dtype" in l:
+      rows.append((l["path"], l["kind"], l["dtype"], str(tuple(l["shape"])),
+                   _sharding_str(l["sharding"]), str(l["bytes"])))
+    else:
+      value = f"= {l['value']!r}" if "value" in l else ""
+      rows.append((l["path"], l["kind"], value, "", "", ""))
+  widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+  lines = [f"{d['directory']} ({d['layout']} layout, {d['process_count']} process(es))"]
+  lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+  lines.append(f"  total: {d['leaf_count']} leaves, {d['array_count']} arrays, {d['bytes']} bytes "
+               f"({d['bytes'] / 2**20:.1f} MiB)")
+  return "\n".join(lines)
+
+
+def main(path: str, as_json: bool = False) -> int:
+  """The inspect command: prints every item at `path`. Returns 0. Raises
+  CheckpointNotFoundError (usage error) or CorruptCheckpointError."""
+  items = [describe_item(d) for d in reader.item_directories(path)]
+  if as_json:
+    print(json.dumps({"items": items}, indent=1))
+  else:
+    print("\n".join(format_item(d) for d in items))
+  return 0
