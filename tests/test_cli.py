@@ -160,12 +160,20 @@ def test_verify_truncated_data_file_exits_1(step_dir, tmp_path, capsys):
   assert "truncated" in out and data in out, out
 
 
+def write_sealed(path, doc) -> None:
+  """Writes an edited manifest or metadata document with a valid checksum of
+  its own (layout.seal), so that the validators behind it are what the edit
+  tests."""
+  with open(path, "wb") as f:
+    f.write(layout.seal({k: v for k, v in doc.items() if k != "crc32c"}))
+
+
 def test_verify_damaged_manifest_exits_1(step_dir, tmp_path, capsys):
   shutil.copytree(step_dir, tmp_path / "m")
   path = tmp_path / "m" / "default" / "manifest.00000.json"
   d = json.loads(path.read_text())
   d["shards"][0]["nbytes"] += 4
-  path.write_text(json.dumps(d))
+  write_sealed(path, d)
   rc, out, _ = cli_in_process(capsys, "verify", tmp_path / "m" / "default")
   assert rc == 1
   assert "manifest.00000.json" in out and "nbytes" in out, out
@@ -191,7 +199,7 @@ def test_verify_per_host_checkpoint_checks_what_is_here(tmp_path, capsys):
   item = root / "0" / "default"
   meta = json.loads((item / "fastpersist.json").read_text())
   meta["layout"] = "per_host"
-  (item / "fastpersist.json").write_text(json.dumps(meta))
+  write_sealed(item / "fastpersist.json", meta)
   for f in os.listdir(item):
     if f.startswith(("manifest.00001", "data.00001")):
       os.remove(item / f)
@@ -308,8 +316,7 @@ def test_a_shard_missing_from_the_manifest_is_damage(step_dir, tmp_path, capsys)
     d = json.load(f)
   first = next(j for j, s in enumerate(d["shards"]) if s["leaf"] == leaf)
   del d["shards"][first]
-  with open(path, "w") as f:
-    json.dump(d, f)
+  write_sealed(path, d)
   rc, out, _ = cli_in_process(capsys, "verify", tmp_path / "c")
   assert rc == 1 and "['params']['w']" in out and "of its 2048 elements" in out, out
   with CheckpointReader(item) as rd:
