@@ -38,7 +38,22 @@ _HANDLER_IDS = itertools.count()
 
 
 class FastPersistHandler(ocp.AsyncCheckpointHandler):
-  """Saves and restores pytrees of (sharded) jax.Arrays through io_uring."""
+  """Saves and restores pytrees of (sharded) jax.Arrays through io_uring.
+
+  Every save and restore logs one INFO line (logger "fastpersist_jax.*":
+  bytes, blocking ms, GB/s, snapshot mode; restores longer than a few
+  seconds also log their progress).
+
+  Attributes:
+    last_save_stats: figures of the last finished save: "bytes" (logical
+      bytes this process wrote), "blocking_s" (what async_save blocked for),
+      "snapshot_s" (the copy into staging), "write_s" / "commit_s" (from the
+      commit's start until the data is synced / the manifest written),
+      "cpu_s" (CPU seconds of the save's own threads), "snapshot_requested"
+      (FastPersistOptions.snapshot) and "snapshot_mode" (what it resolved
+      to: "copy", "view" (host views of CPU arrays, copied in the
+      background: what "auto" means on CPU) or "reference").
+  """
 
   def __init__(self, options: FastPersistOptions | None = None, *,
                multiprocessing_options: ocp.options.MultiprocessingOptions | None = None):
@@ -106,7 +121,13 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
     async def commit():
       op.commit(directory_str)
-      self.last_save_stats = dict(op.stats, snapshot_mode=mode)
+      stats = dict(op.stats, snapshot_requested=self._options.snapshot, snapshot_mode=mode)
+      self.last_save_stats = stats
+      logger.info("Saved %s: %d bytes, blocking %.1f ms, written and synced in the background at "
+                  "%.3f GB/s, snapshot %r (asked for %r).", directory_str, stats["bytes"],
+                  stats.get("blocking_s", 0.0) * 1e3,
+                  stats["bytes"] / max(stats.get("commit_s", 0.0), 1e-9) / 1e9, mode,
+                  self._options.snapshot)
 
     with self._snapshot_lock:
       # The commit future is created first: its writer thread must be ready to

@@ -1,20 +1,27 @@
-"""Restore: read exactly the saved shards each target shard needs, verify
-their checksums, and build arrays on the target's devices.
+"""Restore: manifests -> read plan -> reads -> verify -> arrays.
 
 Same sharding as saved: each process reads its own shards, one read each,
-straight into aligned memory that becomes the array's host copy. Any other
-sharding, mesh or device count: each target shard is assembled from the
-saved shards that overlap it. Reads are batched (restore_batch_bytes) so the
-engine keeps a deep queue across many leaves.
+straight into aligned memory that becomes the array's host copy on CPU. Any
+other sharding, mesh or device count: each target shard is assembled from
+the saved shards that overlap it (restore_plan.py decides which).
+
+The read pipeline runs four stages at once on batches of whole leaves of
+about `restore_batch_bytes`: allocating (and so faulting in) the batch's
+memory, reading into it through the engine, verifying each part's CRC-32C,
+and building the arrays. The first three run on their own threads without
+the GIL; building (jax.device_put) runs on the caller's thread while the
+next batches are read. A fresh process pays for every new page of memory
+(on a VM 0.1 to 2 s per GiB), so faulting memory in while the disk reads
+the previous batch is what lets a restart restore at the disk's speed.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
-import dataclasses
 import logging
-import math
 import os
+import time
 from typing import Any
 
 import crc32c
@@ -22,196 +29,50 @@ import jax
 import numpy as np
 
 from fastpersist_jax import _ext, exchange, layout, shardings, treepath
-from fastpersist_jax.errors import (ChecksumMismatchError, CorruptCheckpointError,
-                                    RestoreMismatchError)
+from fastpersist_jax.errors import ChecksumMismatchError, CorruptCheckpointError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
-from fastpersist_jax.plan import normalize_index
+from fastpersist_jax.restore_plan import (Index, LeafJob, as_python, key_dtype,
+                                          match_target, overlap, plain_value, plan_leaf,
+                                          restore_plain, saved_shape, saved_shards)
 
 logger = logging.getLogger(__name__)
 
-Index = tuple[tuple[int, int], ...]
+# Batches read ahead of the one being built: deep enough that the disk never
+# waits for memory to be faulted in or for arrays to be built.
+_READ_AHEAD_BATCHES = 3
+# Threads faulting in the memory of batches ahead: page faults of fresh
+# memory are CPU work, which two threads share while the disk reads.
+_ALLOC_THREADS = 2
+# A restore longer than this logs its progress every this many seconds.
+_PROGRESS_EVERY_S = 5.0
 
 
-@dataclasses.dataclass
-class _SavedShard:
-  """One saved shard: its bytes may be split in parts written by several
-  processes (replica-parallel), each part with its own record and crc."""
-  index: Index
-  nbytes: int
-  parts: list[tuple[int, layout.ShardRecord]]   # (process, record), in byte order
-  missing: str | None = None                    # why some bytes are not here
-  view: np.ndarray | None = None                # all its bytes, once read
-
-  def describe(self, manifests, process: int, rec: layout.ShardRecord) -> str:
+def check_part(view: np.ndarray, rec: layout.ShardRecord, leaf_name: str, where: str) -> None:
+  """Raises ChecksumMismatchError naming the leaf, shard, part and place
+  when `view` (the bytes of `rec`) does not match its recorded CRC-32C."""
+  if crc32c.crc32c(view) != rec.crc32c:
     part = f" bytes {list(rec.part)}" if rec.part is not None else ""
-    where = (f"{manifests[process].files[rec.file][0]} @ {rec.offset}" if process in manifests
-             else "received from that host")
-    return f"shard {list(map(list, self.index))}{part} (process {process}, {where})"
-
-
-def _assemble_parts(leaf_name: str, index: Index, nbytes: int,
-                    records: list[tuple[int, layout.ShardRecord]]) -> _SavedShard:
-  """Orders a shard's parts; they must tile its bytes exactly once. The same
-  range saved twice (per-host checkpoints gathered in one directory) is fine."""
-  chosen = []
-  at = 0
-  for process, rec in sorted(records, key=lambda pr: (pr[1].part or (0, nbytes), pr[0])):
-    start, stop = rec.part or (0, nbytes)
-    if start == at and stop > start:
-      chosen.append((process, rec))
-      at = stop
-    elif chosen and (start, stop) == (chosen[-1][1].part or (0, nbytes)):
-      continue  # a duplicate of the part just taken
-    elif stop > start or start > at:
-      raise CorruptCheckpointError(
-          f"leaf {leaf_name}, shard {list(map(list, index))}: saved parts overlap or leave "
-          f"a gap at byte {at} (part {[start, stop]})")
-  missing = None
-  if at != nbytes and nbytes:
-    # An error only if a target needs this shard (see Restorer._plan_leaf).
-    missing = (f"leaf {leaf_name}, shard {list(map(list, index))}: only bytes [0, {at}) of "
-               f"{nbytes} are here")
-  return _SavedShard(index, nbytes, chosen, missing)
-
-
-@dataclasses.dataclass
-class _LeafJob:
-  leaf_id: int
-  meta: layout.LeafMeta
-  sharding: jax.sharding.Sharding | None    # None: build a numpy array
-  device_indices: list[tuple[Any, Index]]   # (device, index) of target shards, in saved data
-  needed: list[_SavedShard]
-  dtype: np.dtype                           # what to build: the target's, cast from the saved
-  prng_impl: str | None = None              # build typed keys of this implementation
-  python_type: type | None = None           # a Python scalar target: return one of this type
-
-
-def _overlap(a: Index, b: Index) -> Index | None:
-  out = []
-  for (a0, a1), (b0, b1) in zip(a, b):
-    lo, hi = max(a0, b0), min(a1, b1)
-    if lo >= hi:
-      return None
-    out.append((lo, hi))
-  return tuple(out)
-
-
-def _volume(index: Index) -> int:
-  return math.prod(b - a for a, b in index)
-
-
-_PYTHON_SCALARS = (bool, int, float, complex)
-
-
-def _is_python_scalar(x: Any) -> bool:
-  return type(x) in _PYTHON_SCALARS
-
-
-def _is_array_target(x: Any) -> bool:
-  return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
-
-
-def _saved_shape(meta: layout.LeafMeta) -> tuple[int, ...]:
-  """The shape users see: a typed key array's, without the key data's dims."""
-  return meta.shape[:-1] if meta.prng_impl else meta.shape
-
-
-def _key_dtype(impl: str) -> Any:
-  return jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype
-
-
-def _target_dtype(meta: layout.LeafMeta, target: Any, name: str) -> tuple[np.dtype, str | None]:
-  """(dtype of the data to build, PRNG impl of the keys to wrap it in).
-
-  A saved typed key restores into a key target of the same implementation,
-  or into its raw key data (uint32, with the key data's shape). Any other
-  saved array is cast to the target's dtype with numpy's semantics, as
-  np.asarray(saved).astype(dtype) does."""
-  saved = layout.dtype_from_name(meta.dtype)
-  t_dtype = getattr(target, "dtype", None)
-  if meta.prng_impl:
-    if t_dtype is not None and jax.dtypes.issubdtype(t_dtype, jax.dtypes.prng_key):
-      if t_dtype != _key_dtype(meta.prng_impl):
-        raise RestoreMismatchError(f"leaf {name}: target keys {t_dtype} differ from the saved "
-                                   f"{meta.prng_impl} keys")
-      return saved, meta.prng_impl
-    if target is None or _is_python_scalar(target):
-      return saved, meta.prng_impl
-    shape = tuple(getattr(target, "shape", ()))
-    if shape != meta.shape or np.dtype(t_dtype) != saved:
-      raise RestoreMismatchError(
-          f"leaf {name}: saved as {meta.prng_impl} keys of shape {_saved_shape(meta)}; the target "
-          f"({shape}, {t_dtype}) is neither such keys nor their key data ({meta.shape}, uint32)")
-    return saved, None
-  if target is None or _is_python_scalar(target):
-    return saved, None
-  if jax.dtypes.issubdtype(t_dtype, jax.dtypes.extended):
-    raise RestoreMismatchError(f"leaf {name}: the target holds {t_dtype}, the checkpoint "
-                               f"{meta.dtype} data, which cannot become {t_dtype}")
-  try:
-    dtype = np.dtype(t_dtype)
-    np.zeros(1, saved).astype(dtype)
-  except (TypeError, ValueError) as e:
-    raise RestoreMismatchError(
-        f"leaf {name}: the saved {meta.dtype} cannot be cast to the target's {t_dtype} ({e})") from e
-  return dtype, None
-
-
-def _check_shape(meta: layout.LeafMeta, target: Any, name: str, raw_key_data: bool) -> None:
-  shape = () if _is_python_scalar(target) else tuple(getattr(target, "shape", ()))
-  want = meta.shape if raw_key_data else _saved_shape(meta)
-  if shape != want:
-    raise RestoreMismatchError(f"leaf {name}: target shape {shape} differs from saved {want}")
-
-
-def _scalar_as_array(meta: layout.LeafMeta, target: Any, name: str) -> Any:
-  """A saved Python scalar restored into an array target (e.g. a step saved as
-  0, restored into ShapeDtypeStruct((), int32)): a 0-d array of the target's
-  dtype, on the target's sharding (numpy for a numpy target)."""
-  shape = tuple(target.shape)
-  if shape != ():
-    raise RestoreMismatchError(
-        f"leaf {name}: saved as a Python {meta.scalar_type}; the target has shape {shape}")
-  if meta.scalar_type == "str" or jax.dtypes.issubdtype(target.dtype, jax.dtypes.extended):
-    raise RestoreMismatchError(
-        f"leaf {name}: a saved {meta.scalar_type} cannot become a {target.dtype} array")
-  value = np.asarray(meta.value).astype(np.dtype(target.dtype))
-  if meta.scalar_type in ("int", "bool") and value.item() != meta.value:
-    raise RestoreMismatchError(
-        f"leaf {name}: the saved {meta.value} does not fit the target's {target.dtype}")
-  if isinstance(target, np.ndarray):
-    return value
-  sharding = getattr(target, "sharding", None)
-  return jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
-
-
-def _as_python(value: np.ndarray, python_type: type, name: str) -> Any:
-  """A restored 0-d array as the target's Python scalar type, when lossless."""
-  v = value.reshape(()).item()
-  try:
-    out = python_type(v)
-  except (TypeError, ValueError) as e:
-    raise RestoreMismatchError(f"leaf {name}: the saved {v!r} is not a {python_type.__name__}") from e
-  if not (out == v or (out != out and v != v)):   # (NaN restores as NaN)
-    raise RestoreMismatchError(
-        f"leaf {name}: the saved {v!r} would change as a {python_type.__name__} ({out!r})")
-  return out
+    raise ChecksumMismatchError(
+        f"leaf {leaf_name}, shard {list(map(list, rec.index))}{part} ({where}): checksum "
+        "mismatch, the data is corrupt")
 
 
 class Restorer:
-  """Restores one checkpoint directory."""
+  """Restores one checkpoint directory (item directory holding
+  fastpersist.json). Raises CheckpointNotFoundError when there is none."""
 
   def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str):
     self._engine = engine
     self._options = options
     self._directory = directory
     self.meta = layout.read_metadata(directory)
-    self._manifests: list[layout.Manifest] | None = None
+    self._manifests: dict[int, layout.Manifest] | None = None
     # Part bytes already in memory: swapped between hosts (per-host
     # checkpoints with replica-parallel parts), keyed by (process, leaf,
     # index, part).
     self._received: dict[tuple, np.ndarray] = {}
+    self._files: dict[tuple[int, int], Any] = {}
 
   @property
   def manifests(self) -> dict[int, layout.Manifest]:
@@ -231,74 +92,86 @@ class Restorer:
   # Public ---------------------------------------------------------------------
 
   def restore(self, target: Any = None) -> Any:
+    """The saved tree, or the part of it `target` names, built as `target`
+    says (see FastPersistRestore). Raises RestoreMismatchError (the target
+    does not fit), CorruptCheckpointError / ChecksumMismatchError (damage)."""
+    t0 = time.perf_counter()
     leaves = self.meta.leaves
-    if target is None:
-      selected = [(i, None) for i in range(len(leaves))]
-      treedef = None
-    else:
-      flat, treedef = treepath.flatten(target)
-      by_key = {}
-      for i, l in enumerate(leaves):
-        if by_key.setdefault(treepath.key_of(l.path), i) != i:
-          raise CorruptCheckpointError(f"{self._directory}: two saved leaves are both named "
-                                       f"{treepath.to_str(l.path)}")
-      selected = []
-      for path, t in flat:
-        key = treepath.key_of(path)
-        if key not in by_key:
-          raise RestoreMismatchError(
-              f"leaf {treepath.to_str(path)} of the restore target is not in the checkpoint")
-        selected.append((by_key[key], t))
-
-    shards_by_leaf: dict[int, list[_SavedShard]] = {}
+    selected, treedef = match_target(leaves, target, self._directory)
     wanted = {i for i, _ in selected if leaves[i].kind in layout.ARRAY_KINDS}
-    if wanted:
-      records: dict[tuple[int, Index], list] = {}
-      for m in self.manifests.values():
-        for rec in m.shards:
-          if rec.leaf in wanted:
-            records.setdefault((rec.leaf, rec.index), []).append((m.process_index, rec))
-      if self._parts_are_on_peers():
-        for process, rec, data in self._swap_parts(records):
-          if rec.leaf in wanted:
-            records.setdefault((rec.leaf, rec.index), []).append((process, rec))
-            self._received[(process, rec.leaf, rec.index, rec.part)] = data
-      for (leaf_id, index), recs in records.items():
-        meta = leaves[leaf_id]
-        nbytes = _volume(index) * layout.dtype_from_name(meta.dtype).itemsize
-        shards_by_leaf.setdefault(leaf_id, []).append(
-            _assemble_parts(treepath.to_str(meta.path), index, nbytes, recs))
-      for leaf_id, shards in shards_by_leaf.items():
-        layout.check_grid([s.index for s in shards],
-                          f"leaf {treepath.to_str(leaves[leaf_id].path)}: saved shards")
+    shards_by_leaf = saved_shards(leaves, self._records(wanted)) if wanted else {}
 
     values: list[Any] = [None] * len(selected)
-    jobs: list[tuple[int, _LeafJob]] = []
     fallback_to_numpy: list[str] = []
-    for pos, (leaf_id, t) in enumerate(selected):
-      meta = leaves[leaf_id]
-      name = treepath.to_str(meta.path)
-      if meta.kind in layout.ARRAY_KINDS:
-        job = self._plan_leaf(leaf_id, meta, t, name, shards_by_leaf.get(leaf_id, []),
-                              fallback_to_numpy)
-        jobs.append((pos, job))
-      elif meta.kind == "scalar" and _is_array_target(t):
-        values[pos] = _scalar_as_array(meta, t, name)
-      elif _is_array_target(t):
-        raise RestoreMismatchError(f"leaf {name}: saved as {meta.kind}, target is an array")
-      elif meta.kind != "scalar" and t is not None and treepath.is_empty_node(t):
-        values[pos] = t    # the target's own empty node (e.g. optax.EmptyState())
-      else:
-        values[pos] = _plain_value(meta)
+
+    def jobs():
+      for pos, (leaf_id, t) in enumerate(selected):
+        meta = leaves[leaf_id]
+        if meta.kind in layout.ARRAY_KINDS:
+          yield pos, plan_leaf(leaf_id, meta, t, shards_by_leaf.get(leaf_id, []),
+                               fallback_to_numpy, self._missing_hint())
+        else:
+          values[pos] = restore_plain(meta, t, treepath.to_str(meta.path))
+
+    try:
+      stats = self._read_and_build(jobs(), values)
+    finally:
+      for f in self._files.values():
+        f.close()
+      self._files.clear()
     if fallback_to_numpy:
       logger.warning("Restoring %d array(s) as numpy because their saved sharding does not fit "
                      "the devices present (%s). Pass a target with shardings to place them.",
                      len(fallback_to_numpy), fallback_to_numpy[0])
-
-    self._read_and_build(jobs, values)
+    seconds = time.perf_counter() - t0
+    logger.info("Restored %s: %d leaves, %d bytes in %.3f s (%.3f GB/s)%s.", self._directory,
+                len(selected), stats["bytes"], seconds,
+                stats["bytes"] / max(seconds, 1e-9) / 1e9,
+                ", resharded" if stats["resharded"] else "")
     if treedef is not None:
       return jax.tree_util.tree_unflatten(treedef, values)
     return treepath.unflatten_as_nested([(leaves[i].path, v) for (i, _), v in zip(selected, values)])
+
+  def abstract_tree(self) -> Any:
+    """The saved tree as jax.ShapeDtypeStructs (with shardings where they fit;
+    typed keys with their key dtype), plus the saved Python scalars."""
+    items = []
+    for meta in self.meta.leaves:
+      if meta.kind == "array":
+        sharding, _ = shardings.decode(meta.sharding)
+        dtype = key_dtype(meta.prng_impl) if meta.prng_impl else layout.dtype_from_name(meta.dtype)
+        value = jax.ShapeDtypeStruct(saved_shape(meta), dtype, sharding=sharding)
+      elif meta.kind in ("numpy", "np_scalar"):
+        value = jax.ShapeDtypeStruct(meta.shape, layout.dtype_from_name(meta.dtype))
+      else:
+        value = plain_value(meta)
+      items.append((meta.path, value))
+    return treepath.unflatten_as_nested(items)
+
+  # Saved shards -------------------------------------------------------------
+
+  def _records(self, wanted: set[int]) -> dict[tuple[int, Index], list]:
+    """{(leaf, index): [(process, record), ...]} of the wanted leaves, from
+    every manifest here (and, per host, from the other hosts' swapped parts)."""
+    records: dict[tuple[int, Index], list] = {}
+    for m in self.manifests.values():
+      for rec in m.shards:
+        if rec.leaf in wanted:
+          records.setdefault((rec.leaf, rec.index), []).append((m.process_index, rec))
+    if self._parts_are_on_peers():
+      for process, rec, data in self._swap_parts(records):
+        if rec.leaf in wanted:
+          records.setdefault((rec.leaf, rec.index), []).append((process, rec))
+          self._received[(process, rec.leaf, rec.index, rec.part)] = data
+    return records
+
+  def _missing_hint(self) -> str:
+    if self.meta.layout == "per_host":
+      return ("this per-host checkpoint holds only its own process's parts: processes "
+              f"{sorted(self.manifests)} of {self.meta.process_count} are here; restore on the "
+              "same topology (the hosts swap parts), or gather the other hosts' files into this "
+              "directory")
+    return "a process's data is missing"
 
   def _parts_are_on_peers(self) -> bool:
     """A per-host checkpoint with replica-parallel parts, restored by as many
@@ -316,189 +189,136 @@ class Restorer:
             if p == me and rec.part is not None]
     buf = np.frombuffer(AlignedBuffer(sum(layout.align_up(r.nbytes) for r in mine)), np.uint8)
     views, error = [], None
-    files: dict = {}
     try:
       extents, at = [], 0
       for rec in mine:
         views.append(buf[at:at + rec.nbytes])
-        extents.append((self._file(files, me, rec.file), rec.offset, views[-1]))
+        extents.append((self._file(me, rec.file), rec.offset, views[-1]))
         at += layout.align_up(rec.nbytes)
       self._engine.read(extents)
-      for rec, view in zip(mine, views):
-        if self._options.verify_checksums and crc32c.crc32c(view) != rec.crc32c:
-          raise ChecksumMismatchError(
-              f"leaf {treepath.to_str(self.meta.leaves[rec.leaf].path)}, shard "
-              f"{list(map(list, rec.index))} bytes {list(rec.part)}: checksum mismatch")
+      if self._options.verify_checksums:
+        for rec, view in zip(mine, views):
+          check_part(view, rec, treepath.to_str(self.meta.leaves[rec.leaf].path),
+                     self._where(me, rec))
     except (OSError, CorruptCheckpointError) as e:
       error = f"{type(e).__name__}: {e}"
-    finally:
-      for f in files.values():
-        f.close()
     theirs = exchange.swap_parts([] if error else list(zip(mine, views)), self.meta.save_id,
                                  error)
     for rec, view in zip(mine, views):   # already read and verified: not again
       self._received[(me, rec.leaf, rec.index, rec.part)] = view
     return theirs
 
-  def abstract_tree(self) -> Any:
-    """The saved tree as jax.ShapeDtypeStructs (with shardings where they fit)."""
-    items = []
-    for meta in self.meta.leaves:
-      if meta.kind == "array":
-        sharding, _ = shardings.decode(meta.sharding)
-        dtype = (_key_dtype(meta.prng_impl) if meta.prng_impl else
-                 layout.dtype_from_name(meta.dtype))
-        value = jax.ShapeDtypeStruct(_saved_shape(meta), dtype, sharding=sharding)
-      elif meta.kind in ("numpy", "np_scalar"):
-        value = jax.ShapeDtypeStruct(meta.shape, layout.dtype_from_name(meta.dtype))
-      else:
-        value = _plain_value(meta)
-      items.append((meta.path, value))
-    return treepath.unflatten_as_nested(items)
+  def _where(self, process: int, rec: layout.ShardRecord) -> str:
+    if process in self.manifests and rec.file >= 0:
+      return f"process {process}, {self.manifests[process].files[rec.file][0]} @ {rec.offset}"
+    return f"process {process}, received from that host"
 
-  # Planning -----------------------------------------------------------------
-
-  @staticmethod
-  def _saved_sharding(meta, name, prng_impl, fallback_to_numpy):
-    """The saved sharding rebuilt here, or None (noted for the warning)."""
-    sharding, why = shardings.decode(meta.sharding)
-    if sharding is None:
-      fallback_to_numpy.append(f"{name}: {why}")
-    elif meta.prng_impl and prng_impl is None:
-      sharding = _key_data_sharding(sharding)   # raw key data: the keys' sharding + a dim
-    return sharding
-
-  def _plan_leaf(self, leaf_id, meta, t, name, saved, fallback_to_numpy) -> _LeafJob:
-    sharding = None
-    python_type = type(t) if _is_python_scalar(t) else None
-    if t is not None and python_type is None and not _is_array_target(t):
-      raise RestoreMismatchError(
-          f"leaf {name}: saved as an array; target {type(t).__name__} is not an array")
-    dtype, prng_impl = _target_dtype(meta, t, name)
-    if t is not None:
-      _check_shape(meta, t, name, raw_key_data=bool(meta.prng_impl) and prng_impl is None)
-      if isinstance(t, jax.Array):
-        sharding = t.sharding
-      elif isinstance(t, jax.ShapeDtypeStruct):
-        sharding = _on_devices(t.sharding, meta, name)
-        if sharding is None and meta.kind == "array":
-          sharding = self._saved_sharding(meta, name, prng_impl, fallback_to_numpy)
-    elif meta.kind == "array":
-      sharding = self._saved_sharding(meta, name, prng_impl, fallback_to_numpy)
-    if sharding is not None:
-      # Target shards of the data: a typed key's index covers its key data too.
-      shape = _saved_shape(meta) if prng_impl else meta.shape
-      tail = tuple((0, n) for n in meta.shape[len(shape):])
-      device_indices = [(d, normalize_index(idx, shape) + tail) for d, idx in
-                        sharding.addressable_devices_indices_map(shape).items()]
-    else:
-      device_indices = [(None, tuple((0, n) for n in meta.shape))]
-    needed = [s for s in saved
-              if any(_overlap(s.index, idx) is not None for _, idx in device_indices)]
-    for s in needed:
-      if s.missing:
-        hint = (f"this per-host checkpoint holds processes {sorted(self.manifests)} of "
-                f"{self.meta.process_count}; restore on the same topology (the hosts swap "
-                "parts), or gather the other hosts' files into this directory"
-                if self.meta.layout == "per_host" else "a process's part is missing")
-        raise CorruptCheckpointError(f"{s.missing} ({hint})")
-    # Every target region must be covered by saved data.
-    for _, idx in device_indices:
-      covered = sum(_volume(o) for s in needed if (o := _overlap(s.index, idx)) is not None)
-      if covered != _volume(idx):
-        hint = ("this per-host checkpoint holds only what its own process's devices held: "
-                f"processes {sorted(self.manifests)} of {self.meta.process_count} are here; "
-                "restore on the same topology, or gather the other hosts' files into this "
-                "directory" if self.meta.layout == "per_host" else "a process's data is missing?")
-        raise CorruptCheckpointError(
-            f"leaf {name}: the checkpoint holds {covered} of the {_volume(idx)} elements of "
-            f"region {list(map(list, idx))} ({hint})")
-    return _LeafJob(leaf_id, meta, sharding, device_indices, needed, dtype, prng_impl, python_type)
-
-  # Reading ------------------------------------------------------------------
-
-  def _read_and_build(self, jobs: list[tuple[int, _LeafJob]], values: list[Any]) -> None:
-    """Reads batch k+1 on a helper thread while batch k is verified and built
-    here: both the engine and crc32c run without the GIL."""
-    batches: list[list[tuple[int, _LeafJob]]] = []
-    batch_bytes = 0
-    for pos, job in jobs:
-      nbytes = sum(layout.align_up(s.nbytes) for s in job.needed)
-      if not batches or (batches[-1] and batch_bytes + nbytes > self._options.restore_batch_bytes):
-        batches.append([])
-        batch_bytes = 0
-      batches[-1].append((pos, job))
-      batch_bytes += nbytes
-    files: dict[tuple[int, int], Any] = {}
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastpersist-read") as reader:
-      try:
-        pending = reader.submit(self._load, batches[0], files) if batches else None
-        for k, batch in enumerate(batches):
-          pending.result()
-          if k + 1 < len(batches):
-            pending = reader.submit(self._load, batches[k + 1], files)
-          self._finish(batch, values)
-      finally:
-        if pending is not None:
-          pending.cancel()
-          concurrent.futures.wait([pending])
-        for f in files.values():
-          f.close()
-
-  def _file(self, files, process: int, file_id: int):
+  def _file(self, process: int, file_id: int):
     key = (process, file_id)
-    if key not in files:
+    if key not in self._files:
       name = self.manifests[process].files[file_id][0]
-      files[key] = self._engine.open_for_read(os.path.join(self._directory, name))
-    return files[key]
+      self._files[key] = self._engine.open_for_read(os.path.join(self._directory, name))
+    return self._files[key]
 
-  def _load(self, batch, files) -> None:
-    """Reads every part of every saved shard the batch needs into fresh
-    aligned memory (fresh: on CPU the restored arrays alias it)."""
-    shards = [s for _, job in batch for s in job.needed]
-    total = sum(layout.align_up(s.nbytes) for s in shards)
-    whole = np.frombuffer(AlignedBuffer(total), np.uint8)
+  # The read pipeline --------------------------------------------------------
+
+  def _read_and_build(self, jobs, values: list[Any]) -> dict:
+    """Plans, reads, verifies and builds batch by batch (see the module
+    docstring); returns {"bytes": read, "resharded": bool}."""
+    stats = {"bytes": 0, "resharded": False}
+    t0 = last_log = time.perf_counter()
+    executors = [concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix=f"fastpersist-{name}")
+                 for name, n in (("alloc", _ALLOC_THREADS), ("read", 1), ("verify", 1))]
+    alloc, reader, verifier = executors
+    in_flight: collections.deque = collections.deque()   # (batch, verify future)
+
+    def submit(batch):
+      nbytes = sum(job.read_bytes for _, job in batch)
+      buffer = alloc.submit(AlignedBuffer, nbytes)
+      loaded = reader.submit(self._load, batch, buffer)
+      in_flight.append((batch, verifier.submit(self._verify, batch, loaded)))
+      stats["bytes"] += sum(s.nbytes for _, job in batch for s in job.needed)
+
+    def build_oldest():
+      nonlocal last_log
+      batch, verified = in_flight.popleft()
+      verified.result()
+      for (pos, job), value in zip(batch, _build_batch([job for _, job in batch])):
+        values[pos] = value
+        stats["resharded"] |= job.resharded
+        for s in job.needed:
+          s.view = None
+      now = time.perf_counter()
+      if now - last_log > _PROGRESS_EVERY_S:
+        last_log = now
+        logger.info("Restoring %s: %d bytes read, %.3f GB/s so far", self._directory,
+                    stats["bytes"], stats["bytes"] / (now - t0) / 1e9)
+
+    try:
+      batch: list[tuple[int, LeafJob]] = []
+      batch_bytes = 0
+      for pos, job in jobs:
+        if batch and batch_bytes + job.read_bytes > self._options.restore_batch_bytes:
+          submit(batch)
+          batch, batch_bytes = [], 0
+          while len(in_flight) > _READ_AHEAD_BATCHES:
+            build_oldest()
+        batch.append((pos, job))
+        batch_bytes += job.read_bytes
+      if batch:
+        submit(batch)
+      while in_flight:
+        build_oldest()
+    finally:
+      for _, verified in in_flight:
+        verified.cancel()
+      for e in executors:
+        e.shutdown(wait=True, cancel_futures=True)   # nothing may still write into freed memory
+    return stats
+
+  def _load(self, batch, buffer_future) -> np.ndarray:
+    """Reads every part of every saved shard the batch needs into the
+    batch's aligned buffer (fresh: on CPU the restored arrays alias it)."""
+    whole = np.frombuffer(buffer_future.result(), np.uint8)
     extents = []
-    at = 0
     in_memory = []
-    for s in shards:
-      s.view = whole[at:at + s.nbytes]
-      for process, rec in s.parts:
-        if rec.nbytes:
-          start = rec.part[0] if rec.part else 0
-          dst = s.view[start:start + rec.nbytes]
-          data = self._received.get((process, rec.leaf, rec.index, rec.part))
-          if data is not None:
-            in_memory.append((dst, data))
-          else:
-            extents.append((self._file(files, process, rec.file), rec.offset, dst))
-      at += layout.align_up(s.nbytes)
+    at = 0
+    for _, job in batch:
+      for s in job.needed:
+        s.view = whole[at:at + s.nbytes]
+        for process, rec in s.parts:
+          if rec.nbytes:
+            start = rec.part[0] if rec.part else 0
+            dst = s.view[start:start + rec.nbytes]
+            data = self._received.get((process, rec.leaf, rec.index, rec.part))
+            if data is not None:
+              in_memory.append((dst, data))
+            else:
+              extents.append((self._file(process, rec.file), rec.offset, dst))
+        at += layout.align_up(s.nbytes)
+    # In file order: sequential reads, whatever order the target's leaves are in.
+    extents.sort(key=lambda e: (e[0].path, e[1]))
     self._engine.read(extents)
     if in_memory:
       _ext.copy_many(in_memory, 1)
+    return whole
 
-  def _finish(self, batch, values) -> None:
-    for pos, job in batch:
-      name = treepath.to_str(job.meta.path)
-      if self._options.verify_checksums:
-        for s in job.needed:
-          for process, rec in s.parts:
-            start = rec.part[0] if rec.part else 0
-            if crc32c.crc32c(s.view[start:start + rec.nbytes]) != rec.crc32c:
-              raise ChecksumMismatchError(
-                  f"leaf {name}, {s.describe(self.manifests, process, rec)}: "
-                  "checksum mismatch, the data is corrupt")
-      values[pos] = _build(job)
+  def _verify(self, batch, loaded) -> None:
+    loaded.result()
+    if not self._options.verify_checksums:
+      return
+    for _, job in batch:
+      name = None
       for s in job.needed:
-        s.view = None
+        for process, rec in s.parts:
+          start = rec.part[0] if rec.part else 0
+          view = s.view[start:start + rec.nbytes]
+          if crc32c.crc32c(view) != rec.crc32c:
+            name = name or treepath.to_str(job.meta.path)
+            check_part(view, rec, name, self._where(process, rec))
 
 
-def _plain_value(meta: layout.LeafMeta) -> Any:
-  return {"none": None, "empty_node": None, "empty_dict": {}, "empty_list": [], "empty_tuple": (),
-          "scalar": meta.value}[meta.kind]
-
-
-def _region(job: _LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
+def _region(job: LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
   """The target region `index` of the leaf, from the saved shards read."""
   shape = tuple(b - a for a, b in index)
   for s in job.needed:
@@ -506,7 +326,7 @@ def _region(job: _LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
       return s.view.view(dtype).reshape(shape)   # exact match: no copy
   out = np.empty(shape, dtype)
   for s in job.needed:
-    o = _overlap(s.index, index)
+    o = overlap(s.index, index)
     if o is None:
       continue
     src = s.view.view(dtype).reshape(tuple(b - a for a, b in s.index))
@@ -516,61 +336,55 @@ def _region(job: _LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
   return out
 
 
-def _on_devices(sharding: Any, meta: layout.LeafMeta, name: str) -> Any:
-  """A target sharding on an AbstractMesh (what jax.eval_shape gives for
-  arrays on an Explicit mesh) made concrete: on the saved mesh's devices when
-  its axes are the same, else over all devices when their number fits."""
-  if not (isinstance(sharding, jax.sharding.NamedSharding) and
-          isinstance(sharding.mesh, jax.sharding.AbstractMesh)):
-    return sharding
-  abstract_mesh = sharding.mesh
-  saved, _ = shardings.decode(meta.sharding)
-  if (isinstance(saved, jax.sharding.NamedSharding) and
-      saved.mesh.shape_tuple == abstract_mesh.shape_tuple):
-    devices = saved.mesh.devices
-  elif math.prod(abstract_mesh.axis_sizes) == jax.device_count():
-    devices = np.asarray(jax.devices()).reshape(abstract_mesh.axis_sizes)
-  else:
-    raise RestoreMismatchError(
-        f"leaf {name}: the target's sharding is on an abstract mesh {dict(abstract_mesh.shape)} "
-        f"and {jax.device_count()} devices are present; give the target a concrete mesh")
-  mesh = jax.sharding.Mesh(devices, abstract_mesh.axis_names, axis_types=abstract_mesh.axis_types)
-  return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
-
-
-def _key_data_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-  """The sharding of a key array's key data: the same, plus a whole last dim."""
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, None),
-                                      memory_kind=sharding.memory_kind)
-  return sharding   # single-device and fully replicated shardings fit any rank
-
-
-def _build(job: _LeafJob) -> Any:
+def _host_value(job: LeafJob) -> Any:
+  """A leaf built on the host: numpy, a numpy or Python scalar, or typed keys."""
   meta = job.meta
-  saved = layout.dtype_from_name(meta.dtype)
-  cast = (lambda a: a) if job.dtype == saved else (lambda a: a.astype(job.dtype))
-  if job.sharding is None:
-    arr = cast(_region(job, tuple((0, n) for n in meta.shape), saved))
-    if job.python_type is not None:
-      return _as_python(arr, job.python_type, treepath.to_str(meta.path))
-    if job.prng_impl:
-      return jax.random.wrap_key_data(arr, impl=job.prng_impl)
-    if meta.kind == "np_scalar":
-      return arr.reshape(())[()]
-    return arr
-  per_index: dict[Index, np.ndarray] = {}
-  for _, idx in job.device_indices:
-    if idx not in per_index:
-      per_index[idx] = cast(_region(job, idx, saved))
-  # One device_put for all of the leaf's shards (~3x less overhead than one
-  # each), each into the target's memory kind (e.g. pinned_host).
-  memory_kind = job.sharding.memory_kind
-  arrays = jax.device_put([per_index[idx] for _, idx in job.device_indices],
-                          [jax.sharding.SingleDeviceSharding(device, memory_kind=memory_kind)
-                           for device, _ in job.device_indices])
-  shape = meta.shape
+  arr = _region(job, tuple((0, n) for n in meta.shape), layout.dtype_from_name(meta.dtype))
+  if job.dtype != arr.dtype:
+    arr = arr.astype(job.dtype)
+  if job.python_type is not None:
+    return as_python(arr, job.python_type, treepath.to_str(meta.path))
   if job.prng_impl:
-    arrays = [jax.random.wrap_key_data(a, impl=job.prng_impl) for a in arrays]
-    shape = _saved_shape(meta)
-  return jax.make_array_from_single_device_arrays(shape, job.sharding, arrays)
+    return jax.random.wrap_key_data(arr, impl=job.prng_impl)
+  if meta.kind == "np_scalar":
+    return arr.reshape(())[()]
+  return arr
+
+
+def _build_batch(jobs: list[LeafJob]) -> list[Any]:
+  """The leaves of a batch: one jax.device_put for every device shard of
+  every leaf (jax's per-call overhead dominates small leaves), each into the
+  target's memory kind (e.g. pinned_host); then one global array per leaf."""
+  out: list[Any] = [None] * len(jobs)
+  pieces, targets, owners = [], [], []
+  for k, job in enumerate(jobs):
+    if job.sharding is None:
+      out[k] = _host_value(job)
+      continue
+    saved = layout.dtype_from_name(job.meta.dtype)
+    per_index: dict[Index, np.ndarray] = {}
+    memory_kind = job.sharding.memory_kind
+    for device, idx in job.device_indices:
+      if idx not in per_index:
+        region = _region(job, idx, saved)
+        per_index[idx] = region if job.dtype == saved else region.astype(job.dtype)
+      pieces.append(per_index[idx])
+      targets.append(jax.sharding.SingleDeviceSharding(device, memory_kind=memory_kind))
+      owners.append(k)
+  if not pieces:
+    return out
+  arrays = jax.device_put(pieces, targets)
+  per_job: dict[int, list] = {}
+  for k, a in zip(owners, arrays):
+    per_job.setdefault(k, []).append(a)
+  for k, shards_of_leaf in per_job.items():
+    job = jobs[k]
+    shape = job.meta.shape
+    if job.prng_impl:
+      shards_of_leaf = [jax.random.wrap_key_data(a, impl=job.prng_impl) for a in shards_of_leaf]
+      shape = saved_shape(job.meta)
+    if isinstance(job.sharding, jax.sharding.SingleDeviceSharding):
+      out[k] = shards_of_leaf[0]   # already the array, on its device and memory kind
+    else:
+      out[k] = jax.make_array_from_single_device_arrays(shape, job.sharding, shards_of_leaf)
+  return out

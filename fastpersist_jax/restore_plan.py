@@ -1,0 +1,363 @@
+"""Restore planning: which saved bytes each target shard needs.
+
+manifests + target -> one LeafJob per array leaf: the target's dtype,
+sharding and per-device regions, and the saved shards overlapping them (each
+possibly in parts written by several processes). Pure: nothing here reads
+data. Restoring onto the saved sharding, each target region is one saved
+shard, found by a dict lookup; only a resharding restore computes overlaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from fastpersist_jax import layout, shardings, treepath
+from fastpersist_jax.errors import CorruptCheckpointError, RestoreMismatchError
+from fastpersist_jax.plan import normalize_index
+
+Index = tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass
+class SavedShard:
+  """One saved shard: its bytes may be split in parts written by several
+  processes (replica-parallel), each part with its own record and crc."""
+  index: Index
+  nbytes: int
+  parts: list[tuple[int, layout.ShardRecord]]   # (process, record), in byte order
+  missing: str | None = None                    # why some bytes are not here
+  view: np.ndarray | None = None                # all its bytes, once read
+
+  def describe(self, manifests, process: int, rec: layout.ShardRecord) -> str:
+    part = f" bytes {list(rec.part)}" if rec.part is not None else ""
+    where = (f"{manifests[process].files[rec.file][0]} @ {rec.offset}" if process in manifests
+             else "received from that host")
+    return f"shard {list(map(list, self.index))}{part} (process {process}, {where})"
+
+
+def assemble_parts(leaf_name: str, index: Index, nbytes: int,
+                    records: list[tuple[int, layout.ShardRecord]]) -> SavedShard:
+  """Orders a shard's parts; they must tile its bytes exactly once. The same
+  range saved twice (per-host checkpoints gathered in one directory) is fine."""
+  chosen = []
+  at = 0
+  for process, rec in sorted(records, key=lambda pr: (pr[1].part or (0, nbytes), pr[0])):
+    start, stop = rec.part or (0, nbytes)
+    if start == at and stop > start:
+      chosen.append((process, rec))
+      at = stop
+    elif chosen and (start, stop) == (chosen[-1][1].part or (0, nbytes)):
+      continue  # a duplicate of the part just taken
+    elif stop > start or start > at:
+      raise CorruptCheckpointError(
+          f"leaf {leaf_name}, shard {list(map(list, index))}: saved parts overlap or leave "
+          f"a gap at byte {at} (part {[start, stop]})")
+  missing = None
+  if at != nbytes and nbytes:
+    # An error only if a target needs this shard (see plan_leaf).
+    missing = (f"leaf {leaf_name}, shard {list(map(list, index))}: only bytes [0, {at}) of "
+               f"{nbytes} are here")
+  return SavedShard(index, nbytes, chosen, missing)
+
+
+@dataclasses.dataclass
+class LeafJob:
+  leaf_id: int
+  meta: layout.LeafMeta
+  sharding: jax.sharding.Sharding | None    # None: build a numpy array
+  device_indices: list[tuple[Any, Index]]   # (device, index) of target shards, in saved data
+  needed: list[SavedShard]
+  dtype: np.dtype                           # what to build: the target's, cast from the saved
+  prng_impl: str | None = None              # build typed keys of this implementation
+  python_type: type | None = None           # a Python scalar target: return one of this type
+  resharded: bool = False                   # some target region is not one saved shard
+
+  @property
+  def read_bytes(self) -> int:
+    """Bytes of buffer the saved shards need (each at an aligned start)."""
+    return sum(layout.align_up(s.nbytes) for s in self.needed)
+
+
+def overlap(a: Index, b: Index) -> Index | None:
+  out = []
+  for (a0, a1), (b0, b1) in zip(a, b):
+    lo, hi = max(a0, b0), min(a1, b1)
+    if lo >= hi:
+      return None
+    out.append((lo, hi))
+  return tuple(out)
+
+
+def volume(index: Index) -> int:
+  return math.prod(b - a for a, b in index)
+
+
+_PYTHON_SCALARS = (bool, int, float, complex)
+
+
+def _is_python_scalar(x: Any) -> bool:
+  return type(x) in _PYTHON_SCALARS
+
+
+def is_array_target(x: Any) -> bool:
+  return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
+
+
+def saved_shape(meta: layout.LeafMeta) -> tuple[int, ...]:
+  """The shape users see: a typed key array's, without the key data's dims."""
+  return meta.shape[:-1] if meta.prng_impl else meta.shape
+
+
+def key_dtype(impl: str) -> Any:
+  return jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype
+
+
+def _target_dtype(meta: layout.LeafMeta, target: Any, name: str) -> tuple[np.dtype, str | None]:
+  """(dtype of the data to build, PRNG impl of the keys to wrap it in).
+
+  A saved typed key restores into a key target of the same implementation,
+  or into its raw key data (uint32, with the key data's shape). Any other
+  saved array is cast to the target's dtype with numpy's semantics, as
+  np.asarray(saved).astype(dtype) does."""
+  saved = layout.dtype_from_name(meta.dtype)
+  t_dtype = getattr(target, "dtype", None)
+  if meta.prng_impl:
+    if t_dtype is not None and jax.dtypes.issubdtype(t_dtype, jax.dtypes.prng_key):
+      if t_dtype != key_dtype(meta.prng_impl):
+        raise RestoreMismatchError(f"leaf {name}: target keys {t_dtype} differ from the saved "
+                                   f"{meta.prng_impl} keys")
+      return saved, meta.prng_impl
+    if target is None or _is_python_scalar(target):
+      return saved, meta.prng_impl
+    shape = tuple(getattr(target, "shape", ()))
+    if shape != meta.shape or np.dtype(t_dtype) != saved:
+      raise RestoreMismatchError(
+          f"leaf {name}: saved as {meta.prng_impl} keys of shape {saved_shape(meta)}; the target "
+          f"({shape}, {t_dtype}) is neither such keys nor their key data ({meta.shape}, uint32)")
+    return saved, None
+  if target is None or _is_python_scalar(target):
+    return saved, None
+  if jax.dtypes.issubdtype(t_dtype, jax.dtypes.extended):
+    raise RestoreMismatchError(f"leaf {name}: the target holds {t_dtype}, the checkpoint "
+                               f"{meta.dtype} data, which cannot become {t_dtype}")
+  try:
+    dtype = np.dtype(t_dtype)
+    np.zeros(1, saved).astype(dtype)
+  except (TypeError, ValueError) as e:
+    raise RestoreMismatchError(
+        f"leaf {name}: the saved {meta.dtype} cannot be cast to the target's {t_dtype} ({e})") from e
+  return dtype, None
+
+
+def _check_shape(meta: layout.LeafMeta, target: Any, name: str, raw_key_data: bool) -> None:
+  shape = () if _is_python_scalar(target) else tuple(getattr(target, "shape", ()))
+  want = meta.shape if raw_key_data else saved_shape(meta)
+  if shape != want:
+    raise RestoreMismatchError(f"leaf {name}: target shape {shape} differs from saved {want}")
+
+
+def scalar_as_array(meta: layout.LeafMeta, target: Any, name: str) -> Any:
+  """A saved Python scalar restored into an array target (e.g. a step saved as
+  0, restored into ShapeDtypeStruct((), int32)): a 0-d array of the target's
+  dtype, on the target's sharding (numpy for a numpy target)."""
+  shape = tuple(target.shape)
+  if shape != ():
+    raise RestoreMismatchError(
+        f"leaf {name}: saved as a Python {meta.scalar_type}; the target has shape {shape}")
+  if meta.scalar_type == "str" or jax.dtypes.issubdtype(target.dtype, jax.dtypes.extended):
+    raise RestoreMismatchError(
+        f"leaf {name}: a saved {meta.scalar_type} cannot become a {target.dtype} array")
+  value = np.asarray(meta.value).astype(np.dtype(target.dtype))
+  if meta.scalar_type in ("int", "bool") and value.item() != meta.value:
+    raise RestoreMismatchError(
+        f"leaf {name}: the saved {meta.value} does not fit the target's {target.dtype}")
+  if isinstance(target, np.ndarray):
+    return value
+  sharding = getattr(target, "sharding", None)
+  return jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
+
+
+def as_python(value: np.ndarray, python_type: type, name: str) -> Any:
+  """A restored 0-d array as the target's Python scalar type, when lossless."""
+  v = value.reshape(()).item()
+  try:
+    out = python_type(v)
+  except (TypeError, ValueError) as e:
+    raise RestoreMismatchError(f"leaf {name}: the saved {v!r} is not a {python_type.__name__}") from e
+  if not (out == v or (out != out and v != v)):   # (NaN restores as NaN)
+    raise RestoreMismatchError(
+        f"leaf {name}: the saved {v!r} would change as a {python_type.__name__} ({out!r})")
+  return out
+
+
+
+def plain_value(meta: layout.LeafMeta) -> Any:
+  return {"none": None, "empty_node": None, "empty_dict": {}, "empty_list": [], "empty_tuple": (),
+          "scalar": meta.value}[meta.kind]
+
+
+
+def _on_devices(sharding: Any, meta: layout.LeafMeta, name: str) -> Any:
+  """A target sharding on an AbstractMesh (what jax.eval_shape gives for
+  arrays on an Explicit mesh) made concrete: on the saved mesh's devices when
+  its axes are the same, else over all devices when their number fits."""
+  if not (isinstance(sharding, jax.sharding.NamedSharding) and
+          isinstance(sharding.mesh, jax.sharding.AbstractMesh)):
+    return sharding
+  abstract_mesh = sharding.mesh
+  saved, _ = shardings.decode(meta.sharding)
+  if (isinstance(saved, jax.sharding.NamedSharding) and
+      saved.mesh.shape_tuple == abstract_mesh.shape_tuple):
+    devices = saved.mesh.devices
+  elif math.prod(abstract_mesh.axis_sizes) == jax.device_count():
+    devices = np.asarray(jax.devices()).reshape(abstract_mesh.axis_sizes)
+  else:
+    raise RestoreMismatchError(
+        f"leaf {name}: the target's sharding is on an abstract mesh {dict(abstract_mesh.shape)} "
+        f"and {jax.device_count()} devices are present; give the target a concrete mesh")
+  mesh = jax.sharding.Mesh(devices, abstract_mesh.axis_names, axis_types=abstract_mesh.axis_types)
+  return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+def _key_data_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  """The sharding of a key array's key data: the same, plus a whole last dim."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec, None),
+                                      memory_kind=sharding.memory_kind)
+  return sharding   # single-device and fully replicated shardings fit any rank
+
+
+
+
+def saved_shards(leaves: list[layout.LeafMeta], records: dict[tuple[int, Index], list]
+                 ) -> dict[int, list[SavedShard]]:
+  """Saved shards per leaf from {(leaf, index): [(process, record), ...]}, each
+  with its parts ordered; the shards of a leaf must be cells of one grid."""
+  by_leaf: dict[int, list[SavedShard]] = {}
+  for (leaf_id, index), recs in records.items():
+    meta = leaves[leaf_id]
+    nbytes = volume(index) * layout.dtype_from_name(meta.dtype).itemsize
+    by_leaf.setdefault(leaf_id, []).append(
+        assemble_parts(treepath.to_str(meta.path), index, nbytes, recs))
+  for leaf_id, shards in by_leaf.items():
+    layout.check_grid([s.index for s in shards],
+                      f"leaf {treepath.to_str(leaves[leaf_id].path)}: saved shards")
+  return by_leaf
+
+
+def match_target(leaves: list[layout.LeafMeta], target: Any, where: str
+                 ) -> tuple[list[tuple[int, Any]], Any]:
+  """[(saved leaf id, target leaf)] in target order, and the target's treedef
+  (None without a target: every saved leaf, in saved order). Leaves are
+  matched by key name and index (treepath.key_of). Raises
+  RestoreMismatchError for a target leaf the checkpoint lacks."""
+  if target is None:
+    return [(i, None) for i in range(len(leaves))], None
+  flat, treedef = treepath.flatten(target)
+  by_key: dict[tuple, int] = {}
+  for i, leaf in enumerate(leaves):
+    if by_key.setdefault(treepath.key_of(leaf.path), i) != i:
+      raise CorruptCheckpointError(f"{where}: two saved leaves are both named "
+                                   f"{treepath.to_str(leaf.path)}")
+  selected = []
+  for path, t in flat:
+    i = by_key.get(treepath.key_of(path))
+    if i is None:
+      raise RestoreMismatchError(
+          f"leaf {treepath.to_str(path)} of the restore target is not in the checkpoint")
+    selected.append((i, t))
+  return selected, treedef
+
+
+def restore_plain(meta: layout.LeafMeta, target: Any, name: str) -> Any:
+  """The value of a leaf with no array data (scalar, None, empty node)."""
+  if meta.kind == "scalar" and is_array_target(target):
+    return scalar_as_array(meta, target, name)
+  if is_array_target(target):
+    raise RestoreMismatchError(f"leaf {name}: saved as {meta.kind}, target is an array")
+  if meta.kind != "scalar" and target is not None and treepath.is_empty_node(target):
+    return target    # the target's own empty node (e.g. optax.EmptyState())
+  return plain_value(meta)
+
+
+def _saved_sharding(meta, name, prng_impl, fallback_to_numpy):
+  """The saved sharding rebuilt here, or None (noted for the warning)."""
+  sharding, why = shardings.decode(meta.sharding)
+  if sharding is None:
+    fallback_to_numpy.append(f"{name}: {why}")
+  elif meta.prng_impl and prng_impl is None:
+    sharding = _key_data_sharding(sharding)   # raw key data: the keys' sharding + a dim
+  return sharding
+
+
+def plan_leaf(leaf_id: int, meta: layout.LeafMeta, target: Any, saved: list[SavedShard],
+              fallback_to_numpy: list[str], missing_hint: str) -> LeafJob:
+  """What to read and build for one array leaf.
+
+  Args:
+    leaf_id, meta: the saved leaf.
+    target: its restore target leaf (None: as saved).
+    saved: the leaf's saved shards (saved_shards()).
+    fallback_to_numpy: appended to when the saved sharding cannot be rebuilt
+      here (the array is then built as numpy; the caller warns once).
+    missing_hint: what to add to the error when saved bytes are missing.
+  Raises RestoreMismatchError (target does not fit) or CorruptCheckpointError
+  (saved data missing for a region the target needs).
+  """
+  name = treepath.to_str(meta.path)
+  t = target
+  sharding = None
+  python_type = type(t) if _is_python_scalar(t) else None
+  if t is not None and python_type is None and not is_array_target(t):
+    raise RestoreMismatchError(
+        f"leaf {name}: saved as an array; target {type(t).__name__} is not an array")
+  dtype, prng_impl = _target_dtype(meta, t, name)
+  if t is not None:
+    _check_shape(meta, t, name, raw_key_data=bool(meta.prng_impl) and prng_impl is None)
+    if isinstance(t, jax.Array):
+      sharding = t.sharding
+    elif isinstance(t, jax.ShapeDtypeStruct):
+      sharding = _on_devices(t.sharding, meta, name)
+      if sharding is None and meta.kind == "array":
+        sharding = _saved_sharding(meta, name, prng_impl, fallback_to_numpy)
+  elif meta.kind == "array":
+    sharding = _saved_sharding(meta, name, prng_impl, fallback_to_numpy)
+  if sharding is not None:
+    # Target shards of the data: a typed key's index covers its key data too.
+    shape = saved_shape(meta) if prng_impl else meta.shape
+    tail = tuple((0, n) for n in meta.shape[len(shape):])
+    device_indices = [(d, normalize_index(idx, shape) + tail) for d, idx in
+                      sharding.addressable_devices_indices_map(shape).items()]
+  else:
+    device_indices = [(None, tuple((0, n) for n in meta.shape))]
+  by_index = {s.index: s for s in saved}
+  needed: dict[Index, SavedShard] = {}
+  resharded = False
+  for _, idx in device_indices:
+    exact = by_index.get(idx)
+    if exact is not None:
+      needed[idx] = exact
+      continue
+    resharded = True
+    covered = 0
+    for s in saved:
+      o = overlap(s.index, idx)
+      if o is not None:
+        needed[s.index] = s
+        covered += volume(o)
+    # Every target region must be covered by saved data (the saved shards
+    # are cells of one grid, so the count proves it).
+    if covered != volume(idx):
+      raise CorruptCheckpointError(
+          f"leaf {name}: the checkpoint holds {covered} of the {volume(idx)} elements of "
+          f"region {list(map(list, idx))} ({missing_hint})")
+  for s in needed.values():
+    if s.missing:
+      raise CorruptCheckpointError(f"{s.missing} ({missing_hint})")
+  return LeafJob(leaf_id, meta, sharding, device_indices, list(needed.values()), dtype, prng_impl,
+                 python_type, resharded)
