@@ -111,7 +111,7 @@ class Restorer:
           yield pos, plan_leaf(leaf_id, meta, t, shards_by_leaf.get(leaf_id, []),
                                fallback_to_numpy, self._missing_hint())
         else:
-          values[pos] = restore_plain(meta, t, treepath.to_str(meta.path))
+          values[pos] = restore_plain(meta, t, treepath.LazyName(meta.path))
 
     try:
       stats = self._read_and_build(jobs(), values)

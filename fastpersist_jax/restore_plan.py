@@ -40,7 +40,7 @@ class SavedShard:
     return f"shard {list(map(list, self.index))}{part} (process {process}, {where})"
 
 
-def assemble_parts(leaf_name: str, index: Index, nbytes: int,
+def assemble_parts(leaf_name: Any, index: Index, nbytes: int,
                     records: list[tuple[int, layout.ShardRecord]]) -> SavedShard:
   """Orders a shard's parts; they must tile its bytes exactly once. The same
   range saved twice (per-host checkpoints gathered in one directory) is fine."""
@@ -243,10 +243,11 @@ def saved_shards(leaves: list[layout.LeafMeta], records: dict[tuple[int, Index],
     meta = leaves[leaf_id]
     nbytes = volume(index) * layout.dtype_from_name(meta.dtype).itemsize
     by_leaf.setdefault(leaf_id, []).append(
-        assemble_parts(treepath.to_str(meta.path), index, nbytes, recs))
+        assemble_parts(treepath.LazyName(meta.path), index, nbytes, recs))
   for leaf_id, shards in by_leaf.items():
-    layout.check_grid([s.index for s in shards],
-                      f"leaf {treepath.to_str(leaves[leaf_id].path)}: saved shards")
+    if len(shards) > 1:
+      layout.check_grid([s.index for s in shards],
+                        f"leaf {treepath.to_str(leaves[leaf_id].path)}: saved shards")
   return by_leaf
 
 
@@ -309,7 +310,7 @@ def plan_leaf(leaf_id: int, meta: layout.LeafMeta, target: Any, saved: list[Save
   Raises RestoreMismatchError (target does not fit) or CorruptCheckpointError
   (saved data missing for a region the target needs).
   """
-  name = treepath.to_str(meta.path)
+  name = treepath.LazyName(meta.path)
   t = target
   sharding = None
   python_type = type(t) if _is_python_scalar(t) else None

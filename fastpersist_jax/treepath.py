@@ -88,6 +88,22 @@ def to_str(path: tuple | list) -> str:
   return "".join(parts) or "<root>"
 
 
+class LazyName:
+  """A path that becomes its to_str() text only when formatted (in an error
+  message): restoring 10,000 leaves should not format 10,000 names."""
+
+  __slots__ = ("_path",)
+
+  def __init__(self, path: tuple | list):
+    self._path = path
+
+  def __str__(self) -> str:
+    return to_str(self._path)
+
+  def __format__(self, spec: str) -> str:
+    return format(str(self), spec)
+
+
 def key_of(path: tuple | list) -> tuple:
   """A hashable identity for a path, equal for live and decoded paths: the
   keys alone, so that a dict key, attribute or namedtuple field of one name
