@@ -36,6 +36,8 @@ import sys
 import time
 from typing import Callable
 
+from fastpersist_jax.benchmark import common
+
 import numpy as np
 
 HELP = "raw write/read GB/s of the I/O engine vs buffered, O_DIRECT pwrite and fio"
@@ -80,33 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Environment -------------------------------------------------------------------
 
-def check_target_dir(path: str, need: int) -> dict:
-  """Exits unless `path` has `need` bytes free; warns when it is memory, not
-  a disk. Returns its mount record."""
-  free = shutil.disk_usage(path).free
-  if free < need:
-    raise SystemExit(f"{path} has {free / GiB:.1f} GiB free; need {need / GiB:.1f} GiB")
-  mount = _mount_of(path)
-  if mount["fstype"] in ("tmpfs", "ramfs"):
-    print(f"warning: {path} is on {mount['fstype']}: these are memory, not disk, speeds",
-          file=sys.stderr)
-  return mount
-
-
-def _mount_of(path: str) -> dict:
-  path = os.path.realpath(path)
-  best = {"mount": "?", "fstype": "?", "source": "?"}
-  try:
-    with open("/proc/self/mounts") as f:
-      for line in f:
-        source, mnt, fstype = line.split()[:3]
-        mnt = mnt.replace("\\040", " ")
-        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best["mount"].rstrip("?")):
-          best = {"mount": mnt, "fstype": fstype, "source": source}
-  except OSError:
-    pass
-  return best
-
 
 def _fill(buf) -> None:
   """Non-repeating, incompressible-enough data, fast to make."""
@@ -114,32 +89,6 @@ def _fill(buf) -> None:
   words[:] = np.arange(words.size, dtype=np.uint64)
   words *= np.uint64(0x9E3779B97F4A7C15)
   words ^= words >> np.uint64(29)
-
-
-def run_fio(fio: str, rw: str, path: str, size: int, chunk: int, queue_depth: int,
-            fixedbufs: bool = False) -> tuple[float, dict]:
-  """fio --ioengine=io_uring --direct=1 --rw=RW of `size` bytes in `chunk`-sized
-  requests at `queue_depth` on `path` (writes end with fsync). Returns fio's
-  own seconds (io_bytes / bw_bytes) and details. Shared with save_bench."""
-  cmd = [fio, f"--name={rw}", "--ioengine=io_uring", "--direct=1", f"--rw={rw}",
-         f"--bs={chunk}", f"--iodepth={queue_depth}", f"--size={size}",
-         f"--filename={path}", "--output-format=json"]
-  if rw == "write":
-    cmd.append("--end_fsync=1")
-  if fixedbufs:
-    cmd.append("--fixedbufs=1")
-  out = subprocess.run(cmd, capture_output=True, text=True)
-  if out.returncode != 0:
-    raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-  report = json.loads(out.stdout[out.stdout.index("{"):])
-  job = report["jobs"][0]
-  if job.get("error"):
-    raise RuntimeError(f"fio job error {job['error']}: {out.stderr.strip()[-2000:]}")
-  stats = job[rw]
-  if stats["io_bytes"] < size:
-    raise RuntimeError(f"fio moved {stats['io_bytes']} bytes, expected {size}")
-  return stats["io_bytes"] / stats["bw_bytes"], {"fio_bw_bytes": stats["bw_bytes"],
-                                                 "fio_runtime_ms": stats["runtime"]}
 
 
 # Methods: each returns seconds (and optionally details) ---------------------------
@@ -222,7 +171,7 @@ class Bench:
     return time.perf_counter() - t0, {}
 
   def _run_fio(self, rw: str, path: str, fixedbufs: bool = False):
-    return run_fio(self.fio, rw, path, self.size, self.chunk, self.args.queue_depth, fixedbufs)
+    return common.run_fio(self.fio, rw, path, self.size, self.chunk, self.args.queue_depth, fixedbufs)
 
   def write_fio(self, path):
     return self._run_fio("write", path)
@@ -402,7 +351,7 @@ def run(args) -> int:
     raise SystemExit("--rounds, --size_gib, --chunk_mib and --queue_depth must be positive")
   if not os.path.isdir(args.dir):
     raise SystemExit(f"--dir {args.dir} is not a directory")
-  mount = check_target_dir(args.dir, int(args.size_gib * GiB) + 64 * MiB)
+  mount = common.check_target_dir(args.dir, int(args.size_gib * GiB) + 64 * MiB)
 
   b = Bench(args)
   fio_version = None

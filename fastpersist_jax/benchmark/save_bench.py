@@ -60,6 +60,8 @@ import tempfile
 import time
 import traceback
 
+from fastpersist_jax.benchmark import common, trees
+
 HELP = "save/restore GB/s, blocking ms and RSS of FastPersist vs Orbax on a sharded pytree, vs fio"
 
 MiB = 1 << 20
@@ -70,13 +72,6 @@ METHODS = CHECKPOINTERS + ("fio",)
 LABELS = {"fastpersist": "FastPersist", "orbax": "Orbax Standard", "fio": "fio (disk limit)"}
 BENCH_DIR_PREFIX = ".fastpersist_save_bench."
 DEFAULT_SEED = 20240613
-
-# Share of the tree's bytes and of its leaves per kind of leaf.
-_KINDS = (  # (kind, share of leaves, share of bytes)
-    ("both", 0.60, 0.85),      # sharded over both mesh axes
-    ("one", 0.15, 0.14),       # sharded over one axis, replicated over the other
-    ("replicated", 0.25, 0.01),
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -118,169 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # The pytree ------------------------------------------------------------------------
 
-def _round_up(x: float, m: int) -> int:
-  return max(m, int(math.ceil(x / m)) * m)
-
-
-def _round_near(x: float, m: int) -> int:
-  return max(m, int(round(x / m)) * m)
-
-
-def tree_spec(size_bytes: int, leaves: int, seed: int, axis_sizes: tuple[int, int]) -> list[dict]:
-  """The leaves to build: name, shape, dtype, PartitionSpec (as a list), kind.
-
-  Deterministic in its arguments. Dimensions are rounded so every sharded
-  dimension divides by its mesh axis size.
-  """
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  data, model = axis_sizes
-  counts = [max(1, round(leaves * share)) for _, share, _ in _KINDS]
-  counts[0] = max(1, leaves - sum(counts[1:]))
-  out = []
-  for (kind, _, byte_share), n in zip(_KINDS, counts):
-    weights = rng.lognormal(0.0, 0.8, n)
-    weights *= size_bytes * byte_share / weights.sum()
-    for k in range(n):
-      dtype = "bfloat16" if rng.random() < 0.35 else "float32"
-      elems = max(1.0, weights[k] / (2 if dtype == "bfloat16" else 4))
-      if kind == "both":
-        if rng.random() < 0.2:  # attention-like (heads, d_model, head_dim)
-          heads = int(rng.choice([8, 16, 32]))
-          h = _round_up(heads, data)
-          d = _round_up(math.sqrt(elems / h), 8)
-          kd = _round_near(elems / h / d, math.lcm(128, model))
-          shape, spec = (h, d, kd), ["data", None, "model"]
-        else:
-          aspect = float(rng.choice([0.25, 0.5, 1.0, 2.0, 4.0]))
-          rows = _round_up(math.sqrt(elems * aspect), math.lcm(8, data))
-          cols = _round_near(elems / rows, math.lcm(128, model))
-          shape, spec = (rows, cols), ["data", "model"]
-      elif kind == "one":
-        axis = ["data", "model"][k % 2]
-        size = data if axis == "data" else model
-        aspect = float(rng.choice([0.25, 1.0, 4.0]))
-        rows = _round_up(math.sqrt(elems * aspect), math.lcm(8, size))
-        cols = _round_near(elems / rows, math.lcm(128, size))
-        shape, spec = (rows, cols), ([axis, None] if rng.random() < 0.5 else [None, axis])
-      else:
-        if k < 2:  # a couple of scalars
-          shape, spec = (), []
-        else:
-          shape, spec = (_round_near(elems, 128),), [None]
-      out.append({"name": f"{len(out):04d}_{kind}", "shape": list(shape), "dtype": dtype,
-                  "spec": spec, "kind": kind})
-  return out
-
-
-def _mesh_axes(devices: int) -> tuple[int, int]:
-  """(data, model) sizes: model 2 where the count is even, data the rest."""
-  return (devices // 2, 2) if devices % 2 == 0 and devices > 1 else (devices, 1)
-
-
-def _build_tree(spec: list[dict], seed: int):
-  """Builds the pytree, shard by shard from numpy (no whole-array temporaries)."""
-  import jax
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  devices = jax.devices()
-  mesh = jax.make_mesh(_mesh_axes(len(devices)), ("data", "model"), devices=devices)
-  tree = {}
-  for leaf_id, leaf in enumerate(spec):
-    dtype = jax.numpy.dtype(leaf["dtype"])
-    sharding = NamedSharding(mesh, P(*leaf["spec"]))
-
-    def make(index, leaf_id=leaf_id, shape=tuple(leaf["shape"]), dtype=dtype):
-      sub = tuple(len(range(*sl.indices(n))) for sl, n in zip(index, shape))
-      starts = [sl.indices(n)[0] for sl, n in zip(index, shape)]
-      rng = np.random.default_rng([seed, leaf_id, *starts])
-      x = rng.random(sub, dtype=np.float32)
-      x -= 0.5
-      return x.astype(dtype) if x.dtype != dtype else x
-
-    tree[leaf["name"]] = jax.make_array_from_callback(tuple(leaf["shape"]), sharding, make)
-  jax.block_until_ready(tree)
-  return tree
-
-
-def _tree_bytes(spec: list[dict]) -> int:
-  total = 0
-  for leaf in spec:
-    total += math.prod(leaf["shape"]) * (2 if leaf["dtype"] == "bfloat16" else 4)
-  return total
-
 
 # Child process: one checkpointer, one round ------------------------------------------
-
-def _status_kib(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise KeyError(field)
-
-
-class _Rss:
-  """Current and peak resident set of this process, with a resettable peak."""
-
-  def __init__(self):
-    self.resettable = self.reset()
-
-  def reset(self) -> bool:
-    try:
-      with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
-      return True
-    except OSError:
-      return False
-
-  @staticmethod
-  def _bytes(field: str) -> int:
-    try:
-      return _status_kib(field) * 1024
-    except (OSError, KeyError):  # no /proc: the lifetime peak is all there is
-      return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-  def current(self) -> int:
-    return self._bytes("VmRSS")
-
-  def peak(self) -> int:
-    return self._bytes("VmHWM")
-
-
-def _dir_bytes(path: str) -> int:
-  total = 0
-  for root, _, files in os.walk(path):
-    for name in files:
-      try:
-        total += os.stat(os.path.join(root, name)).st_blocks * 512
-      except OSError:
-        pass
-  return total
-
-
-def _evict(path: str) -> str:
-  """Empties the page cache of `path`'s files: drop_caches where permitted,
-  else POSIX_FADV_DONTNEED per file. Returns which it used."""
-  os.sync()
-  try:
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-      f.write("3")
-    return "drop_caches"
-  except OSError:
-    pass
-  for root, _, files in os.walk(path):
-    for name in files:
-      try:
-        fd = os.open(os.path.join(root, name), os.O_RDONLY)
-      except OSError:
-        continue
-      try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-      finally:
-        os.close(fd)
-  return "fadvise"
 
 
 def _child(cfg: dict) -> dict:
@@ -296,13 +130,13 @@ def _child(cfg: dict) -> dict:
     raise RuntimeError(f"child sees {len(jax.devices())} devices, the parent planned for "
                        f"{cfg['devices']}")
   t = time.perf_counter()
-  tree = _build_tree(spec, cfg["seed"])
+  tree = trees.build_tree(spec, cfg["seed"])
   build_s = time.perf_counter() - t
   nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
   if nbytes != cfg["bytes"]:
     raise RuntimeError(f"built {nbytes} bytes, planned {cfg['bytes']}")
   gc.collect()
-  rss = _Rss()
+  rss = common.Rss()
   baseline = rss.current()
   result = {"method": method, "round": cfg["round"], "pid": os.getpid(), "build_s": build_s,
             "baseline_rss_bytes": baseline, "rss_peak_resettable": rss.resettable}
@@ -345,7 +179,7 @@ def _child(cfg: dict) -> dict:
            "gbps_finished": nbytes / (t2 - t0) / 1e9, "gbps_synced": nbytes / (t3 - t0) / 1e9,
            "peak_extra_rss_bytes": rss.peak() - baseline,
            "rss_after_bytes": rss.current() - baseline,
-           "disk_bytes": _dir_bytes(path)}
+           "disk_bytes": common.dir_bytes(path)}
       if method == "fastpersist":
         s["handler_stats"] = dict(handler.last_save_stats)
       if not os.path.isdir(path):
@@ -360,7 +194,7 @@ def _child(cfg: dict) -> dict:
     path = paths[-1]
     mesh_tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                              tree)
-    result["evicted_with"] = _evict(path)
+    result["evicted_with"] = common.evict(path)
     gc.collect()
     rss.reset()
     before = rss.current()
@@ -457,53 +291,9 @@ def _child_main(argv: list[str]) -> int:
 
 # Parent --------------------------------------------------------------------------
 
-def _child_env(devices: int) -> dict:
-  env = dict(os.environ)
-  flags = env.get("XLA_FLAGS", "")
-  if "--xla_force_host_platform_device_count" not in flags:
-    env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={devices}").strip()
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  return env
-
-
-def _forced_devices(env: dict, default: int) -> int:
-  for flag in env.get("XLA_FLAGS", "").split():
-    if flag.startswith("--xla_force_host_platform_device_count="):
-      return int(flag.split("=", 1)[1])
-  return default
-
-
-def _run_child(cfg: dict, env: dict, timeout: float) -> dict:
-  with tempfile.TemporaryDirectory(prefix="fastpersist_save_bench.") as tmp:
-    cfg_path, out_path = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "out.json")
-    with open(cfg_path, "w") as f:
-      json.dump(cfg, f)
-    cmd = [sys.executable, "-m", "fastpersist_jax.benchmark.save_bench", cfg_path, out_path]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-      output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      output, _ = proc.communicate()
-      raise RuntimeError(f"{cfg['method']} round {cfg['round']}: child timed out after "
-                         f"{timeout:.0f} s; its output:\n{output[-4000:]}") from None
-    result = None
-    if os.path.exists(out_path):
-      with open(out_path) as f:
-        result = json.load(f)
-    if proc.returncode != 0 or result is None or "error" in result:
-      detail = result["error"] if result and "error" in result else output[-4000:]
-      raise RuntimeError(f"{cfg['method']} round {cfg['round']}: child failed "
-                         f"(exit {proc.returncode}):\n{detail}")
-    # Everything since this run: RUSAGE_CHILDREN keeps the largest child's peak.
-    result["ru_maxrss_children_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return result
-
 
 def _run_fio_pair(fio: str, path: str, size: int, chunk: int, qd: int, fixedbufs: bool) -> dict:
-  from fastpersist_jax.benchmark.io_bench import run_fio
+  run_fio = common.run_fio
   try:
     ws, wd = run_fio(fio, "write", path, size, chunk, qd, fixedbufs)
     rs, rd = run_fio(fio, "read", path, size, chunk, qd, fixedbufs)
@@ -512,11 +302,6 @@ def _run_fio_pair(fio: str, path: str, size: int, chunk: int, qd: int, fixedbufs
       os.unlink(path)
   return {"write": {"seconds": ws, "gbps": size / ws / 1e9, **wd},
           "read": {"seconds": rs, "gbps": size / rs / 1e9, **rd}}
-
-
-def _med(xs: list[float]) -> float | None:
-  xs = [x for x in xs if x is not None]
-  return statistics.median(xs) if xs else None
 
 
 def summarize(samples: dict) -> dict:
@@ -528,20 +313,20 @@ def summarize(samples: dict) -> dict:
     first = [r["saves"][0] for r in runs]
     steady = [r["saves"][1] for r in runs]
     out[m] = {
-        "blocking_ms_first": _med([s["blocking_s"] * 1e3 for s in first]),
-        "blocking_ms_steady": _med([s["blocking_s"] * 1e3 for s in steady]),
-        "gbps_finished_first": _med([s["gbps_finished"] for s in first]),
-        "gbps_synced_first": _med([s["gbps_synced"] for s in first]),
-        "gbps_finished": _med([s["gbps_finished"] for s in steady]),
-        "gbps_synced": _med([s["gbps_synced"] for s in steady]),
-        "restore_gbps": _med([r["restore"]["gbps"] for r in runs]),
-        "peak_extra_rss_mib_first": _med([s["peak_extra_rss_bytes"] / MiB for s in first]),
-        "peak_extra_rss_mib_steady": _med([s["peak_extra_rss_bytes"] / MiB for s in steady]),
-        "peak_extra_rss_mib": _med([max(a["peak_extra_rss_bytes"], b["peak_extra_rss_bytes"]) / MiB
+        "blocking_ms_first": common.med([s["blocking_s"] * 1e3 for s in first]),
+        "blocking_ms_steady": common.med([s["blocking_s"] * 1e3 for s in steady]),
+        "gbps_finished_first": common.med([s["gbps_finished"] for s in first]),
+        "gbps_synced_first": common.med([s["gbps_synced"] for s in first]),
+        "gbps_finished": common.med([s["gbps_finished"] for s in steady]),
+        "gbps_synced": common.med([s["gbps_synced"] for s in steady]),
+        "restore_gbps": common.med([r["restore"]["gbps"] for r in runs]),
+        "peak_extra_rss_mib_first": common.med([s["peak_extra_rss_bytes"] / MiB for s in first]),
+        "peak_extra_rss_mib_steady": common.med([s["peak_extra_rss_bytes"] / MiB for s in steady]),
+        "peak_extra_rss_mib": common.med([max(a["peak_extra_rss_bytes"], b["peak_extra_rss_bytes"]) / MiB
                                     for a, b in zip(first, steady)]),
-        "restore_peak_extra_rss_mib": _med([r["restore"]["peak_extra_rss_bytes"] / MiB
+        "restore_peak_extra_rss_mib": common.med([r["restore"]["peak_extra_rss_bytes"] / MiB
                                             for r in runs]),
-        "disk_mib": _med([s["disk_bytes"] / MiB for s in steady]),
+        "disk_mib": common.med([s["disk_bytes"] / MiB for s in steady]),
         "evicted_with": sorted({r["evicted_with"] for r in runs}),
     }
   fp_runs = samples.get("fastpersist") or []
@@ -552,23 +337,13 @@ def summarize(samples: dict) -> dict:
   memcpy = [r["memcpy_s"] * 1e3 for r in fp_runs if r.get("memcpy_s")]
   if modes and memcpy:
     out["snapshot_modes"] = {
-        "memcpy_ms": _med(memcpy),
-        "blocking_ms": {mode: _med(ms) for mode, ms in modes.items()},
+        "memcpy_ms": common.med(memcpy),
+        "blocking_ms": {mode: common.med(ms) for mode, ms in modes.items()},
         "samples": sum(len(ms) for ms in modes.values()) // len(modes)}
   if samples.get("fio"):
-    out["fio"] = {"write_gbps": _med([s["write"]["gbps"] for s in samples["fio"]]),
-                  "read_gbps": _med([s["read"]["gbps"] for s in samples["fio"]])}
+    out["fio"] = {"write_gbps": common.med([s["write"]["gbps"] for s in samples["fio"]]),
+                  "read_gbps": common.med([s["read"]["gbps"] for s in samples["fio"]])}
   return out
-
-
-def _gbps(v) -> str:
-  if v is None:
-    return "-"
-  return f"{v:.2f}" if v >= 0.1 else f"{v:.3f}" if v >= 0.001 else f"{v:.1e}"
-
-
-def _ratio(a, b):
-  return a / b if a is not None and b else None
 
 
 def print_report(info: dict, summary: dict) -> None:
@@ -598,9 +373,9 @@ def print_report(info: dict, summary: dict) -> None:
       continue
     print(f"{LABELS[m]:18s} "
           f"{fmt(s['blocking_ms_first'], '7.0f') + ' / ' + fmt(s['blocking_ms_steady'], '<5.0f'):>15s} "
-          f"{_gbps(s['gbps_finished']) + ' / ' + _gbps(s['gbps_synced']):>15s} "
-          f"{fmt(_ratio(s['gbps_synced'], fw), '8.2f')} {_gbps(s['restore_gbps']):>8s} "
-          f"{fmt(_ratio(s['restore_gbps'], fr), '8.2f')} {fmt(s['peak_extra_rss_mib'], '10.0f')}")
+          f"{common.fmt_gbps(s['gbps_finished']) + ' / ' + common.fmt_gbps(s['gbps_synced']):>15s} "
+          f"{fmt(common.ratio(s['gbps_synced'], fw), '8.2f')} {common.fmt_gbps(s['restore_gbps']):>8s} "
+          f"{fmt(common.ratio(s['restore_gbps'], fr), '8.2f')} {fmt(s['peak_extra_rss_mib'], '10.0f')}")
   if fio:
     print(f"{LABELS['fio']:18s} {'':>15s} {fmt(fw, '6.2f') + ' (write)':>15s} {1.0:8.2f} "
           f"{fmt(fr, '8.2f')} {1.0:8.2f} {'':>10s}")
@@ -608,12 +383,12 @@ def print_report(info: dict, summary: dict) -> None:
   if fp and ob:
     print()
     print("FastPersist / Orbax (medians): "
-          f"blocking steady {fmt(_ratio(fp['blocking_ms_steady'], ob['blocking_ms_steady']), '.2f')}, "
-          f"blocking first {fmt(_ratio(fp['blocking_ms_first'], ob['blocking_ms_first']), '.2f')}, "
-          f"save until finished {fmt(_ratio(fp['gbps_finished'], ob['gbps_finished']), '.2f')}, "
-          f"save until synced {fmt(_ratio(fp['gbps_synced'], ob['gbps_synced']), '.2f')}, "
-          f"restore {fmt(_ratio(fp['restore_gbps'], ob['restore_gbps']), '.2f')}, "
-          f"peak extra RSS {fmt(_ratio(fp['peak_extra_rss_mib'], ob['peak_extra_rss_mib']), '.2f')}")
+          f"blocking steady {fmt(common.ratio(fp['blocking_ms_steady'], ob['blocking_ms_steady']), '.2f')}, "
+          f"blocking first {fmt(common.ratio(fp['blocking_ms_first'], ob['blocking_ms_first']), '.2f')}, "
+          f"save until finished {fmt(common.ratio(fp['gbps_finished'], ob['gbps_finished']), '.2f')}, "
+          f"save until synced {fmt(common.ratio(fp['gbps_synced'], ob['gbps_synced']), '.2f')}, "
+          f"restore {fmt(common.ratio(fp['restore_gbps'], ob['restore_gbps']), '.2f')}, "
+          f"peak extra RSS {fmt(common.ratio(fp['peak_extra_rss_mib'], ob['peak_extra_rss_mib']), '.2f')}")
   modes = summary.get("snapshot_modes")
   if modes:
     memcpy = modes["memcpy_ms"]
@@ -624,7 +399,7 @@ def print_report(info: dict, summary: dict) -> None:
     targets = {"copy": f"target <= 1.2 x memcpy = {1.2 * memcpy:.0f} ms",
                "reference": "target <= 20 ms"}
     for mode, ms in modes["blocking_ms"].items():
-      print(f"  {mode:10s} {fmt(ms, '7.1f')} ms = {fmt(_ratio(ms, memcpy), '.2f')} x memcpy"
+      print(f"  {mode:10s} {fmt(ms, '7.1f')} ms = {fmt(common.ratio(ms, memcpy), '.2f')} x memcpy"
             f"   {targets.get(mode, '')}")
   if not (fp or ob):
     return
@@ -634,8 +409,8 @@ def print_report(info: dict, summary: dict) -> None:
   for m in CHECKPOINTERS:
     s = summary.get(m)
     if s:
-      print(f"  {LABELS[m]:18s} {_gbps(s['gbps_finished_first'])} / "
-            f"{_gbps(s['gbps_synced_first'])}, RSS {fmt(s['peak_extra_rss_mib_first'], '.0f')}"
+      print(f"  {LABELS[m]:18s} {common.fmt_gbps(s['gbps_finished_first'])} / "
+            f"{common.fmt_gbps(s['gbps_synced_first'])}, RSS {fmt(s['peak_extra_rss_mib_first'], '.0f')}"
             f" (steady {fmt(s['peak_extra_rss_mib_steady'], '.0f')}); restore peak extra RSS "
             f"{fmt(s['restore_peak_extra_rss_mib'], '.0f')} MiB; on disk "
             f"{fmt(s['disk_mib'], '.0f')} MiB")
@@ -735,7 +510,6 @@ def _plot_modes(ax, modes: dict, color: str) -> None:
 
 
 def run(args) -> int:
-  from fastpersist_jax.benchmark.io_bench import check_target_dir
   from fastpersist_jax.options import FastPersistOptions
   if args.from_json:
     return _replot(args)
@@ -755,14 +529,14 @@ def run(args) -> int:
   qd = args.fio_queue_depth or defaults.queue_depth
   host_limit = None if args.host_memory_limit_gib is None else int(args.host_memory_limit_gib * GiB)
 
-  env = _child_env(args.devices)
-  devices = _forced_devices(env, args.devices)
-  axes = _mesh_axes(devices)
-  spec = tree_spec(int(args.size_gib * GiB), args.leaves, args.seed, axes)
-  nbytes = _tree_bytes(spec)
+  env = common.child_env(args.devices)
+  devices = common.forced_devices(env, args.devices)
+  axes = trees.mesh_axes(devices)
+  spec = trees.tree_spec(int(args.size_gib * GiB), args.leaves, args.seed, axes)
+  nbytes = trees.tree_bytes(spec)
   fio_size = -(-nbytes // chunk) * chunk
 
-  mount = check_target_dir(args.dir, 2 * nbytes + 256 * MiB)
+  mount = common.check_target_dir(args.dir, 2 * nbytes + 256 * MiB)
   fio = None if args.no_fio else shutil.which(args.fio)
   fio_version = None
   if fio:
@@ -807,7 +581,7 @@ def run(args) -> int:
                "bytes": nbytes, "devices": devices, "host_memory_limit": host_limit,
                "snapshot": args.snapshot,
                "snapshot_modes": [m.strip() for m in args.snapshot_modes.split(",") if m.strip()]}
-        res = _run_child(cfg, env, args.child_timeout_s)
+        res = common.run_child("fastpersist_jax.benchmark.save_bench", cfg, env, args.child_timeout_s)
         res["child_wall_s"] = time.perf_counter() - t
         samples[m].append(res)
         first, steady = res["saves"]
