@@ -45,6 +45,21 @@ def test_save_benchmark_reports_every_method_and_snapshot_mode(tmp_path):
   assert again.returncode == 0 and "snapshot mode" in again.stdout
 
 
+def test_restore_benchmark_restores_every_method_bit_exact(tmp_path):
+  # Each child checks every leaf it restored against the writer's CRC-32C.
+  out = tmp_path / "restore.json"
+  r = _bench(["restore", "--size_gib=0.004", "--leaves=12", "--many_leaves=50", "--rounds=2",
+              "--no_fio", f"--dir={tmp_path}", f"--json={out}"], tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Cold restore in a fresh process" in r.stdout
+  saved = json.loads(out.read_text())
+  assert [len(saved["samples"][m]) for m in ("fastpersist", "orbax", "many")] == [2, 2, 2]
+  summary = saved["summary"]
+  assert summary["fastpersist"]["gbps"] > 0 and summary["orbax"]["gbps"] > 0
+  assert summary["fastpersist"]["vs_orbax"] > 0 and summary["many"]["seconds"] > 0
+  assert [p.name for p in tmp_path.iterdir()] == ["restore.json"]
+
+
 def test_io_benchmark_runs(tmp_path):
   out = tmp_path / "io.json"
   r = _bench(["io", "--size_gib=0.01", "--rounds=1", "--no_fio", f"--dir={tmp_path}",
