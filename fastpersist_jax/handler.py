@@ -176,7 +176,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
               args: Optional["FastPersistRestore"] = None) -> Any:
     if args is not None:
       item = args.item
-    return Restorer(self._engine, self._options, os.fspath(directory)).restore(item)
+    return Restorer(self._engine, self._options, os.fspath(directory), self._pool).restore(item)
 
   def metadata(self, directory: epath.Path) -> Any:
     """The saved tree, as jax.ShapeDtypeStruct leaves (plus saved scalars)."""

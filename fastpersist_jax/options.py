@@ -58,8 +58,10 @@ class FastPersistOptions:
         ~10 us per shard instead of a memcpy of the checkpoint. With any
         array on an accelerator, "auto" is "copy".
       numpy leaves (mutable in place) are always copied while blocking.
-    restore_batch_bytes: how much is read in one engine call on restore;
-      the next batch is read while the previous one is verified and built.
+    restore_batch_bytes: how much a restore reads in one engine call (at
+      most staging_slab_bytes when restoring onto accelerators, whose
+      batches go through the staging pool); later batches are faulted in
+      and read while earlier ones are verified and built.
     replica_parallel: when a shard is replicated on several processes (data
       parallelism), each of them writes an equal byte range of it, so every
       host's disk works on every shard (FastPersist's write parallelism). In
@@ -91,7 +93,7 @@ class FastPersistOptions:
   data_file_bytes: int = 4 * GiB
   verify_checksums: bool = True
   snapshot: str = "auto"
-  restore_batch_bytes: int = 256 * MiB
+  restore_batch_bytes: int = 64 * MiB
   copy_threads: int = 0
   replica_parallel: bool = True
   background_nice: int = 10

@@ -13,6 +13,14 @@ the GIL; building (jax.device_put) runs on the caller's thread while the
 next batches are read. A fresh process pays for every new page of memory
 (on a VM 0.1 to 2 s per GiB), so faulting memory in while the disk reads
 the previous batch is what lets a restart restore at the disk's speed.
+
+Where the arrays go decides where batches are read to. Onto CPU devices,
+each batch gets fresh aligned memory which the arrays then keep (the CPU
+runtime aliases it: no copy). Onto accelerators, a batch that fits one slab
+is read into the handler's reusable staging pool (pre-faulted, registered
+with io_uring), its host-to-device transfers start from there, and the slab
+returns to the pool once they are complete: host memory stays the pool plus
+what a single larger shard needs, whatever the checkpoint's size.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import collections
 import concurrent.futures
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -35,6 +44,7 @@ from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.restore_plan import (Index, LeafJob, as_python, key_dtype,
                                           match_target, overlap, plain_value, plan_leaf,
                                           restore_plain, saved_shape, saved_shards)
+from fastpersist_jax.staging import StagingPool
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,10 @@ _READ_AHEAD_BATCHES = 3
 # Threads faulting in the memory of batches ahead: page faults of fresh
 # memory are CPU work, which two threads share while the disk reads.
 _ALLOC_THREADS = 2
+# Read batches destined for CPU devices into the staging pool too (copying
+# them onto the devices, as an accelerator's transfer would). Only tests set
+# it: it runs the accelerator path on a machine without one.
+_STAGE_ON_CPU = False
 # A restore longer than this logs its progress every this many seconds.
 _PROGRESS_EVERY_S = 5.0
 
@@ -62,10 +76,14 @@ class Restorer:
   """Restores one checkpoint directory (item directory holding
   fastpersist.json). Raises CheckpointNotFoundError when there is none."""
 
-  def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str):
+  def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str,
+               pool: StagingPool | None = None):
+    """`pool`: staging memory to read batches bound for accelerators into
+    (None: fresh memory for every batch)."""
     self._engine = engine
     self._options = options
     self._directory = directory
+    self._pool = pool
     self.meta = layout.read_metadata(directory)
     self._manifests: dict[int, layout.Manifest] | None = None
     # Part bytes already in memory: swapped between hosts (per-host
@@ -227,23 +245,42 @@ class Restorer:
     docstring); returns {"bytes": read, "resharded": bool}."""
     stats = {"bytes": 0, "resharded": False}
     t0 = last_log = time.perf_counter()
+    # Fresh memory is faulted in by two threads; staging slabs are taken in
+    # batch order by one (so the oldest batch never waits behind a newer one).
     executors = [concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix=f"fastpersist-{name}")
-                 for name, n in (("alloc", _ALLOC_THREADS), ("read", 1), ("verify", 1))]
-    alloc, reader, verifier = executors
-    in_flight: collections.deque = collections.deque()   # (batch, verify future)
+                 for name, n in (("alloc", _ALLOC_THREADS), ("slabs", 1), ("read", 1),
+                                 ("verify", 1))]
+    alloc, slabs, reader, verifier = executors
+    abort = threading.Event()
+    in_flight: collections.deque = collections.deque()   # (batch, slab future or None, verify future)
+    batch_limit = self._options.restore_batch_bytes
+    if self._pool is not None:
+      batch_limit = min(batch_limit, self._pool.slab_bytes)
 
     def submit(batch):
       nbytes = sum(job.read_bytes for _, job in batch)
-      buffer = alloc.submit(AlignedBuffer, nbytes)
+      slab = None
+      if nbytes <= batch_limit and self._stage(batch):
+        slab = slabs.submit(self._acquire_slab, abort)
+        buffer = slab
+      else:
+        buffer = alloc.submit(AlignedBuffer, nbytes)
       loaded = reader.submit(self._load, batch, buffer)
-      in_flight.append((batch, verifier.submit(self._verify, batch, loaded)))
+      in_flight.append((batch, slab, verifier.submit(self._verify, batch, loaded)))
       stats["bytes"] += sum(s.nbytes for _, job in batch for s in job.needed)
 
     def build_oldest():
       nonlocal last_log
-      batch, verified = in_flight.popleft()
-      verified.result()
-      for (pos, job), value in zip(batch, _build_batch([job for _, job in batch])):
+      batch, slab, verified = in_flight.popleft()
+      try:
+        verified.result()
+        built = _build_batch([job for _, job in batch], copy_host_pieces=slab is not None)
+        if slab is not None:
+          jax.block_until_ready(built)   # the transfers read the slab: done before it is reused
+      finally:
+        if slab is not None:
+          self._release_slab(slab)
+      for (pos, job), value in zip(batch, built):
         values[pos] = value
         stats["resharded"] |= job.resharded
         for s in job.needed:
@@ -258,7 +295,7 @@ class Restorer:
       batch: list[tuple[int, LeafJob]] = []
       batch_bytes = 0
       for pos, job in jobs:
-        if batch and batch_bytes + job.read_bytes > self._options.restore_batch_bytes:
+        if batch and batch_bytes + job.read_bytes > batch_limit:
           submit(batch)
           batch, batch_bytes = [], 0
           while len(in_flight) > _READ_AHEAD_BATCHES:
@@ -270,16 +307,46 @@ class Restorer:
       while in_flight:
         build_oldest()
     finally:
-      for _, verified in in_flight:
+      abort.set()
+      for _, _, verified in in_flight:
         verified.cancel()
       for e in executors:
         e.shutdown(wait=True, cancel_futures=True)   # nothing may still write into freed memory
+      for _, slab, _ in in_flight:   # batches not built (a failure): their slabs go back
+        if slab is not None:
+          self._release_slab(slab)
     return stats
+
+  def _stage(self, batch) -> bool:
+    """Whether the batch goes through the staging pool: every leaf of it is
+    bound for accelerator devices (whose transfers copy), not for the CPU
+    (whose arrays would alias the slab) or numpy."""
+    if self._pool is None:
+      return False
+    for _, job in batch:
+      if job.sharding is None:
+        return False
+      platforms = {d.platform for d, _ in job.device_indices}
+      if "cpu" in platforms and not _STAGE_ON_CPU:
+        return False
+    return True
+
+  def _acquire_slab(self, abort: threading.Event) -> int:
+    self._pool.ensure((_READ_AHEAD_BATCHES + 1) * self._pool.slab_bytes)
+    return self._pool.acquire(abort)
+
+  def _release_slab(self, slab_future) -> None:
+    try:
+      slab = slab_future.result()
+    except BaseException:  # pylint: disable=broad-except  (never acquired: nothing to give back)
+      return
+    self._pool.release(slab)
 
   def _load(self, batch, buffer_future) -> np.ndarray:
     """Reads every part of every saved shard the batch needs into the
     batch's aligned buffer (fresh: on CPU the restored arrays alias it)."""
-    whole = np.frombuffer(buffer_future.result(), np.uint8)
+    memory = buffer_future.result()   # a staging slab's number, or fresh memory
+    whole = self._pool.view(memory) if isinstance(memory, int) else np.frombuffer(memory, np.uint8)
     extents = []
     in_memory = []
     at = 0
@@ -351,10 +418,13 @@ def _host_value(job: LeafJob) -> Any:
   return arr
 
 
-def _build_batch(jobs: list[LeafJob]) -> list[Any]:
+def _build_batch(jobs: list[LeafJob], copy_host_pieces: bool = False) -> list[Any]:
   """The leaves of a batch: one jax.device_put for every device shard of
   every leaf (jax's per-call overhead dominates small leaves), each into the
-  target's memory kind (e.g. pinned_host); then one global array per leaf."""
+  target's memory kind (e.g. pinned_host); then one global array per leaf.
+  With `copy_host_pieces` (the batch is in a staging slab to be reused), a
+  piece bound for a CPU device is copied first: the CPU runtime would alias
+  the slab."""
   out: list[Any] = [None] * len(jobs)
   pieces, targets, owners = [], [], []
   for k, job in enumerate(jobs):
@@ -368,7 +438,10 @@ def _build_batch(jobs: list[LeafJob]) -> list[Any]:
       if idx not in per_index:
         region = _region(job, idx, saved)
         per_index[idx] = region if job.dtype == saved else region.astype(job.dtype)
-      pieces.append(per_index[idx])
+      piece = per_index[idx]
+      if copy_host_pieces and device.platform == "cpu" and piece.base is not None:
+        piece = np.array(piece)
+      pieces.append(piece)
       targets.append(jax.sharding.SingleDeviceSharding(device, memory_kind=memory_kind))
       owners.append(k)
   if not pieces:

@@ -52,3 +52,36 @@ def test_one_info_line_per_save_and_per_restore(tmp_path, caplog, monkeypatch):
   done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Restored ")]
   assert len(done) == 1 and done[0].endswith("resharded."), done
   mngr.close()
+
+
+def test_restore_onto_accelerators_recycles_the_staging_pool(tmp_path, monkeypatch):
+  # No accelerator here: run the accelerator path on CPU devices (it then
+  # copies each piece, as a host-to-device transfer would).
+  monkeypatch.setattr(restore_lib, "_STAGE_ON_CPU", True)
+  mesh = helpers.mesh_2x4()
+  tree = {f"w{i}": jax.device_put(jnp.arange(i, i + 128 * 1024, dtype=jnp.float32).reshape(256, 512),
+                                  NamedSharding(mesh, P("data", "model"))) for i in range(12)}
+  handler = FastPersistHandler(FastPersistOptions(staging_slab_bytes=MiB, host_memory_limit=4 * MiB))
+  handler.save(tmp_path / "c", args=FastPersistSave(tree))
+  pool = handler._pool  # pylint: disable=protected-access
+  acquired = []
+  real_acquire = pool.acquire
+  monkeypatch.setattr(pool, "acquire", lambda *a, **k: acquired.append(real_acquire(*a, **k))
+                      or acquired[-1])
+  restored = handler.restore(tmp_path / "c", args=FastPersistRestore(abstract(tree)))
+  assert_trees_equal(tree, restored)
+  # 6 MiB went through a pool of at most 4 slabs of 1 MiB: slabs were reused,
+  # and every one is back.
+  assert len(acquired) >= 6 and len(set(acquired)) <= 4, acquired
+  assert pool.nbytes <= 4 * MiB and len(pool._free) == len(pool._slabs)  # pylint: disable=protected-access
+  # A damaged shard fails the restore and still returns every slab.
+  data = tmp_path / "c" / "data.00000.0000.bin"
+  raw = bytearray(data.read_bytes())
+  raw[5 * MiB + 123] ^= 1
+  data.write_bytes(bytes(raw))
+  import pytest  # pylint: disable=g-import-not-at-top
+  from fastpersist_jax import ChecksumMismatchError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ChecksumMismatchError):
+    handler.restore(tmp_path / "c", args=FastPersistRestore(abstract(tree)))
+  assert len(pool._free) == len(pool._slabs)  # pylint: disable=protected-access
+  handler.close()
