@@ -76,6 +76,7 @@ def test_device_benchmark_runs_and_restores_bit_exact(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads(out.read_text())["summary"]
   assert summary["restore_bit_exact"] is True
+  assert summary["cold_restore_bit_exact"] is True and summary["cold_restore_gbps"] > 0
   assert summary["snapshot_mode"] == "copy"
   assert summary["snapshot_gbps"] > 0 and summary["device_get_gbps"] > 0
   assert [p.name for p in tmp_path.iterdir()] == ["device.json"]

@@ -12,7 +12,13 @@ vectors replicated on every device. Then, in this one process:
                snapshot GB/s = bytes / the handler's snapshot time (transfers
                into pinned host memory, started ahead, plus the copy into the
                staging pool); durable GB/s until wait_until_finished();
-  restore      onto the same shardings, compared on the devices bit for bit.
+  restore      onto the same shardings, compared on the devices bit for bit;
+  cold restore a fresh process restores the last checkpoint (page cache
+               emptied) onto the same shardings: GB/s, peak extra host RSS
+               (bounded by the staging pool on an accelerator), bit-exact;
+               beside it jax.device_put of the same bytes from pinned host
+               memory (the host-to-device limit) and fio's O_DIRECT read of a
+               file of the same size (the disk's limit; where fio exists).
 
 It also reports whether numpy reads a "pinned_host" array in place (the
 staging copy then reads the pinned transfer buffer without another copy).
@@ -32,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from fastpersist_jax.benchmark import common
+
 HELP = "device-to-host snapshot GB/s and blocking ms vs jax.device_get; restore bit-exact"
 
 MiB = 1 << 20
@@ -49,9 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="staging pool size (default: the tree's size)")
   parser.add_argument("--dir", default=".", help="directory to write in (default: the current one)")
   parser.add_argument("--json", metavar="PATH", help="write every number to PATH as JSON")
+  parser.add_argument("--fio", default="fio", help="fio binary (default: fio on PATH)")
+  parser.add_argument("--no_fio", action="store_true", help="skip fio even where installed")
 
 
-def _build_tree(size_bytes: int, leaf_bytes: int):
+def _abstract_tree(size_bytes: int, leaf_bytes: int):
+  """The tree's structure: ShapeDtypeStructs on a 1-D mesh of the local devices."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -59,14 +70,67 @@ def _build_tree(size_bytes: int, leaf_bytes: int):
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
   cols = 4096
   rows = max(len(devices), leaf_bytes // (4 * cols) // len(devices) * len(devices))
-  big = jax.jit(lambda key: jax.random.normal(key, (rows, cols), jnp.float32),
-                out_shardings=NamedSharding(mesh, P("data", None)))
-  small = jax.jit(lambda key: jax.random.normal(key, (1024,), jnp.bfloat16),
-                  out_shardings=NamedSharding(mesh, P()))
   n = max(1, round(size_bytes / (rows * cols * 4)))
-  tree = {"layers": [{"w": big(jax.random.key(i)), "b": small(jax.random.key(10_000 + i))}
-                     for i in range(n)]}
+  return {"layers": [{"w": jax.ShapeDtypeStruct((rows, cols), jnp.float32,
+                                                sharding=NamedSharding(mesh, P("data", None))),
+                      "b": jax.ShapeDtypeStruct((1024,), jnp.bfloat16,
+                                                sharding=NamedSharding(mesh, P()))}
+                     for _ in range(n)]}
+
+
+def _build_tree(size_bytes: int, leaf_bytes: int):
+  """Deterministic random data in the structure of _abstract_tree."""
+  import jax
+  abstract = _abstract_tree(size_bytes, leaf_bytes)
+
+  def make(x, seed):
+    return jax.jit(lambda key: jax.random.normal(key, x.shape, x.dtype),
+                   out_shardings=x.sharding)(jax.random.key(seed))
+  tree = {"layers": [{"w": make(layer["w"], i), "b": make(layer["b"], 10_000 + i)}
+                     for i, layer in enumerate(abstract["layers"])]}
   return jax.block_until_ready(tree)
+
+
+def _cold_restore_child(cfg: dict) -> dict:
+  """In a fresh process: restore cfg["path"] onto the devices, cold."""
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  from fastpersist_jax import FastPersistHandler, FastPersistOptions, FastPersistRestore
+  from fastpersist_jax.benchmark import common
+  abstract = _abstract_tree(cfg["size_bytes"], cfg["leaf_bytes"])
+  jax.devices()   # the runtime is up before the clock starts
+  evicted = common.evict(cfg["path"])
+  rss = common.Rss()
+  before = rss.current()
+  ckptr = ocp.Checkpointer(FastPersistHandler(FastPersistOptions(
+      host_memory_limit=cfg["host_memory_limit"])))
+  try:
+    t0 = time.perf_counter()
+    restored = jax.block_until_ready(ckptr.restore(cfg["path"], args=FastPersistRestore(abstract)))
+    seconds = time.perf_counter() - t0
+  finally:
+    ckptr.close()
+  peak = rss.peak() - before
+  expected = _build_tree(cfg["size_bytes"], cfg["leaf_bytes"])
+  exact = all(bool(jnp.array_equal(a, b)) and a.sharding == b.sharding
+              for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(restored)))
+  return {"seconds": seconds, "peak_extra_rss_bytes": peak, "bit_exact": exact,
+          "evicted_with": evicted}
+
+
+def _device_put_from_pinned_s(tree) -> float | None:
+  """Seconds of jax.device_put of the tree from pinned host copies of it."""
+  import jax
+  try:
+    pinned = jax.block_until_ready(jax.tree.map(
+        lambda x: jax.device_put(x, x.sharding.with_memory_kind("pinned_host")), tree))
+  except Exception:  # pylint: disable=broad-except  (no pinned_host memory on this backend)
+    return None
+  shardings = jax.tree.map(lambda x: x.sharding, tree)
+  t0 = time.perf_counter()
+  jax.block_until_ready(jax.device_put(pinned, shardings))
+  return time.perf_counter() - t0
 
 
 def _pinned_reads_in_place(x) -> bool | None:
@@ -137,6 +201,22 @@ def run(args) -> int:
     exact = all(bool(jnp.array_equal(a, b)) and a.sharding == b.sharding
                 for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(restored)))
     del restored
+    ckptr.close()
+    samples["device_put_from_pinned_s"] = _device_put_from_pinned_s(tree)
+    cold_limit = int(args.host_memory_limit_gib * GiB) if args.host_memory_limit_gib else 2 * GiB
+    cfg = {"role": "cold_restore", "method": "cold restore", "round": 0, "path": path,
+           "size_bytes": int(args.size_gib * GiB), "leaf_bytes": int(args.leaf_mib * MiB),
+           "host_memory_limit": cold_limit}
+    samples["cold_restore"] = common.run_child("fastpersist_jax.benchmark.device_bench", cfg,
+                                               dict(os.environ), 3600)
+    fio = None if args.no_fio else shutil.which(args.fio)
+    if fio:
+      fio_path = os.path.join(workdir, "fio.dat")
+      fio_bytes = max(4 * MiB, nbytes // (4 * MiB) * (4 * MiB))   # whole 4 MiB requests
+      common.run_fio(fio, "write", fio_path, fio_bytes, 4 * MiB, 16)
+      common.evict(fio_path)
+      seconds, _ = common.run_fio(fio, "read", fio_path, fio_bytes, 4 * MiB, 16)
+      samples["fio_read_s"] = seconds * nbytes / fio_bytes   # at that rate, for the tree's bytes
   finally:
     ckptr.close()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -151,6 +231,12 @@ def run(args) -> int:
       "durable_gbps": med(nbytes / s["finished_s"] / 1e9 for s in steady),
       "restore_gbps": nbytes / samples["restore_s"] / 1e9,
       "restore_bit_exact": exact,
+      "cold_restore_gbps": nbytes / samples["cold_restore"]["seconds"] / 1e9,
+      "cold_restore_bit_exact": samples["cold_restore"]["bit_exact"],
+      "cold_restore_peak_extra_rss_mib": samples["cold_restore"]["peak_extra_rss_bytes"] / MiB,
+      "device_put_from_pinned_gbps": (nbytes / samples["device_put_from_pinned_s"] / 1e9
+                                      if samples.get("device_put_from_pinned_s") else None),
+      "fio_read_gbps": nbytes / samples["fio_read_s"] / 1e9 if samples.get("fio_read_s") else None,
       "snapshot_mode": steady[-1]["stats"].get("snapshot_mode"),
   }
   print(f"\ndevice-to-host on {info['devices']} x {info['device_kind']}: "
@@ -164,9 +250,35 @@ def run(args) -> int:
   print(f"  FastPersist durable save        {summary['durable_gbps']:7.2f} GB/s")
   print(f"  restore to the same shardings   {summary['restore_gbps']:7.2f} GB/s, bit-exact: "
         f"{summary['restore_bit_exact']}")
+  print(f"  cold restore, fresh process     {summary['cold_restore_gbps']:7.2f} GB/s, bit-exact: "
+        f"{summary['cold_restore_bit_exact']}, peak extra host RSS "
+        f"{summary['cold_restore_peak_extra_rss_mib']:.0f} MiB")
+  for label, key in (("jax.device_put from pinned host", "device_put_from_pinned_gbps"),
+                     ("fio O_DIRECT read (disk limit)  ", "fio_read_gbps")):
+    value = summary[key]
+    print(f"  {label} " + ("      -" if value is None else f"{value:7.2f} GB/s") +
+          ("" if value is None else f" (cold restore x{summary['cold_restore_gbps'] / value:.2f})"))
   print(f"  np.asarray reads pinned_host memory in place: {info['pinned_host_read_in_place']}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"info": info, "summary": summary, "samples": samples}, f, indent=1)
     print(f"wrote {args.json}")
-  return 0 if exact else 1
+  return 0 if exact and summary["cold_restore_bit_exact"] else 1
+
+
+def _child_main(argv: list[str]) -> int:
+  import traceback
+  cfg_path, out_path = argv
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  try:
+    result = _cold_restore_child(cfg)
+  except BaseException:  # pylint: disable=broad-except
+    result = {"error": traceback.format_exc()}
+  with open(out_path, "w") as f:
+    json.dump(result, f)
+  return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+  sys.exit(_child_main(sys.argv[1:]))

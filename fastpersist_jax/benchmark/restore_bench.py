@@ -268,15 +268,16 @@ def run(args) -> int:
     written = common.run_child(module, dict(base, role="write", method="write", paths=paths), env,
                                args.child_timeout_s)
     fio_path = os.path.join(workdir, "fio.dat")
+    fio_bytes = max(4 * MiB, nbytes // (4 * MiB) * (4 * MiB))   # whole 4 MiB requests
     if "fio" in methods:
-      common.run_fio(fio, "write", fio_path, nbytes, 4 * MiB, 16)
+      common.run_fio(fio, "write", fio_path, fio_bytes, 4 * MiB, 16)
     for rnd in range(args.rounds):
       order = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
       for m in order:
         if m == "fio":
           common.evict(fio_path)
-          seconds, detail = common.run_fio(fio, "read", fio_path, nbytes, 4 * MiB, 16)
-          sample = {"seconds": seconds, "gbps": nbytes / seconds / 1e9, **detail}
+          seconds, detail = common.run_fio(fio, "read", fio_path, fio_bytes, 4 * MiB, 16)
+          sample = {"seconds": seconds, "gbps": fio_bytes / seconds / 1e9, **detail}
         else:
           sample = common.run_child(module, dict(base, role="restore", method=m, path=paths[m],
                                                  digests=written["digests"], round=rnd), env,
