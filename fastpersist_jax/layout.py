@@ -379,7 +379,23 @@ def read_metadata(directory: str) -> CheckpointMetadata:
   path = os.path.join(directory, METADATA_FILE)
   if not os.path.isdir(directory):
     raise CheckpointNotFoundError(f"no checkpoint directory at {directory}")
-  d = read_json(path, "checkpoint metadata")
+  return _decode_metadata(read_json(path, "checkpoint metadata"), path)
+
+
+def decode_metadata(raw: bytes, where: str) -> CheckpointMetadata:
+  """Validates and decodes the bytes of a fastpersist.json (e.g. received
+  from another host); `where` names them in errors. Raises
+  CorruptCheckpointError."""
+  if len(raw) > MAX_JSON_BYTES:
+    raise CorruptCheckpointError(f"{where} is {len(raw)} bytes, over the {MAX_JSON_BYTES} limit")
+  try:
+    d = json.loads(raw)
+  except (ValueError, RecursionError) as e:
+    raise CorruptCheckpointError(f"{where} is not valid JSON: {_short(str(e))}") from e
+  return _decode_metadata(d, where)
+
+
+def _decode_metadata(d: Any, path: str) -> CheckpointMetadata:
   _check_header(d, path)
   process_count = _int(_get(d, "process_count", path), f"{path} process_count", 1, 1 << 20)
   leaves = _get(d, "leaves", path)

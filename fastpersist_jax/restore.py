@@ -110,12 +110,16 @@ def _check_target(meta: layout.LeafMeta, target: Any, name: str) -> None:
 class Restorer:
   """Restores one checkpoint directory."""
 
-  def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str):
+  def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str, *,
+               meta: layout.CheckpointMetadata | None = None,
+               manifests: dict[int, layout.Manifest] | None = None):
+    """`meta` and `manifests` (already read and validated, e.g. by recovery
+    from other hosts) replace reading them from `directory`."""
     self._engine = engine
     self._options = options
     self._directory = directory
-    self.meta = layout.read_metadata(directory)
-    self._manifests: list[layout.Manifest] | None = None
+    self.meta = meta if meta is not None else layout.read_metadata(directory)
+    self._manifests: dict[int, layout.Manifest] | None = manifests
     # Part bytes already in memory: swapped between hosts (per-host
     # checkpoints with replica-parallel parts), keyed by (process, leaf,
     # index, part).
