@@ -57,12 +57,16 @@ Index = tuple[tuple[int, int], ...]
 
 @dataclasses.dataclass
 class _Local:
-  """What this process's root holds of one step (header None: nothing usable)."""
+  """What this process's root holds of one step. `header` is what it tells
+  the others: {"problem": why} when it holds nothing usable."""
   directory: str
-  header: dict | None = None
+  header: dict
   meta_raw: bytes | None = None
   manifest: layout.Manifest | None = None
-  problem: str | None = None
+
+  @property
+  def usable(self) -> bool:
+    return "parts" in self.header
 
 
 def _step_numbers(root: str) -> list[int]:
@@ -92,10 +96,8 @@ def _inspect(root: str, step: int, item: str) -> _Local:
   Never raises: damage makes this process hold nothing of the step."""
   me = jax.process_index()
   directory = os.path.join(root, str(step), item)
-  local = _Local(directory)
   if not os.path.isdir(directory):
-    local.problem = "absent"
-    return local
+    return _Local(directory, {"problem": "absent"})
   try:
     path = os.path.join(directory, layout.METADATA_FILE)
     raw = _read_meta_bytes(path)
@@ -103,22 +105,20 @@ def _inspect(root: str, step: int, item: str) -> _Local:
     if meta.layout != "per_host":
       raise CorruptCheckpointError(f"{path}: a {meta.layout!r} checkpoint, not per-host")
     manifest = layout.read_manifest(directory, me, meta)
-  except (OSError, FastPersistError) as e:
-    local.problem = f"{type(e).__name__}: {e}"
+  except Exception as e:  # pylint: disable=broad-except  (a damaged copy is a lost one)
+    problem = f"{type(e).__name__}: {str(e)[:500]}"
     logger.warning("fastpersist recovery: this host's copy of step %d is unusable: %s", step,
-                   local.problem)
-    return local
+                   problem)
+    return _Local(directory, {"problem": problem})
   leaf_bytes = [int(np.prod(l.shape, dtype=np.int64)) * layout.dtype_from_name(l.dtype).itemsize
                 if l.kind in _DATA_KINDS else 0 for l in meta.leaves]
-  local.meta_raw = raw
-  local.manifest = manifest
-  local.header = {
+  header = {
       "save_id": meta.save_id or "", "digest": hashlib.sha256(raw).hexdigest()[:32],
       "meta_bytes": len(raw), "process_count": meta.process_count, "leaf_bytes": leaf_bytes,
       "parts": [{"leaf": r.leaf, "index": [list(i) for i in r.index],
                  "part": list(r.part) if r.part is not None else None,
                  "nbytes": r.nbytes, "crc32c": r.crc32c} for r in manifest.shards]}
-  return local
+  return _Local(directory, header, raw, manifest)
 
 
 @dataclasses.dataclass
@@ -143,11 +143,14 @@ def _union_length(ranges: list[tuple[int, int]]) -> int:
 
 
 def _judge(headers: list[dict | None], step: int) -> _Verdict:
-  """Whether the hosts' copies of `step` (headers[p]: what process p holds,
-  None: nothing) cover every byte of one save."""
-  holders = [p for p, h in enumerate(headers) if h is not None]
+  """Whether the hosts' copies of `step` (headers[p]: what process p holds;
+  None or {"problem": why}: nothing) cover every byte of one save."""
+  holders = [p for p, h in enumerate(headers) if h is not None and "parts" in h]
   if not holders:
-    return _Verdict([], f"no process holds step {step}")
+    why = "; ".join(f"process {p}: {h['problem']}" for p, h in enumerate(headers)
+                    if h is not None and h.get("problem") not in (None, "absent"))
+    return _Verdict([], f"no process holds a usable copy of step {step}" +
+                    (f" ({why})" if why else ""))
   saves = {(headers[p]["save_id"], headers[p]["digest"]) for p in holders}
   if len(saves) > 1:
     found = ", ".join(f"process {p}: save {headers[p]['save_id'] or '?'} (metadata "
@@ -178,7 +181,7 @@ def _describe_gaps(verdict: _Verdict, meta: layout.CheckpointMetadata, step: int
            for leaf, gone in sorted(verdict.gaps.items())]
   more = f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else ""
   return (f"step {step} (item {item!r}) cannot be restored: {sum(verdict.gaps.values())} bytes "
-          f"of {len(names)} leaves have no surviving copy: {', '.join(names[:_NAMES_SHOWN])}{more}. "
+          f"of {len(names)} {'leaf' if len(names) == 1 else 'leaves'} have no surviving copy: {', '.join(names[:_NAMES_SHOWN])}{more}. "
           f"Processes {verdict.holders} hold the step, {lost} lost it (every copy of those "
           "bytes was on lost hosts: restore an older step or a shared-directory checkpoint)")
 
@@ -213,7 +216,7 @@ def latest_restorable_step(root: str, item: str = "default", *,
   mine = {}
   for step in _step_numbers(os.fspath(root)):
     local = _inspect(os.fspath(root), step, item)
-    if local.header is not None:
+    if local.usable:
       mine[str(step)] = local.header
   exchange.rendezvous(f"fastpersist_recovery_{call}_steps", timeout_s)
   everyone = exchange.allgather_json(mine)
@@ -345,7 +348,7 @@ def restore_per_host(root: str, step: int, target: Any = None, item: str = "defa
   headers = exchange.allgather_json(local.header)
   verdict = _judge(headers, step)
   if not verdict.holders:
-    raise CheckpointNotFoundError(f"no process holds step {step} (item {item!r}) in its root")
+    raise CheckpointNotFoundError(f"{verdict.problem} (item {item!r})")
   if verdict.problem:
     raise CorruptCheckpointError(verdict.problem)
 
@@ -373,7 +376,7 @@ def restore_per_host(root: str, step: int, target: Any = None, item: str = "defa
       if (me not in holders[key] and key[0] in regions and
           any(_overlaps(key[1], r) for r in regions[key[0]])):
         wants.append(i)
-  except FastPersistError as e:
+  except Exception as e:  # pylint: disable=broad-except  (reported to every process below)
     error = _error_entry(e)
   requests = exchange.allgather_json({"error": error, "wants": wants})
   _raise_first([r["error"] for r in requests], f"restoring step {step}")
@@ -389,7 +392,7 @@ def restore_per_host(root: str, step: int, target: Any = None, item: str = "defa
   if sends[me]:
     try:
       blob = _read_parts(engine, local, [table[i] for i in sends[me]], meta, totals[me])
-    except (OSError, FastPersistError) as e:
+    except Exception as e:  # pylint: disable=broad-except  (reported to every process below)
       send_error = _error_entry(e)
   received = exchange.allgather_blobs(blob, totals)
   mine_wanted = set(wants)
@@ -447,7 +450,8 @@ def _read_parts(engine: IOEngine, local: _Local, keys: list[tuple],
       raise ChecksumMismatchError(
           f"leaf {treepath.to_str(meta.leaves[r.leaf].path)!r}, shard "
           f"{list(map(list, r.index))}{'' if r.part is None else f' bytes {list(r.part)}'} "
-          "on this host: checksum mismatch, the data is corrupt")
+          f"({local.manifest.files[r.file][0]} @ {r.offset}): checksum mismatch, the data is "
+          "corrupt")
     out[at:at + r.nbytes] = v
     at += r.nbytes
   return out

@@ -170,6 +170,22 @@ def run(pid: int, nproc: int, root: str) -> dict:
   def wipe_step(hosts, step):
     return lambda r: shutil.rmtree(os.path.join(r, str(step))) if pid in hosts else None
 
+  def damage_and_wipe(damaged, wiped):
+    """Flips the first byte of every data file of step 2 on `damaged`;
+    wipes the root of `wiped`."""
+    def lose(r):
+      if pid == damaged:
+        item_dir = os.path.join(r, "2", "default")
+        for name in os.listdir(item_dir):
+          if name.startswith("data."):
+            with open(os.path.join(item_dir, name), "r+b") as f:
+              byte = f.read(1)
+              f.seek(0)
+              f.write(bytes([byte[0] ^ 0xFF]))
+      if pid == wiped:
+        shutil.rmtree(r)
+    return lose
+
   last = nproc - 1
   case("none_lost", "r2", lambda r: None)
   case("a_root_wiped", "r2", wipe_root({last}))
@@ -179,6 +195,8 @@ def run(pid: int, nproc: int, root: str) -> dict:
   case("b_step2_wiped_on_two", "r2", wipe_step({1, 2}, 2))
   case("c_two_roots_wiped", "r2", wipe_root({1, 2}), step_expected=2)
   case("e_sharded_root_wiped", "e", wipe_root({last}), step_expected=1)
+  # Damaged bytes are caught by their CRC-32C, wherever they are read.
+  case("crc_damaged", "r2", damage_and_wipe(0, last))
 
   # A process that never joins: the others raise within the timeout.
   t0 = time.perf_counter()

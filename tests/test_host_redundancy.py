@@ -137,6 +137,17 @@ def test_e_a_leaf_sharded_across_hosts_is_named_when_its_host_is_lost(results):
     assert c["latest"] is None
 
 
+def test_a_damaged_part_fails_every_process_alike(results):
+  cases = _cases(results, "crc_damaged")
+  errors = {c.get("error") for c in cases}
+  assert len(errors) == 1, errors
+  (error,) = errors
+  # latest_restorable_step checks what each host committed (manifests, file
+  # sizes), not the bytes: the restore's CRC-32C checks find the damage.
+  assert all(c["latest"] == 2 for c in cases)
+  assert error and error.startswith("ChecksumMismatchError: restoring step 2: process 0"), error
+
+
 def test_a_process_that_never_joins_makes_the_others_raise_within_the_timeout(results):
   for r in results[:-1]:
     assert r["absent_peer"] and r["absent_peer"].startswith("PeerTimeoutError"), r["absent_peer"]
