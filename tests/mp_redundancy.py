@@ -141,7 +141,7 @@ def run(pid: int, nproc: int, root: str) -> dict:
     mngr.wait_until_finished()
   result["warnings_sharded"] = list(warnings.messages)
 
-  def case(name, source, lose, step_expected=None):
+  def case(name, source, lose, step_expected=None, as_saved=False):
     """Copies this host's root of `source`, applies `lose(root)` on the hosts
     it names, then recovers. Records the outcome."""
     case_root = os.path.join(root, name, me)
@@ -157,6 +157,9 @@ def run(pid: int, nproc: int, root: str) -> dict:
       restored = restore_per_host(case_root, wanted, abstract(state), timeout_s=TIMEOUT_S)
       check(restored, expected)
       out["restored_step"] = wanted
+      if as_saved:   # no target: on the saved sharding
+        check(restore_per_host(case_root, wanted, timeout_s=TIMEOUT_S), expected)
+        out["restored_as_saved"] = True
     except Exception as e:  # pylint: disable=broad-except
       out["error"] = f"{type(e).__name__}: {e}"
       if "AssertionError" in out["error"]:
@@ -188,7 +191,7 @@ def run(pid: int, nproc: int, root: str) -> dict:
 
   last = nproc - 1
   case("none_lost", "r2", lambda r: None)
-  case("a_root_wiped", "r2", wipe_root({last}))
+  case("a_root_wiped", "r2", wipe_root({last}), as_saved=True)
   case("b_step2_wiped_on_one", "r2", wipe_step({1}, 2))
   # Hosts 1 and 2 both hold part 2 of every replicated shard (holder j
   # writes parts j and j+1): without both, step 2 is not covered.

@@ -83,10 +83,11 @@ def test_nothing_lost(results):
 
 
 def test_a_wiped_root_is_recovered_bit_exact(results):
-  # Process 3's root is gone entirely: it restores too, from the others.
+  # Process 3's root is gone entirely: it restores too, from the others,
+  # onto the target's shardings and (no target) onto the saved ones.
   for c in _cases(results, "a_root_wiped"):
     assert "error" not in c, c
-    assert c["latest"] == 2 and c["restored_step"] == 2
+    assert c["latest"] == 2 and c["restored_step"] == 2 and c["restored_as_saved"]
 
 
 def test_b_one_host_losing_a_step_keeps_it_restorable(results):
