@@ -264,10 +264,9 @@ class SaveOperation:
            [(0, layout.encode_manifest(manifest))]}
     if self._write_metadata:
       save_id = None
-      if plan.layout == "per_host" and self._outcome_key:
-        # Hosts swap parts on restore (and recovery takes a lost host's parts
-        # from the others): tag the save so parts of different saves are
-        # never combined.
+      if plan.layout == "per_host" and plan.replica_parallel and self._outcome_key:
+        # Hosts swap parts on restore: tag the save so parts of different
+        # saves are never combined.
         save_id = coordination.shared_value(f"{self._outcome_key}/save_id",
                                             lambda: uuid.uuid4().hex, self._commit_timeout_s)
       meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout,
