@@ -95,7 +95,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                      host_redundancy=self._options.host_redundancy)
     if plan.layout == "per_host":
       redundancy.warn_single_copies(item, redundancy=self._options.host_redundancy,
-                                    replica_parallel=self._options.replica_parallel)
+                                    replica_parallel=self._options.replica_parallel,
+                                    plan_token=plan.shards)
     self._save_count += 1
     op = SaveOperation(
         self._engine, self._pool, plan, write_metadata=self._is_primary(),
