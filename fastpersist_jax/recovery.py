@@ -291,14 +291,17 @@ def _error_entry(e: BaseException) -> list:
 
 
 def _raise_first(entries: list, what: str, cause: BaseException | None = None) -> None:
-  """Raises, on every process alike, the first process's error (if any)."""
+  """Raises, on every process alike, the first process's error (if any):
+  its FastPersistError class (else CorruptCheckpointError) and message.
+  `cause` (this process's exception) is chained where it is that error."""
   for p, entry in enumerate(entries):
     if entry:
       name, message = entry
       cls = getattr(errors, name, None)
       if not (isinstance(cls, type) and issubclass(cls, FastPersistError)):
         cls, message = CorruptCheckpointError, f"{name}: {message}"
-      raise cls(f"{what}: process {p}: {message}") from cause
+      raise cls(f"{what}: process {p}: {message}") from (
+          cause if p == jax.process_index() else None)
 
 
 def restore_per_host(root: str, step: int, target: Any = None, item: str = "default",
