@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from fastpersist_jax import FastPersistOptions
-from fastpersist_jax import redundancy
+from fastpersist_jax import exchange, redundancy
 from test_multiprocess import run_processes
 
 NPROC = 4
@@ -33,6 +33,16 @@ def test_placement_rule_survives_any_k_minus_1_losses():
         on = [j for j in range(r) if part in written[j]]
         assert sorted(on) == sorted(redundancy.holders_of_part(r, part, k))
         assert len(on) == min(k, r)
+
+
+def test_each_part_is_sent_once_by_the_least_loaded_holder():
+  # Parts 0..3 of a shard held by hosts 0..3 with redundancy 2 (part i on
+  # hosts i-1 and i): the choice spreads the bytes over all four hosts.
+  holders = [sorted(redundancy.holders_of_part(4, i, 2)) for i in range(4)]
+  assert holders == [[0, 3], [0, 1], [1, 2], [2, 3]]
+  assert exchange.assign_providers(holders, [4096] * 4) == [0, 1, 2, 3]
+  # Uneven sizes: the next part goes to whoever has sent the fewest bytes.
+  assert exchange.assign_providers([[0, 1], [0, 1], [0, 1]], [10, 3, 4]) == [0, 1, 1]
 
 
 def test_host_redundancy_is_validated():
