@@ -2,14 +2,16 @@
 
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError, FastPersistError,
-                                    IOUringUnavailableError, RestoreMismatchError, SaveError,
-                                    UnsupportedLeafError)
+                                    IOUringUnavailableError, PeerTimeoutError, RestoreMismatchError,
+                                    SaveError, UnsupportedLeafError)
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
 from fastpersist_jax.options import FastPersistOptions
+from fastpersist_jax.recovery import latest_restorable_step, restore_per_host
 
 __all__ = [
     "CheckpointNotFoundError", "ChecksumMismatchError", "CorruptCheckpointError",
     "FastPersistError", "FastPersistHandler", "FastPersistOptions", "FastPersistRestore",
-    "FastPersistSave", "IOUringUnavailableError", "RestoreMismatchError", "SaveError", "UnsupportedLeafError",
+    "FastPersistSave", "IOUringUnavailableError", "PeerTimeoutError", "RestoreMismatchError",
+    "SaveError", "UnsupportedLeafError", "latest_restorable_step", "restore_per_host",
 ]
 __version__ = "0.1.0"

@@ -33,3 +33,7 @@ class SaveError(FastPersistError):
 
 class IOUringUnavailableError(FastPersistError, RuntimeError):
   """engine="io_uring" was asked for and the kernel (or a sandbox) refuses it."""
+
+
+class PeerTimeoutError(FastPersistError, TimeoutError):
+  """Another process did not join a collective step (e.g. recovery) in time."""

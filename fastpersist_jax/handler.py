@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from fastpersist_jax import layout
+from fastpersist_jax import layout, redundancy
 from fastpersist_jax.errors import CorruptCheckpointError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -106,7 +106,12 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                      data_file_bytes=self._options.data_file_bytes,
                      snapshot=self._options.snapshot,
                      layout_mode=self._layout_mode(),
-                     replica_parallel=self._options.replica_parallel)
+                     replica_parallel=self._options.replica_parallel,
+                     host_redundancy=self._options.host_redundancy)
+    if plan.layout == "per_host":
+      redundancy.warn_single_copies(item, redundancy=self._options.host_redundancy,
+                                    replica_parallel=self._options.replica_parallel,
+                                    plan_token=plan.shards)
     self._save_count += 1
     op = SaveOperation(
         self._engine, self._pool, plan, write_metadata=self._is_primary(),

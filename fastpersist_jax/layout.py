@@ -438,6 +438,19 @@ def read_metadata(directory: str) -> CheckpointMetadata:
   return decode_metadata(read_json(path, "checkpoint metadata"), path)
 
 
+def decode_metadata_bytes(raw: bytes, where: str) -> CheckpointMetadata:
+  """Validates and decodes the bytes of a fastpersist.json (e.g. received
+  from another host); `where` names them in errors. Raises
+  CorruptCheckpointError."""
+  if len(raw) > MAX_JSON_BYTES:
+    raise CorruptCheckpointError(f"{where} is {len(raw)} bytes, over the {MAX_JSON_BYTES} limit")
+  try:
+    d = json.loads(raw)
+  except (ValueError, RecursionError) as e:
+    raise CorruptCheckpointError(f"{where} is not valid JSON: {_short(str(e))}") from e
+  return decode_metadata(d, where)
+
+
 def decode_metadata(d: Any, path: str) -> CheckpointMetadata:
   """Validates decoded JSON of fastpersist.json (named `path` in messages)."""
   _check_header(d, path)

@@ -67,8 +67,16 @@ class FastPersistOptions:
       host's disk works on every shard (FastPersist's write parallelism). In
       per-host directories the hosts then swap parts on restore (collectives;
       same topology); without it, each host writes all its devices hold.
+    host_redundancy: in per-host directories (each process its own root),
+      how many distinct hosts write each byte of a shard replicated on R
+      hosts: min(host_redundancy, R). Default 2: every host writes 2/R of
+      such a shard and any one host can be lost (recover with
+      fastpersist_jax.restore_per_host). 1: each byte once (1/R per host).
+      Placement: fastpersist_jax/redundancy.py. Ignored in a shared
+      directory (one filesystem: a second copy there adds nothing).
     commit_timeout_s: in a multi-process save, how long a process that has
-      finished waits for the others' outcome before failing the save.
+      finished waits for the others' outcome before failing the save; also
+      how long recovery (restore_per_host) waits for every process to join.
     background_nice: niceness added to fastpersist's background threads
       (checksum, background copy, writes), so that on a busy host the
       training step keeps the CPU and checkpointing takes what is left.
@@ -96,6 +104,7 @@ class FastPersistOptions:
   restore_batch_bytes: int = 64 * MiB
   copy_threads: int = 0
   replica_parallel: bool = True
+  host_redundancy: int = 2
   background_nice: int = 10
   background_cpus: tuple[int, ...] | None = None
   commit_timeout_s: float = 600.0
@@ -116,6 +125,9 @@ class FastPersistOptions:
         raise ValueError(f"background_cpus must be a non-empty sequence of CPU numbers, got "
                          f"{self.background_cpus!r}")
       object.__setattr__(self, "background_cpus", cpus)
+    if (not isinstance(self.host_redundancy, int) or isinstance(self.host_redundancy, bool)
+        or self.host_redundancy < 1):
+      raise ValueError(f"host_redundancy must be an integer >= 1, got {self.host_redundancy!r}")
     if self.copy_threads < 0:
       raise ValueError(f"copy_threads must be >= 0, got {self.copy_threads}")
     if self.chunk_bytes % 4096:

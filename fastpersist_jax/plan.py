@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastpersist_jax import layout, shardings, treepath
+from fastpersist_jax import layout, redundancy, shardings, treepath
 from fastpersist_jax.errors import UnsupportedLeafError
 
 
@@ -120,7 +120,7 @@ def _scalar_type(x: Any) -> str | None:
 def make_plan(tree: Any, *, process_index: int, process_count: int,
               write_host_arrays: bool, data_file_bytes: int,
               snapshot: str = "copy", layout_mode: str = "shared",
-              replica_parallel: bool = True) -> SavePlan:
+              replica_parallel: bool = True, host_redundancy: int = 1) -> SavePlan:
   """Plans a save of `tree` by this process.
 
   Args:
@@ -139,6 +139,9 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
       byte ranges, one per process, so every process (and its disk) writes
       an equal part. Without it, "shared" writes each shard whole once and
       "per_host" writes on every host every shard its devices hold.
+    host_redundancy: with "per_host" and replica_parallel, how many hosts
+      write each part of a shard replicated across hosts (redundancy.py);
+      ignored for "shared".
   """
   flat, treedef = treepath.flatten(tree)
   values = [x for _, x in flat]
@@ -147,7 +150,7 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
   key_types = tuple(type(k.key) for path, _ in flat for k in path
                     if isinstance(k, jax.tree_util.DictKey))
   key = (treedef, key_types, tuple(map(_signature, values)), process_index, process_count,
-         write_host_arrays, data_file_bytes, layout_mode, replica_parallel)
+         write_host_arrays, data_file_bytes, layout_mode, replica_parallel, host_redundancy)
   try:
     with _LAYOUT_CACHE_LOCK:
       plan_layout = _LAYOUT_CACHE.get(key)
@@ -155,7 +158,7 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
     plan_layout, key = None, None
   if plan_layout is None:
     plan_layout = _build_layout(flat, process_index, write_host_arrays, data_file_bytes,
-                                layout_mode, replica_parallel)
+                                layout_mode, replica_parallel, host_redundancy)
     if key is not None:
       with _LAYOUT_CACHE_LOCK:
         if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
@@ -236,7 +239,8 @@ class _Layout:
 
 
 def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_arrays: bool,
-                  data_file_bytes: int, layout_mode: str, replica_parallel: bool) -> _Layout:
+                  data_file_bytes: int, layout_mode: str, replica_parallel: bool,
+                  host_redundancy: int = 1) -> _Layout:
   """Checks every leaf and plans its shards; raises UnsupportedLeafError."""
   leaves: list[layout.LeafMeta] = []
   shards: list[PlannedShard] = []
@@ -271,7 +275,7 @@ def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_
       leaves.append(layout.LeafMeta(encoded, "array", dtype=np.dtype(x.dtype).name, shape=shape,
                                     sharding=shardings.encode(sharding), prng_impl=prng_impl))
       on_accel[leaf_id] = next(iter(x.sharding.device_set)).platform != "cpu"
-      owned = _owned_shards(x, process_index, layout_mode, replica_parallel)
+      owned = _owned_shards(x, process_index, layout_mode, replica_parallel, host_redundancy)
       shards.extend(PlannedShard(leaf_id, index, nbytes, on_accelerator=on_accel[leaf_id],
                                  part=part, position=position)
                     for position, index, part, nbytes in owned)
@@ -316,9 +320,11 @@ def split_bytes(nbytes: int, parts: int) -> list[tuple[int, int]]:
   return [(min(k * step, nbytes), min((k + 1) * step, nbytes)) for k in range(parts)]
 
 
-def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: bool) -> Owned:
+def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: bool,
+                  host_redundancy: int = 1) -> Owned:
   """The shards (or byte ranges of them) of x this process writes."""
-  key = (x.sharding, x.shape, x.dtype, me, layout_mode, replica_parallel)
+  copies = host_redundancy if layout_mode == "per_host" else 1
+  key = (x.sharding, x.shape, x.dtype, me, layout_mode, replica_parallel, copies)
   owned = _OWNED_CACHE.get(key)
   if owned is not None:
     return owned
@@ -343,11 +349,15 @@ def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: boo
         if procs[0] == me:
           owned.append((pos, index, None, nbytes))
         continue
-      part = split_bytes(nbytes, len(procs))[procs.index(me)]
-      if part[0] < part[1]:
-        # Recorded as a part even when it is all of a small shard: the other
-        # holders wrote nothing of it, and per-host restore swaps parts.
-        owned.append((pos, index, part, part[1] - part[0]))
+      # Per host, each part on `copies` hosts (redundancy.py: holder j writes
+      # parts j, ..., j+copies-1 mod R), each part its own record and crc.
+      parts = split_bytes(nbytes, len(procs))
+      for k in redundancy.parts_of_holder(len(procs), procs.index(me), copies):
+        part = parts[k]
+        if part[0] < part[1]:
+          # Recorded as a part even when it is all of a small shard: the other
+          # holders wrote nothing of it, and per-host restore swaps parts.
+          owned.append((pos, index, part, part[1] - part[0]))
   if len(_OWNED_CACHE) >= _OWNED_CACHE_MAX:
     _OWNED_CACHE.clear()
   _OWNED_CACHE[key] = owned

@@ -77,15 +77,19 @@ class Restorer:
   fastpersist.json). Raises CheckpointNotFoundError when there is none."""
 
   def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str,
-               pool: StagingPool | None = None):
+               pool: StagingPool | None = None, *,
+               meta: layout.CheckpointMetadata | None = None,
+               manifests: dict[int, layout.Manifest] | None = None):
     """`pool`: staging memory to read batches bound for accelerators into
-    (None: fresh memory for every batch)."""
+    (None: fresh memory for every batch). `meta` and `manifests` (already
+    read and validated, e.g. by recovery from other hosts) replace reading
+    them from `directory`."""
     self._engine = engine
     self._options = options
     self._directory = directory
     self._pool = pool
-    self.meta = layout.read_metadata(directory)
-    self._manifests: dict[int, layout.Manifest] | None = None
+    self.meta = meta if meta is not None else layout.read_metadata(directory)
+    self._manifests: dict[int, layout.Manifest] | None = manifests
     # Part bytes already in memory: swapped between hosts (per-host
     # checkpoints with replica-parallel parts), keyed by (process, leaf,
     # index, part).

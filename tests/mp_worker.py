@@ -93,7 +93,8 @@ def main():
     state, expected = global_state(mesh)
     mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
     handler = FastPersistHandler(
-        FastPersistOptions(replica_parallel=os.environ.get("MP_SPLIT", "1") == "1"),
+        FastPersistOptions(replica_parallel=os.environ.get("MP_SPLIT", "1") == "1",
+                           host_redundancy=int(os.environ.get("MP_REDUNDANCY", "2"))),
         multiprocessing_options=mp)
     host_dir = os.path.join(root, f"host{pid}")
     os.makedirs(host_dir, exist_ok=True)   # Orbax leaves per-process roots to the caller
@@ -177,6 +178,9 @@ def main():
     _, expected = global_state(jax.make_mesh((1, jax.device_count()), ("data", "model")))
     check(restored, expected)
     result["devices"] = jax.device_count()
+  elif scenario == "redundancy":
+    import mp_redundancy  # pylint: disable=g-import-not-at-top  (tests/, beside this file)
+    result = mp_redundancy.run(pid, nproc, root)
   else:
     raise SystemExit(f"unknown scenario {scenario}")
   print("RESULT " + json.dumps(result), flush=True)

@@ -66,9 +66,11 @@ def test_one_process_restores_a_two_process_checkpoint(tmp_path):
 
 
 def test_per_host_directories_with_replica_parallel_parts(tmp_path):
-  # Each host writes only its part of the replicated params; restoring on the
-  # same topology, the hosts swap their parts with collectives.
-  results = run_processes("per_host", 2, tmp_path)
+  # Each host writes only its part of the replicated params (host_redundancy
+  # 1: with 2 hosts, the default 2 writes everything on both, see
+  # test_host_redundancy.py); restoring on the same topology, the hosts swap
+  # their parts with collectives.
+  results = run_processes("per_host", 2, tmp_path, MP_REDUNDANCY=1)
   for i, r in enumerate(results):
     assert f"manifest.{i:05d}.json" in r["files"] and "fastpersist.json" in r["files"]
   whole = run_processes("per_host", 2, tmp_path / "whole", MP_SPLIT=0)
