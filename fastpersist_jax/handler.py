@@ -11,6 +11,8 @@ renames the temporary directory and marks the checkpoint committed.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -111,8 +113,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     with self._snapshot_lock:
       # The commit future is created first: its writer thread must be ready to
       # drain staging windows while the snapshot fills them.
-      commit_future = ocp_future.CommitFutureAwaitingContractedSignals(
-          commit(), name="fastpersist_commit")
+      commit_future = _CommitFuture(commit(), name="fastpersist_commit")
       try:
         op.snapshot(background=mode != "copy")
       except BaseException as e:
@@ -189,19 +190,37 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       self._pool.close()
 
 
+class _CommitFuture(ocp_future.CommitFutureAwaitingContractedSignals):
+  """Orbax's commit future plus `done()`, which Orbax's futures lack."""
+
+  def __init__(self, coro, **kwargs):
+    self._finished = threading.Event()
+
+    async def run():
+      try:
+        await coro
+      finally:
+        self._finished.set()
+    super().__init__(run(), **kwargs)
+
+  def done(self) -> bool:
+    """True once the commit has finished (successfully or not)."""
+    return self._finished.is_set()
+
+
 def _done(f) -> bool:
-  t = getattr(getattr(f, "_f", None), "_t", None)
-  return t is not None and not t.is_alive()
+  return f.done()
 
 
 def _run_sync(coro):
-  """Runs a coroutine to completion, also from inside a running event loop."""
+  """Runs a coroutine to completion, also from inside a running event loop
+  (then on a thread of its own)."""
   try:
-    from orbax.checkpoint._src import asyncio_utils  # pylint: disable=g-import-not-at-top
-  except ImportError:  # layout of another Orbax release
-    import asyncio  # pylint: disable=g-import-not-at-top
+    asyncio.get_running_loop()
+  except RuntimeError:
     return asyncio.run(coro)
-  return asyncio_utils.run_sync(coro)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(asyncio.run, coro).result()
 
 
 @ocp.args.register_with_handler(FastPersistHandler, for_save=True)
