@@ -1,5 +1,8 @@
 """fastpersist_jax: FastPersist-style checkpointing for JAX as an Orbax handler."""
 
+from fastpersist_jax.checkpointable import (FastPersistCheckpointableHandler,
+                                            checkpointables_registry)
+from fastpersist_jax.emergency import UnsupportedManagerError
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError, FastPersistError,
                                     IOUringUnavailableError, RestoreMismatchError, SaveError,
@@ -9,7 +12,9 @@ from fastpersist_jax.options import FastPersistOptions
 
 __all__ = [
     "CheckpointNotFoundError", "ChecksumMismatchError", "CorruptCheckpointError",
-    "FastPersistError", "FastPersistHandler", "FastPersistOptions", "FastPersistRestore",
-    "FastPersistSave", "IOUringUnavailableError", "RestoreMismatchError", "SaveError", "UnsupportedLeafError",
+    "FastPersistCheckpointableHandler", "FastPersistError", "FastPersistHandler",
+    "FastPersistOptions", "FastPersistRestore", "FastPersistSave", "IOUringUnavailableError",
+    "RestoreMismatchError", "SaveError", "UnsupportedLeafError", "UnsupportedManagerError",
+    "checkpointables_registry",
 ]
 __version__ = "0.1.0"

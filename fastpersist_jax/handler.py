@@ -27,6 +27,7 @@ from etils import epath
 from orbax.checkpoint import future as ocp_future
 
 from fastpersist_jax import layout
+from fastpersist_jax.emergency import refuse_emergency_manager
 from fastpersist_jax.errors import CorruptCheckpointError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -85,6 +86,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                        args: Optional["FastPersistSave"] = None) -> Optional[List[ocp_future.Future]]:
     if isinstance(item, ocp.args.CheckpointArgs):
       raise ValueError("pass FastPersistSave as `args=`, not as `item`")
+    refuse_emergency_manager(os.fspath(directory))
     if args is not None:
       item = args.item
     t0 = time.perf_counter()
