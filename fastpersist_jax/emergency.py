@@ -47,7 +47,7 @@ def refuse_emergency_manager(directory: str) -> None:
   raise UnsupportedManagerError(
       f"{directory}: FastPersistHandler is being driven by Orbax's {module}, which restores "
       "its items with Orbax's own PyTreeCheckpointHandler and could not restore this step; "
-      "nothing was written. Save FastPersist checkpoints with ocp.CheckpointManager "
+      "nothing was saved or committed. Save FastPersist checkpoints with ocp.CheckpointManager "
       "(item_handlers=FastPersistHandler(...)); for a fast local tier, give each host its own "
       "directory with ocp.options.MultiprocessingOptions(primary_host=None) (README: "
       "'Several processes').")

@@ -240,6 +240,17 @@ def test_orbax_pytree_free_functions_need_orbax_layout(mesh, tmp_path):
     _assert_exact(ocp.v1.load_checkpointables(tmp_path / "c")["state"], tree)
 
 
+def test_two_processes_through_the_v1_api(tmp_path):
+  """Shared directory, replica-parallel parts, through ocp.v1 (tests/mp_worker.py)."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from test_multiprocess import run_processes  # pylint: disable=g-import-not-at-top
+  results = run_processes("v1", 2, tmp_path)
+  for files in (r["files"] for r in results):
+    assert {"fastpersist.json", "manifest.00000.json", "manifest.00001.json"} <= set(files)
+  written = [r["bytes_written"] for r in results]
+  assert min(written) > 0.4 * sum(written), written   # both processes wrote their parts
+
+
 def test_v1_primary_host_reads_the_active_context():
   """The one read of Orbax v1's private Context accessor: fails if it moves."""
   assert checkpointable.v1_primary_host() == 0
