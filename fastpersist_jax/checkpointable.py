@@ -88,8 +88,9 @@ class FastPersistCheckpointableHandler:
         Python scalars and None.
 
     Returns:
-      An awaitable that completes when the item is durable and raises
-      SaveError if any process's part failed.
+      An awaitable that completes when the item is durable; it raises
+      SaveError if any process's part failed (CorruptCheckpointError if a
+      process's manifest is missing).
 
     Raises:
       UnsupportedLeafError: a leaf cannot be saved (nothing is written).
@@ -216,7 +217,8 @@ def _all_leaves(tree: Any, is_array) -> bool:
 
 def _pool_capacity(options: FastPersistOptions) -> int:
   """Bytes the staging pool holds at most (StagingPool's rounding)."""
-  return max(1, options.host_memory_limit // options.staging_slab_bytes) * options.staging_slab_bytes
+  slab = options.staging_slab_bytes
+  return max(1, options.host_memory_limit // slab) * slab
 
 
 def _global_nbytes(tree: Any) -> int:
