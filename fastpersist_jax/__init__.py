@@ -1,5 +1,8 @@
 """fastpersist_jax: FastPersist-style checkpointing for JAX as an Orbax handler."""
 
+from fastpersist_jax.checkpointable import (FastPersistCheckpointableHandler,
+                                            checkpointables_registry)
+from fastpersist_jax.emergency import UnsupportedManagerError
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError, FastPersistError,
                                     IOUringUnavailableError, PeerTimeoutError, RestoreMismatchError,
@@ -10,8 +13,10 @@ from fastpersist_jax.recovery import latest_restorable_step, restore_per_host
 
 __all__ = [
     "CheckpointNotFoundError", "ChecksumMismatchError", "CorruptCheckpointError",
-    "FastPersistError", "FastPersistHandler", "FastPersistOptions", "FastPersistRestore",
-    "FastPersistSave", "IOUringUnavailableError", "PeerTimeoutError", "RestoreMismatchError",
-    "SaveError", "UnsupportedLeafError", "latest_restorable_step", "restore_per_host",
+    "FastPersistCheckpointableHandler", "FastPersistError", "FastPersistHandler",
+    "FastPersistOptions", "FastPersistRestore", "FastPersistSave", "IOUringUnavailableError",
+    "PeerTimeoutError", "RestoreMismatchError", "SaveError", "UnsupportedLeafError",
+    "UnsupportedManagerError", "checkpointables_registry", "latest_restorable_step",
+    "restore_per_host",
 ]
 __version__ = "0.1.0"

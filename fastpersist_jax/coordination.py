@@ -18,12 +18,27 @@ import jax
 from fastpersist_jax.errors import SaveError
 
 
+def orbax_multihost():
+  """Orbax's multihost module: its `get_jax_distributed_client` is the
+  accessor of the JAX key-value client that Orbax itself uses.
+
+  `ocp.multihost` names this module when orbax.checkpoint is imported, but
+  importing the public `orbax.checkpoint.multihost` package (which lacks the
+  accessor; Orbax's emergency managers do) rebinds that name. So the module
+  is imported by its path, in this one function (tests/test_ecosystem.py
+  fails if Orbax moves it).
+  """
+  from orbax.checkpoint._src.multihost import multihost  # pylint: disable=g-import-not-at-top
+  return multihost
+
+
 def _client():
-  try:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  """The JAX distributed runtime's key-value client, or None when
+  `jax.distributed.initialize` has not been called."""
+  multihost = orbax_multihost()
+  if not multihost.is_jax_distributed_client_initialized():
     return None
-  return getattr(distributed.global_state, "client", None)
+  return multihost.get_jax_distributed_client()
 
 
 def shared_value(key: str, propose, timeout_s: float) -> str:

@@ -11,6 +11,8 @@ renames the temporary directory and marks the checkpoint committed.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -25,6 +27,7 @@ from etils import epath
 from orbax.checkpoint import future as ocp_future
 
 from fastpersist_jax import layout, redundancy
+from fastpersist_jax.emergency import refuse_emergency_manager
 from fastpersist_jax.errors import CorruptCheckpointError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -98,6 +101,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                        args: Optional["FastPersistSave"] = None) -> Optional[List[ocp_future.Future]]:
     if isinstance(item, ocp.args.CheckpointArgs):
       raise ValueError("pass FastPersistSave as `args=`, not as `item`")
+    refuse_emergency_manager(os.fspath(directory))
     if args is not None:
       item = args.item
     t0 = time.perf_counter()
@@ -137,8 +141,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     with self._snapshot_lock:
       # The commit future is created first: its writer thread must be ready to
       # drain staging windows while the snapshot fills them.
-      commit_future = ocp_future.CommitFutureAwaitingContractedSignals(
-          commit(), name="fastpersist_commit")
+      commit_future = _CommitFuture(commit(), name="fastpersist_commit")
       try:
         op.snapshot(background=mode != "copy")
       except BaseException as e:
@@ -215,19 +218,37 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       self._pool.close()
 
 
+class _CommitFuture(ocp_future.CommitFutureAwaitingContractedSignals):
+  """Orbax's commit future plus `done()`, which Orbax's futures lack."""
+
+  def __init__(self, coro, **kwargs):
+    self._finished = threading.Event()
+
+    async def run():
+      try:
+        await coro
+      finally:
+        self._finished.set()
+    super().__init__(run(), **kwargs)
+
+  def done(self) -> bool:
+    """True once the commit has finished (successfully or not)."""
+    return self._finished.is_set()
+
+
 def _done(f) -> bool:
-  t = getattr(getattr(f, "_f", None), "_t", None)
-  return t is not None and not t.is_alive()
+  return f.done()
 
 
 def _run_sync(coro):
-  """Runs a coroutine to completion, also from inside a running event loop."""
+  """Runs a coroutine to completion, also from inside a running event loop
+  (then on a thread of its own)."""
   try:
-    from orbax.checkpoint._src import asyncio_utils  # pylint: disable=g-import-not-at-top
-  except ImportError:  # layout of another Orbax release
-    import asyncio  # pylint: disable=g-import-not-at-top
+    asyncio.get_running_loop()
+  except RuntimeError:
     return asyncio.run(coro)
-  return asyncio_utils.run_sync(coro)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(asyncio.run, coro).result()
 
 
 @ocp.args.register_with_handler(FastPersistHandler, for_save=True)

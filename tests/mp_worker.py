@@ -89,6 +89,22 @@ def main():
       check(mngr.restore(0, args=FastPersistRestore(abstract(state))), expected)
       check(mngr.restore(0), expected)   # as saved, on the same mesh
     result["bytes_written"] = data_bytes(os.path.join(root, "0", "default"), pid)
+  elif scenario == "v1":
+    # Orbax v1 API, shared directory: free functions and the training Checkpointer.
+    from fastpersist_jax import checkpointables_registry  # pylint: disable=g-import-not-at-top
+    state, expected = global_state(mesh)
+    ctx = ocp.v1.Context(checkpointables_options=ocp.v1.options.CheckpointablesOptions(
+        registry=checkpointables_registry()))
+    with ctx:
+      ocp.v1.save_checkpointables(os.path.join(root, "free"), {"state": state})
+      check(ocp.v1.load_checkpointables(os.path.join(root, "free"),
+                                        {"state": abstract(state)})["state"], expected)
+      with ocp.v1.training.Checkpointer(os.path.join(root, "run")) as ckptr:
+        ckptr.save_pytree_async(1, state)
+        ckptr.wait()
+        check(ckptr.load_pytree(1, abstract(state)), expected)
+    result["files"] = sorted(os.listdir(os.path.join(root, "run", "1", "state")))
+    result["bytes_written"] = data_bytes(os.path.join(root, "run", "1", "state"), pid)
   elif scenario == "per_host":
     state, expected = global_state(mesh)
     mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})

@@ -414,16 +414,7 @@ def test_two_process_checkpoint_with_replica_parallel_parts(tmp_path, capsys):
     assert loaded[name].dtype == e.dtype and loaded[name].tobytes() == e.tobytes(), name
   with safetensors.safe_open(tmp_path / "st" / "model.safetensors", "np") as f:
     assert f.metadata() == {"step": "11"}
-  # FORMAT.md's numpy-only reading snippet handles the same checkpoint.
-  text = open(os.path.join(ROOT, "FORMAT.md")).read()
-  snippet = text.split("```python\n")[1].split("```")[0]
-  namespace: dict = {}
-  exec(compile(snippet, "FORMAT.md", "exec"), namespace)  # pylint: disable=exec-used
-  meta = json.loads((item / "fastpersist.json").read_text())
-  names = {".".join(str(k) for _, k in l["path"]): i for i, l in enumerate(meta["leaves"])}
-  for name, e in mp_expected().items():
-    got = namespace["read_array"](str(item), names[name])
-    assert got.dtype == e.dtype and got.tobytes() == e.tobytes(), name
+  # (FORMAT.md's reading snippet on such a checkpoint: tests/test_ecosystem.py.)
 
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself

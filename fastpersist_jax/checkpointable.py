@@ -1,0 +1,227 @@
+"""FastPersistCheckpointableHandler: FastPersist under Orbax's v1 API.
+
+    import orbax.checkpoint as ocp
+    from fastpersist_jax import FastPersistCheckpointableHandler
+
+    registry = checkpointables_registry()   # Orbax's handlers, "state" through FastPersist
+    with ocp.v1.Context(checkpointables_options=ocp.v1.options.CheckpointablesOptions(
+        registry=registry)):
+      with ocp.v1.training.Checkpointer(directory) as ckptr:
+        ckptr.save_pytree(step, state)
+        state = ckptr.load_pytree(step, abstract_state)
+
+Orbax v1 constructs handlers itself (default-constructed, several times per
+save), so an instance holds nothing: every instance with the same options and
+primary host shares one FastPersistHandler, hence one engine and one staging
+pool, created at the first save or load. `save` blocks for the snapshot only
+and returns an awaitable that completes once the item is durable (data,
+manifests and metadata synced, every process's part in), which Orbax awaits
+before it commits the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Awaitable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fastpersist_jax import treepath
+from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
+from fastpersist_jax.options import FastPersistOptions
+
+_SCALAR_TYPES = (bool, int, float, complex, str)
+_shared: dict[tuple[FastPersistOptions, int | None], FastPersistHandler] = {}
+_shared_lock = threading.Lock()
+
+
+class FastPersistCheckpointableHandler:
+  """An Orbax v1 `CheckpointableHandler` for pytrees of (sharded) jax.Arrays.
+
+  Implements `ocp.v1.handlers.CheckpointableHandler` (a Protocol): `save`,
+  `load`, `metadata`, `is_handleable`, `is_abstract_handleable`. The files
+  it writes are FastPersistHandler's (FORMAT.md); a step saved through one
+  API can be restored through the other.
+
+  Options: Orbax constructs handlers without arguments, so to change them
+  register a subclass that sets the class attribute `options`:
+
+      class MyHandler(FastPersistCheckpointableHandler):
+        options = FastPersistOptions(host_memory_limit=8 << 30)
+  """
+
+  options: FastPersistOptions | None = None
+
+  def __init__(self, options: FastPersistOptions | None = None):
+    """Cheap: allocates nothing (Orbax constructs handlers freely).
+
+    Args:
+      options: overrides the class attribute `options` (default:
+        FastPersistOptions()).
+    """
+    self._options = options or type(self).options or FastPersistOptions()
+
+  def _handler(self) -> FastPersistHandler:
+    """The FastPersistHandler shared by every instance with these options
+    and the active v1 Context's primary host (created on first use)."""
+    primary_host = v1_primary_host()
+    key = (self._options, primary_host)
+    with _shared_lock:
+      handler = _shared.get(key)
+      if handler is None:
+        handler = FastPersistHandler(
+            self._options,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=primary_host))
+        _shared[key] = handler
+      return handler
+
+  async def save(self, directory: Any, checkpointable: Any) -> Awaitable[None]:
+    """Snapshots `checkpointable` and starts writing it into `directory`.
+
+    Args:
+      directory: an `ocp.v1` PathAwaitingCreation (the item's directory,
+        which Orbax may create only after this returns).
+      checkpointable: a pytree of jax.Arrays, numpy arrays and scalars,
+        Python scalars and None.
+
+    Returns:
+      An awaitable that completes when the item is durable; it raises
+      SaveError if any process's part failed (CorruptCheckpointError if a
+      process's manifest is missing).
+
+    Raises:
+      UnsupportedLeafError: a leaf cannot be saved (nothing is written).
+      SaveError: the snapshot failed.
+    """
+    handler = self._handler()
+    if _global_nbytes(checkpointable) > _pool_capacity(self._options):
+      # Larger than the staging pool: the snapshot waits for writes to free
+      # slabs, and writes need the directory, which Orbax would otherwise
+      # create only after this returns.
+      await directory.await_creation()
+    futures = await handler.async_save(directory.path, args=FastPersistSave(checkpointable)) or []
+
+    async def durable() -> None:
+      for f in futures:
+        await asyncio.to_thread(f.result)
+      # Every process's part is durable once the commit returns (the
+      # processes agree on their outcomes), so the manifests can be checked.
+      await asyncio.to_thread(handler.finalize, directory.path)
+
+    return durable()
+
+  async def load(self, directory: Any, abstract_checkpointable: Any = None) -> Awaitable[Any]:
+    """Starts restoring the item saved in `directory`.
+
+    Args:
+      directory: the item's directory (an `ocp.v1` Path).
+      abstract_checkpointable: the target, as for FastPersistRestore: a pytree
+        of jax.ShapeDtypeStruct (with `sharding`) or arrays, a sub-tree, or
+        None to restore everything as saved.
+
+    Returns:
+      An awaitable of the restored pytree; it raises CheckpointNotFoundError,
+      CorruptCheckpointError / ChecksumMismatchError, or RestoreMismatchError.
+    """
+    handler = self._handler()
+
+    async def restore() -> Any:
+      return await asyncio.to_thread(handler.restore, directory,
+                                     args=FastPersistRestore(abstract_checkpointable))
+
+    return restore()
+
+  async def metadata(self, directory: Any) -> Any:
+    """The saved pytree with jax.ShapeDtypeStruct leaves (saved scalars as
+    values). Raises CheckpointNotFoundError / CorruptCheckpointError."""
+    return self._handler().metadata(directory)
+
+  def is_handleable(self, checkpointable: Any) -> bool:
+    """True if `checkpointable` is a pytree whose every leaf FastPersist
+    saves (jax.Array, numpy array or scalar, Python scalar, None)."""
+    return _all_leaves(checkpointable, lambda x: isinstance(x, (jax.Array, np.ndarray, np.generic)))
+
+  def is_abstract_handleable(self, abstract_checkpointable: Any) -> bool | None:
+    """True if `abstract_checkpointable` is a pytree that can serve as a
+    restore target (leaves: jax.ShapeDtypeStruct, arrays, scalars, None)."""
+    return _all_leaves(abstract_checkpointable,
+                       lambda x: isinstance(x, (jax.ShapeDtypeStruct, jax.Array, np.ndarray,
+                                                np.generic)))
+
+  @classmethod
+  def close_shared(cls) -> None:
+    """Waits for every save in flight through this API, then frees the shared
+    staging pools (a later save allocates new ones). Raises nothing: a
+    failed save's error went to its Orbax save response."""
+    with _shared_lock:
+      handlers = list(_shared.values())
+      _shared.clear()
+    for handler in handlers:
+      handler.close()
+
+
+def checkpointables_registry(
+    checkpointable_name: str = "state",
+    handler_type: type[FastPersistCheckpointableHandler] = FastPersistCheckpointableHandler) -> Any:
+  """A local `ocp.v1` handler registry: Orbax's globally registered handlers,
+  with `checkpointable_name` saved and loaded by `handler_type`.
+
+  Orbax registers its PyTreeHandler for "state" globally, so
+  `ocp.v1.handlers.local_registry().add(..., checkpointable_name="state")`
+  raises AlreadyExistsError; this copies every other global entry instead
+  (JSON metrics, protos, other pytrees keep their handlers).
+
+  Args:
+    checkpointable_name: the checkpointable FastPersist handles ("state" is
+      what `Checkpointer.save_pytree` / `load_pytree` use).
+    handler_type: FastPersistCheckpointableHandler or a subclass (options).
+
+  Returns:
+    An `ocp.v1.handlers.CheckpointableHandlerRegistry` for
+    `ocp.v1.options.CheckpointablesOptions(registry=...)`.
+  """
+  global_registry = ocp.v1.handlers.global_registry()
+  registry = ocp.v1.handlers.local_registry(include_global_registry=False)
+  for handler, name in global_registry.get_all_entries():
+    if name != checkpointable_name:
+      registry.add(handler, checkpointable_name=name,
+                   secondary_typestrs=global_registry.get_secondary_typestrs(handler))
+  registry.add(handler_type, checkpointable_name=checkpointable_name)
+  return registry
+
+
+def v1_primary_host() -> int | None:
+  """The active Orbax v1 Context's `multiprocessing_options.primary_host`.
+
+  Orbax v1 exposes no public accessor for the active Context; this function
+  is the one use of it (tests/test_orbax_v1.py fails if Orbax moves it).
+  """
+  from orbax.checkpoint.experimental.v1._src.context import context as context_lib  # pylint: disable=g-import-not-at-top
+  return context_lib.get_context().multiprocessing_options.primary_host
+
+
+def _all_leaves(tree: Any, is_array) -> bool:
+  try:
+    flat, _ = treepath.flatten(tree)
+  except Exception:  # pylint: disable=broad-except  (not a pytree this handler knows)
+    return False
+  for _, x in flat:
+    if not (x is None or is_array(x) or isinstance(x, _SCALAR_TYPES)
+            or (type(x) in (dict, list, tuple) and not x)):
+      return False
+  return True
+
+
+def _pool_capacity(options: FastPersistOptions) -> int:
+  """Bytes the staging pool holds at most (StagingPool's rounding)."""
+  slab = options.staging_slab_bytes
+  return max(1, options.host_memory_limit // slab) * slab
+
+
+def _global_nbytes(tree: Any) -> int:
+  """Bytes of every array leaf (global sizes: the same on every process)."""
+  flat, _ = treepath.flatten(tree)
+  return sum(int(x.nbytes) for _, x in flat if isinstance(x, (jax.Array, np.ndarray)))
