@@ -658,7 +658,8 @@ def main(argv):
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(arrays))
     n_params = sum(x.size for x in jax.tree.leaves(arrays["params"]))
     print(f"{setup.n_dev} devices, mesh data={setup.data_axis} x model={setup.model_axis}; "
-          f"{n_params / 1e6:.2f} M params, state {state_bytes / MiB:.1f} MiB; handler={handler_kind}"
+          f"{n_params / 1e6:.2f} M params, state {state_bytes / MiB:.1f} MiB; "
+          f"handler={handler_kind}"
           + (f" (engine {handler.engine_kind})" if handler_kind == "fastpersist" else ""),
           flush=True)
     t0 = time.perf_counter()

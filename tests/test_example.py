@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "examples", "train.py")
 N, K, J = 8, 4, 6  # total steps; steps before the interruption; a step to roll back to
@@ -19,19 +21,11 @@ TINY = ["--d_model=32", "--layers=1", "--heads=2", "--vocab=64", "--seq_len=16",
         "--lr_warmup=2", "--lr_decay=6"]
 
 
-def _env():
-  env = dict(os.environ)
-  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
-               if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(xla_flags + ["--xla_force_host_platform_device_count=8"])
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  return env
-
-
 def start(ckpt_dir, metrics, *flags):
   """Starts examples/train.py; `finish` waits for it and returns (metrics, stdout)."""
   cmd = [sys.executable, TRAIN, f"--ckpt_dir={ckpt_dir}", f"--metrics_out={metrics}", *TINY, *flags]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  env = helpers.child_env(8, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   return proc, metrics, flags
 
