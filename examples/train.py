@@ -18,6 +18,7 @@ writes in the background while training continues.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python examples/train.py                         # FastPersistHandler
     XLA_FLAGS=... python examples/train.py --handler=orbax  # Orbax's StandardCheckpointHandler
+    XLA_FLAGS=... python examples/train.py --handler=none   # a handler that writes nothing
     XLA_FLAGS=... python examples/train.py --steps=300 --resume   # continue the latest checkpoint
 
 The batch of step s depends only on (seed, s), so a run that is stopped and
@@ -27,27 +28,40 @@ Step accounting: `state["step"]` is the number of updates applied; the update
 that turns step s-1 into step s is "step s", and the checkpoint taken after it
 is saved under step s.
 
-Timing: a run has three phases. --warmup_steps (not timed, not saved), then
---baseline_steps without checkpoints (the step time without checkpointing),
-then checkpointing every --checkpoint_every steps until --steps; the last step
-is always saved. A step's time covers its batch, the train step, fetching the
-loss and the `mngr.save` call, so it includes both the blocking part of the
-save and whatever the background writes take away from training. Blocking ms
-is the time inside `mngr.save` (Orbax's own bookkeeping, waiting for the
-previous save if it is still running, and the handler's host snapshot);
-background GB/s is bytes / write_s of each completed FastPersist save.
+Timing: after --warmup_steps (not timed, not saved), steps alternate in
+blocks of --block_steps under three conditions, cycling in this order:
+"no_save" (no checkpoint), "save" (a checkpoint every --checkpoint_every
+steps through --handler) and, with --floor, "floor" (a checkpoint through a
+handler that writes nothing, in a scratch directory: Orbax's own bookkeeping,
+the least any handler can cost). Interleaving puts every condition under the
+same drift of a busy machine. The last step is always saved. A step's time
+covers its batch, the train step, fetching the loss and the `mngr.save` call,
+so it includes both the blocking part of the save and whatever the background
+writes take away from training; the last save of a block finishes before the
+next block starts, outside the timed steps. The summary gives, per
+condition, the median step time with its interquartile range and min-max,
+each condition's overhead over "no_save" (medians), and the handler's cost
+above the floor in points of step time, (median save - median floor) /
+median no_save, also per cycle of blocks (its min-max is the spread).
+Blocking ms is the time inside `mngr.save` (Orbax's own bookkeeping, waiting
+for the previous save if it is still running, and the handler's host
+snapshot); background GB/s is bytes / write_s of each completed FastPersist
+save.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from absl import app, flags, logging
 import jax
@@ -66,8 +80,9 @@ _CKPT_DIR = flags.DEFINE_string("ckpt_dir", "/tmp/fastpersist_example", "checkpo
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 1, "save every this many steps (and always the last step); 0: never save")
 _MAX_TO_KEEP = flags.DEFINE_integer("max_to_keep", 2, "checkpoints the manager keeps")
-_HANDLER = flags.DEFINE_enum("handler", "fastpersist", ["fastpersist", "orbax"],
-                             "fastpersist: FastPersistHandler; orbax: ocp.StandardCheckpointHandler")
+_HANDLER = flags.DEFINE_enum("handler", "fastpersist", ["fastpersist", "orbax", "none"],
+                             "fastpersist: FastPersistHandler; orbax: ocp.StandardCheckpointHandler; "
+                             "none: a handler that writes nothing (cannot --resume)")
 _SNAPSHOT = flags.DEFINE_enum("snapshot", "auto", ["auto", "copy", "reference"],
                               "FastPersistOptions.snapshot: what a save blocks for (\"reference\" "
                               "fails here, by design: the train step donates the state)")
@@ -87,9 +102,13 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False,
 _WARMUP_STEPS = flags.DEFINE_integer(
     "warmup_steps", 3, "steps at the start of the run that are neither checkpointed nor timed "
     "(the first steps after compiling are slow)")
-_BASELINE_STEPS = flags.DEFINE_integer(
-    "baseline_steps", 20, "steps after the warm-up taken without checkpointing, to measure the "
-    "step time without checkpoints")
+_BLOCK_STEPS = flags.DEFINE_integer(
+    "block_steps", 10, "after the warm-up, steps alternate in blocks of this many: without "
+    "saving, saving through --handler, and (with --floor) saving through a handler that writes "
+    "nothing")
+_FLOOR = flags.DEFINE_bool(
+    "floor", True, "time blocks that save through a handler that writes nothing (Orbax's own "
+    "bookkeeping, in a scratch directory) as well; ignored with --handler=none")
 _D_MODEL = flags.DEFINE_integer("d_model", 256, "model width")
 _LAYERS = flags.DEFINE_integer("layers", 2, "transformer blocks")
 _HEADS = flags.DEFINE_integer("heads", 4, "attention heads")
@@ -234,7 +253,43 @@ def batch_for_step(dataset: np.ndarray, seed: int, step: int, batch: int) -> np.
 # Checkpointing --------------------------------------------------------------------------------
 
 
-def make_manager(handler_kind: str):
+class NothingHandler(ocp.AsyncCheckpointHandler):
+  """A handler that writes nothing: what remains of a save is Orbax's own
+  bookkeeping (step directory, commit, manager metadata), the floor under any
+  handler's cost."""
+
+  def save(self, directory, *args, **kwargs) -> None:
+    del directory, args, kwargs
+
+  async def async_save(self, directory, *args, **kwargs) -> list:
+    del directory, args, kwargs
+    return []
+
+  def restore(self, directory, *args, **kwargs):
+    raise NotImplementedError(f"--handler=none wrote nothing to restore in {directory}")
+
+  def metadata(self, directory) -> None:
+    del directory
+
+  def finalize(self, directory) -> None:
+    del directory
+
+
+@ocp.args.register_with_handler(NothingHandler, for_save=True)
+@dataclasses.dataclass
+class NothingSave(ocp.args.CheckpointArgs):
+  """Save args of NothingHandler."""
+
+
+@ocp.args.register_with_handler(NothingHandler, for_restore=True)
+@dataclasses.dataclass
+class NothingRestore(ocp.args.CheckpointArgs):
+  """Restore args of NothingHandler (Orbax wants both registered; restoring fails)."""
+
+
+def make_manager(handler_kind: str, directory: str):
+  """A CheckpointManager at `directory` saving through `handler_kind`
+  ("fastpersist", "orbax" or "none"); returns (manager, handler)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=_MAX_TO_KEEP.value,
                                          enable_async_checkpointing=True)
   if handler_kind == "fastpersist":
@@ -242,15 +297,20 @@ def make_manager(handler_kind: str):
     handler = FastPersistHandler(FastPersistOptions(snapshot=_SNAPSHOT.value,
                                                     background_nice=_BACKGROUND_NICE.value,
                                                     background_cpus=cpus))
-  else:
+  elif handler_kind == "orbax":
     handler = ocp.StandardCheckpointHandler()
-  mngr = ocp.CheckpointManager(os.path.abspath(_CKPT_DIR.value), item_handlers=handler,
-                               options=options)
+  else:
+    handler = NothingHandler()
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handler, options=options)
   return mngr, handler
 
 
 def save_args(handler_kind: str, state):
-  return FastPersistSave(state) if handler_kind == "fastpersist" else ocp.args.StandardSave(state)
+  if handler_kind == "fastpersist":
+    return FastPersistSave(state)
+  if handler_kind == "orbax":
+    return ocp.args.StandardSave(state)
+  return NothingSave()
 
 
 def restore_args(handler_kind: str, abstract):
@@ -270,29 +330,33 @@ def dir_bytes(path: str) -> int:
   return total
 
 
-# Main -----------------------------------------------------------------------------------------
+# Set-up ---------------------------------------------------------------------------------------
 
 
-def _median(xs):
-  return statistics.median(xs) if xs else float("nan")
+@dataclasses.dataclass
+class Setup:
+  """What the training loop needs: model, mesh, shardings and the jitted step."""
+  cfg: Config
+  n_dev: int
+  data_axis: int
+  model_axis: int
+  batch_sharding: NamedSharding
+  shardings: dict
+  abstract_state: dict      # restore target: ShapeDtypeStructs, "step": 0
+  init_state: Callable      # key -> {"params", "opt_state"}
+  train_step: Any           # jitted (state, tokens) -> (state, loss), donating the state
+  dataset: np.ndarray
 
 
-def _mean(xs):
-  return statistics.fmean(xs) if xs else float("nan")
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  t_start = time.perf_counter()
-  if _TRAIN_CPUS.value:
-    os.sched_setaffinity(0, {int(c) for c in _TRAIN_CPUS.value})
-
+def set_up() -> Setup:
+  """Builds the mesh, the model's shardings, the optimizer and the jitted
+  steps from the flags. Raises app.UsageError for inconsistent flags."""
   cfg = Config(_D_MODEL.value, _LAYERS.value, _HEADS.value, _MLP_MULT.value * _D_MODEL.value,
                _VOCAB.value, _SEQ_LEN.value)
   if cfg.d_model % cfg.heads:
     raise app.UsageError("--d_model must be a multiple of --heads")
+  if _RESUME.value and _HANDLER.value == "none":
+    raise app.UsageError("--handler=none writes nothing: there is nothing to --resume")
   n_dev = jax.device_count()
   model_axis = math.gcd(_MODEL_AXIS.value, n_dev)
   data_axis = n_dev // model_axis
@@ -330,185 +394,239 @@ def main(argv):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
-  dataset = make_dataset(_SEED.value, _DATASET.value, cfg.seq_len, cfg.vocab)
-  handler_kind = _HANDLER.value
-  checkpoint_every = _CHECKPOINT_EVERY.value
-  mngr, handler = make_manager(handler_kind)
-
   # State: {"params", "opt_state"} of jax.Arrays plus "step", a Python int.
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 {"params": abstract_params, "opt_state": abstract_opt}, shardings)
   abstract_state["step"] = 0
-  restore_s = 0.0
+  dataset = make_dataset(_SEED.value, _DATASET.value, cfg.seq_len, cfg.vocab)
+  return Setup(cfg, n_dev, data_axis, model_axis, batch_sharding, shardings, abstract_state,
+               init_state, train_step, dataset)
+
+
+# Resume ---------------------------------------------------------------------------------------
+
+
+def resume_or_start(setup: Setup, mngr, handler_kind: str) -> tuple[dict, int, float]:
+  """The state to train from: the latest checkpoint with --resume (if any),
+  else a fresh one (deleting old checkpoints with --overwrite). Returns
+  (arrays, step, restore seconds). Raises SystemExit when --ckpt_dir holds
+  checkpoints and neither --resume nor --overwrite says what to do."""
   latest = mngr.latest_step() if _RESUME.value else None
   if _RESUME.value and latest is None:
     print(f"--resume: no checkpoint in {_CKPT_DIR.value}; starting from scratch", flush=True)
   if latest is not None:
     t0 = time.perf_counter()
-    restored = mngr.restore(latest, args=restore_args(handler_kind, abstract_state))
+    restored = mngr.restore(latest, args=restore_args(handler_kind, setup.abstract_state))
     jax.block_until_ready(restored)
     restore_s = time.perf_counter() - t0
     step = int(restored["step"])
-    arrays = {"params": restored["params"], "opt_state": restored["opt_state"]}
     print(f"restored step {step} from {mngr.directory} in {restore_s * 1e3:.0f} ms", flush=True)
-  else:
-    if not _RESUME.value and mngr.all_steps():
-      if not _OVERWRITE.value:
-        existing = mngr.all_steps()
-        mngr.close()
-        raise SystemExit(f"{_CKPT_DIR.value} already holds checkpoints {existing}; "
-                         "pass --resume to continue, --overwrite to start afresh, or another "
-                         "--ckpt_dir")
-      for s in mngr.all_steps():
-        mngr.delete(s)
-    arrays = init_state(jax.random.key(_SEED.value))
-    step = 0
+    return {"params": restored["params"], "opt_state": restored["opt_state"]}, step, restore_s
+  if not _RESUME.value and mngr.all_steps():
+    if not _OVERWRITE.value:
+      existing = mngr.all_steps()
+      mngr.close()
+      raise SystemExit(f"{_CKPT_DIR.value} already holds checkpoints {existing}; "
+                       "pass --resume to continue, --overwrite to start afresh, or another "
+                       "--ckpt_dir")
+    for s in mngr.all_steps():
+      mngr.delete(s)
+  return setup.init_state(jax.random.key(_SEED.value)), 0, 0.0
 
-  state_bytes = sum(x.nbytes for x in jax.tree.leaves(arrays))
-  n_params = sum(x.size for x in jax.tree.leaves(arrays["params"]))
-  print(f"{n_dev} devices, mesh data={data_axis} x model={model_axis}; {n_params / 1e6:.2f} M params, "
-        f"state {state_bytes / MiB:.1f} MiB; handler={handler_kind}"
-        + (f" (engine {handler.engine_kind})" if handler_kind == "fastpersist" else ""), flush=True)
 
-  t0 = time.perf_counter()
-  example_batch = jax.device_put(batch_for_step(dataset, _SEED.value, step + 1, _BATCH.value),
-                                 batch_sharding)
-  compiled = train_step.lower(arrays, example_batch).compile()
-  compile_s = time.perf_counter() - t0
-  print(f"compiled the train step in {compile_s:.1f} s", flush=True)
+# Training loop --------------------------------------------------------------------------------
 
+CONDITIONS = ("no_save", "save", "floor")
+
+
+@dataclasses.dataclass
+class Timings:
+  """What the loop measured. Step times are in ms, per condition; `blocks`
+  holds (condition, cycle, [step ms]) per block of --block_steps."""
+  step_ms: dict = dataclasses.field(default_factory=lambda: {c: [] for c in CONDITIONS})
+  blocks: list = dataclasses.field(default_factory=list)
+  block_ms: list = dataclasses.field(default_factory=list)    # time inside mngr.save
+  gbps: list = dataclasses.field(default_factory=list)        # background write rate per save
+  handler_ms: list = dataclasses.field(default_factory=list)  # FastPersist's async_save part
+  snap_ms: list = dataclasses.field(default_factory=list)     # FastPersist's host snapshot
+  cpu_ms: list = dataclasses.field(default_factory=list)      # CPU of FastPersist's threads
+  stats: dict | None = None                                   # the latest save stats seen
+
+  def poll(self, handler) -> float | None:
+    """Takes in the handler's latest save stats (FastPersist only); returns
+    the latest background GB/s, or None."""
+    stats = getattr(handler, "last_save_stats", None)
+    if stats and stats is not self.stats:
+      self.stats = stats
+      if "snapshot_s" in stats:
+        self.snap_ms.append(stats["snapshot_s"] * 1e3)
+      if "blocking_s" in stats:
+        self.handler_ms.append(stats["blocking_s"] * 1e3)
+      if "cpu_s" in stats:
+        self.cpu_ms.append(stats["cpu_s"] * 1e3)
+      if stats.get("write_s", 0) > 0:
+        self.gbps.append(stats["bytes"] / stats["write_s"] / 1e9)
+    return self.gbps[-1] if self.gbps else None
+
+
+def condition_of(k: int, with_floor: bool) -> tuple[str | None, int]:
+  """(condition, cycle) of the k-th step of this run (0-based); condition
+  None during the warm-up."""
+  k -= _WARMUP_STEPS.value
+  if k < 0:
+    return None, -1
+  if _CHECKPOINT_EVERY.value <= 0:
+    return "no_save", 0
+  cycle = CONDITIONS if with_floor else CONDITIONS[:2]
+  block = k // max(_BLOCK_STEPS.value, 1)
+  return cycle[block % len(cycle)], block // len(cycle)
+
+
+def train(setup: Setup, arrays: dict, step: int, mngr, handler, handler_kind: str,
+          floor_mngr) -> tuple[dict, int, dict[int, float], Timings]:
+  """Trains from `step` to --steps, saving by condition (see the module
+  docstring). Returns (arrays, step, losses by step, timings)."""
+  compiled = setup.train_step
+  timings = Timings()
   losses: dict[int, float] = {}
-  plain_ms: list[float] = []   # iterations of the baseline phase (no checkpoints)
-  ckpt_ms: list[float] = []    # iterations of the checkpointing phase, saving or not
-  block_ms: list[float] = []   # time inside mngr.save
-  gbps: list[float] = []       # background write rate of each completed fastpersist save
-  handler_ms: list[float] = []  # fastpersist's own part of the blocking time (async_save)
-  snap_ms: list[float] = []    # fastpersist's host snapshot (in the background unless "copy")
-  cpu_ms: list[float] = []     # CPU time of fastpersist's own threads per save
-  seen_stats = None
   first_step = step + 1
+  current = None   # (condition, cycle) of the block being run
+  managers = {"save": mngr, "floor": floor_mngr}
   # train ms: batch, step and loss fetch; save ms: inside mngr.save; bg GB/s: background write
   # rate of the latest completed fastpersist save.
-  print(f"{'step':>6} {'loss':>9} {'train ms':>8} {'save ms':>8} {'bg GB/s':>8}", flush=True)
+  print(f"{'step':>6} {'loss':>9} {'train ms':>8} {'save ms':>8} {'bg GB/s':>8}  block", flush=True)
+  while step < _STEPS.value:
+    cond, cycle = condition_of(step + 1 - first_step, floor_mngr is not None)
+    if (cond, cycle) != current:
+      if current is not None and managers.get(current[0]) is not None:
+        managers[current[0]].wait_until_finished()   # untimed: the next block starts clean
+      current = (cond, cycle)
+      if cond is not None:
+        timings.blocks.append((cond, cycle, []))
+    t0 = time.perf_counter()
+    tokens = jax.device_put(batch_for_step(setup.dataset, _SEED.value, step + 1, _BATCH.value),
+                            setup.batch_sharding)
+    arrays, loss = compiled(arrays, tokens)
+    loss = float(loss)  # waits for the step
+    step += 1
+    losses[step] = loss
+    t1 = time.perf_counter()
+    every = _CHECKPOINT_EVERY.value
+    last = step == _STEPS.value and every > 0
+    save_to = (mngr if last or (cond == "save" and step % every == 0) else
+               floor_mngr if cond == "floor" and step % every == 0 else None)
+    save_ms = None
+    if save_to is not None:
+      kind = handler_kind if save_to is mngr else "none"
+      save_to.save(step, args=save_args(kind, {**arrays, "step": step}))
+      save_ms = (time.perf_counter() - t1) * 1e3
+      if save_to is mngr:
+        timings.block_ms.append(save_ms)
+    total_ms = (time.perf_counter() - t0) * 1e3
+    # The last step is saved whatever its block: it counts only in a "save" block.
+    if cond is not None and (not last or cond == "save"):
+      timings.step_ms[cond].append(total_ms)
+      timings.blocks[-1][2].append(total_ms)
+    rate = timings.poll(handler)
+    if step % _LOG_EVERY.value == 0 or step == _STEPS.value:
+      print(f"{step:6d} {loss:9.4f} {(t1 - t0) * 1e3:8.1f} "
+            f"{'-' if save_ms is None else f'{save_ms:.1f}':>8} "
+            f"{'-' if rate is None else f'{rate:.2f}':>8}  {cond or 'warmup'}", flush=True)
+  return arrays, step, losses, timings
 
-  def poll_stats():
-    nonlocal seen_stats
-    if handler_kind != "fastpersist":
-      return None
-    stats = handler.last_save_stats
-    if stats and stats is not seen_stats:
-      seen_stats = stats
-      if "snapshot_s" in stats:
-        snap_ms.append(stats["snapshot_s"] * 1e3)
-      if "blocking_s" in stats:
-        handler_ms.append(stats["blocking_s"] * 1e3)
-      if "cpu_s" in stats:
-        cpu_ms.append(stats["cpu_s"] * 1e3)
-      if stats.get("write_s", 0) > 0:
-        gbps.append(stats["bytes"] / stats["write_s"] / 1e9)
-    return gbps[-1] if gbps else None
 
-  try:
-    while step < _STEPS.value:
-      t0 = time.perf_counter()
-      tokens = jax.device_put(batch_for_step(dataset, _SEED.value, step + 1, _BATCH.value),
-                              batch_sharding)
-      arrays, loss = compiled(arrays, tokens)
-      loss = float(loss)  # waits for the step
-      step += 1
-      losses[step] = loss
-      t1 = time.perf_counter()
-      k = step - first_step  # iterations of this run before this one
-      phase = ("warmup" if k < _WARMUP_STEPS.value else
-               "baseline" if k < _WARMUP_STEPS.value + _BASELINE_STEPS.value or checkpoint_every <= 0
-               else "ckpt")
-      save = checkpoint_every > 0 and (step == _STEPS.value or
-                                       (phase == "ckpt" and step % checkpoint_every == 0))
-      save_ms = None
-      if save:
-        mngr.save(step, args=save_args(handler_kind, {**arrays, "step": step}))
-        save_ms = (time.perf_counter() - t1) * 1e3
-        block_ms.append(save_ms)
-      total_ms = (time.perf_counter() - t0) * 1e3
-      if phase == "baseline" and not save:
-        plain_ms.append(total_ms)
-      elif phase == "ckpt":
-        ckpt_ms.append(total_ms)
-      rate = poll_stats()
-      if step % _LOG_EVERY.value == 0 or step == _STEPS.value:
-        print(f"{step:6d} {loss:9.4f} {(t1 - t0) * 1e3:8.1f} "
-              f"{'-' if save_ms is None else f'{save_ms:.1f}':>8} "
-              f"{'-' if rate is None else f'{rate:.2f}':>8}", flush=True)
+# Summary --------------------------------------------------------------------------------------
 
-  except BaseException:
-    mngr.close()  # waits for the save in flight
-    raise
-  t0 = time.perf_counter()
-  mngr.wait_until_finished()
-  final_wait_ms = (time.perf_counter() - t0) * 1e3
-  poll_stats()
-  last = mngr.latest_step()
-  ckpt_bytes = dir_bytes(os.path.join(os.fspath(mngr.directory), str(last))) if last is not None else 0
-  mngr.close()
 
-  plain = _mean(plain_ms)
-  with_ckpt = _mean(ckpt_ms)
-  overhead = (with_ckpt - plain) / plain * 100 if plain_ms and ckpt_ms else float("nan")
-  # Medians shrug off the odd slow step of a busy machine.
-  overhead_med = ((_median(ckpt_ms) - _median(plain_ms)) / _median(plain_ms) * 100
-                  if plain_ms and ckpt_ms else float("nan"))
-  summary = {
-      "handler": handler_kind,
-      "steps": len(losses),
-      "first_step": first_step,
-      "last_step": step,
-      "checkpoint_every": checkpoint_every,
-      "compile_s": compile_s,
-      "restore_s": restore_s,
-      "step_ms_no_ckpt": plain,
-      "step_ms_with_ckpt": with_ckpt,
-      "median_step_ms_no_ckpt": _median(plain_ms),
-      "median_step_ms_with_ckpt": _median(ckpt_ms),
-      "checkpoint_mib": ckpt_bytes / MiB,
-      "state_mib": state_bytes / MiB,
-      "saves": len(block_ms),
-      "median_blocking_ms": _median(block_ms),
-      "first_blocking_ms": block_ms[0] if block_ms else float("nan"),
-      "median_handler_blocking_ms": _median(handler_ms),
-      "median_snapshot_ms": _median(snap_ms),
-      "median_save_cpu_ms": _median(cpu_ms),
-      "snapshot_mode": (seen_stats or {}).get("snapshot_mode"),
-      "median_background_gbps": _median(gbps),
-      "final_wait_ms": final_wait_ms,
+def _median(xs):
+  return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs: list[float]) -> dict:
+  """n, median, quartiles (q1, q3) and min/max of `xs` (NaN when empty)."""
+  if not xs:
+    return {"n": 0, **{k: float("nan") for k in ("median", "q1", "q3", "min", "max")}}
+  q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
+  return {"n": len(xs), "median": statistics.median(xs), "q1": q1, "q3": q3,
+          "min": min(xs), "max": max(xs)}
+
+
+def per_cycle_cost(blocks: list) -> list[float]:
+  """Points of step time the handler costs above the floor in each cycle
+  that has all three conditions: (median save - median floor) / median
+  no_save * 100, of that cycle's blocks."""
+  by_cycle: dict[int, dict[str, list]] = {}
+  for cond, cycle, ms in blocks:
+    by_cycle.setdefault(cycle, {}).setdefault(cond, []).extend(ms)
+  out = []
+  for conds in by_cycle.values():
+    if all(conds.get(c) for c in CONDITIONS):
+      med = {c: statistics.median(conds[c]) for c in CONDITIONS}
+      out.append((med["save"] - med["floor"]) / med["no_save"] * 100)
+  return out
+
+
+def summarize(t: Timings, **facts) -> dict:
+  """The run's summary (JSON-able): `facts` plus per-condition step-time
+  spreads, overheads over no_save (%, medians) and the cost above the floor
+  (points of step time), and the save statistics."""
+  steps = {c: spread(t.step_ms[c]) for c in CONDITIONS}
+  base = steps["no_save"]["median"]
+  overhead = {c: (steps[c]["median"] - base) / base * 100 for c in ("save", "floor")}
+  cycles = per_cycle_cost(t.blocks)
+  return {
+      **facts,
+      "step_ms": steps,
       "overhead_pct": overhead,
-      "overhead_pct_medians": overhead_med,
-      "latest_checkpoint": last,
-      "wall_s": time.perf_counter() - t_start,
+      "cost_above_floor_points": overhead["save"] - overhead["floor"],
+      "cost_above_floor_points_per_cycle": cycles,
+      "saves": len(t.block_ms),
+      "median_blocking_ms": _median(t.block_ms),
+      "first_blocking_ms": t.block_ms[0] if t.block_ms else float("nan"),
+      "median_handler_blocking_ms": _median(t.handler_ms),
+      "median_snapshot_ms": _median(t.snap_ms),
+      "median_save_cpu_ms": _median(t.cpu_ms),
+      "snapshot_mode": (t.stats or {}).get("snapshot_mode"),
+      "median_background_gbps": _median(t.gbps),
   }
 
-  def fmt(v, spec):
-    return "n/a" if isinstance(v, float) and math.isnan(v) else format(v, spec)
 
+def _fmt(v, spec):
+  return "n/a" if isinstance(v, float) and math.isnan(v) else format(v, spec)
+
+
+def print_summary(s: dict, final_loss: float | None) -> None:
+  """Prints the summary as a table of rows."""
+  def step_row(c):
+    x = s["step_ms"][c]
+    return (f"{_fmt(x['median'], '.1f')} (IQR {_fmt(x['q1'], '.1f')}-{_fmt(x['q3'], '.1f')}, "
+            f"min-max {_fmt(x['min'], '.1f')}-{_fmt(x['max'], '.1f')}, {x['n']} steps)")
+  cycles = s["cost_above_floor_points_per_cycle"]
   rows = [
-      ("handler", handler_kind),
-      ("steps (this run)", f"{len(losses)} ({first_step}..{step})"),
-      ("checkpoint every", f"{checkpoint_every} steps" if checkpoint_every else "never"),
-      (f"step ms, no checkpoint ({len(plain_ms)} steps)",
-       f"{fmt(plain, '.1f')} (median {fmt(summary['median_step_ms_no_ckpt'], '.1f')})"),
-      (f"step ms, checkpointing ({len(ckpt_ms)} steps)",
-       f"{fmt(with_ckpt, '.1f')} (median {fmt(summary['median_step_ms_with_ckpt'], '.1f')})"),
-      ("checkpoint size MiB", f"{ckpt_bytes / MiB:.1f}"),
-      (f"median blocking ms ({len(block_ms)} saves)", fmt(summary["median_blocking_ms"], ".1f")),
-      ("first save blocking ms", fmt(summary["first_blocking_ms"], ".1f")),
-      ("  of which FastPersist's async_save", fmt(summary["median_handler_blocking_ms"], ".1f")),
-      ("median snapshot ms", fmt(summary["median_snapshot_ms"], ".1f")
-       + (f" ({summary['snapshot_mode']})" if summary["snapshot_mode"] else "")),
-      ("median background GB/s", fmt(summary["median_background_gbps"], ".2f")),
-      ("median CPU ms per save (FastPersist threads)", fmt(summary["median_save_cpu_ms"], ".1f")),
-      ("overhead %", f"{fmt(overhead, '+.1f')} (of medians {fmt(overhead_med, '+.1f')})"),
-      ("final loss", f"{losses[step]:.4f}" if losses else "n/a"),
-      ("compile s", f"{compile_s:.1f}"),
-      ("wall s", f"{summary['wall_s']:.1f}"),
+      ("handler", s["handler"]),
+      ("steps (this run)", f"{s['steps']} ({s['first_step']}..{s['last_step']})"),
+      ("checkpoint every", f"{s['checkpoint_every']} steps" if s["checkpoint_every"] else "never"),
+      ("step ms, no save", step_row("no_save")),
+      (f"step ms, saving ({s['handler']})", step_row("save")),
+      ("step ms, saving nothing (floor)", step_row("floor")),
+      ("overhead % (medians, vs no save)",
+       f"saving {_fmt(s['overhead_pct']['save'], '+.1f')}, floor "
+       f"{_fmt(s['overhead_pct']['floor'], '+.1f')}"),
+      ("cost above floor, points of step time",
+       _fmt(s["cost_above_floor_points"], "+.1f")
+       + (f" (per cycle: median {statistics.median(cycles):+.1f}, min-max {min(cycles):+.1f}"
+          f" to {max(cycles):+.1f}, {len(cycles)} cycles)" if cycles else "")),
+      ("checkpoint size MiB", f"{s['checkpoint_mib']:.1f}"),
+      (f"median blocking ms ({s['saves']} saves)", _fmt(s["median_blocking_ms"], ".1f")),
+      ("first save blocking ms", _fmt(s["first_blocking_ms"], ".1f")),
+      ("  of which FastPersist's async_save", _fmt(s["median_handler_blocking_ms"], ".1f")),
+      ("median snapshot ms", _fmt(s["median_snapshot_ms"], ".1f")
+       + (f" ({s['snapshot_mode']})" if s["snapshot_mode"] else "")),
+      ("median background GB/s", _fmt(s["median_background_gbps"], ".2f")),
+      ("median CPU ms per save (FastPersist threads)", _fmt(s["median_save_cpu_ms"], ".1f")),
+      ("final loss", f"{final_loss:.4f}" if final_loss is not None else "n/a"),
+      ("compile s", f"{s['compile_s']:.1f}"),
+      ("wall s", f"{s['wall_s']:.1f}"),
   ]
   width = max(len(k) for k, _ in rows)
   print("\n== summary ==", flush=True)
@@ -516,6 +634,62 @@ def main(argv):
     print(f"{k:<{width}}  {v}")
   sys.stdout.flush()
 
+
+# Main -----------------------------------------------------------------------------------------
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  t_start = time.perf_counter()
+  if _TRAIN_CPUS.value:
+    os.sched_setaffinity(0, {int(c) for c in _TRAIN_CPUS.value})
+  setup = set_up()
+  handler_kind = _HANDLER.value
+  mngr, handler = make_manager(handler_kind, _CKPT_DIR.value)
+  floor_dir = floor_mngr = None
+  if _FLOOR.value and handler_kind != "none" and _CHECKPOINT_EVERY.value > 0:
+    floor_dir = tempfile.mkdtemp(prefix="fastpersist_floor_")
+    floor_mngr, _ = make_manager("none", floor_dir)
+  try:
+    arrays, step, restore_s = resume_or_start(setup, mngr, handler_kind)
+    first_step = step + 1
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(arrays))
+    n_params = sum(x.size for x in jax.tree.leaves(arrays["params"]))
+    print(f"{setup.n_dev} devices, mesh data={setup.data_axis} x model={setup.model_axis}; "
+          f"{n_params / 1e6:.2f} M params, state {state_bytes / MiB:.1f} MiB; "
+          f"handler={handler_kind}"
+          + (f" (engine {handler.engine_kind})" if handler_kind == "fastpersist" else ""),
+          flush=True)
+    t0 = time.perf_counter()
+    example = jax.device_put(batch_for_step(setup.dataset, _SEED.value, step + 1, _BATCH.value),
+                             setup.batch_sharding)
+    setup.train_step = setup.train_step.lower(arrays, example).compile()
+    compile_s = time.perf_counter() - t0
+    print(f"compiled the train step in {compile_s:.1f} s", flush=True)
+    arrays, step, losses, timings = train(setup, arrays, step, mngr, handler, handler_kind,
+                                          floor_mngr)
+    t0 = time.perf_counter()
+    mngr.wait_until_finished()
+    final_wait_ms = (time.perf_counter() - t0) * 1e3
+    timings.poll(handler)
+    last = mngr.latest_step()
+    ckpt_bytes = (dir_bytes(os.path.join(os.fspath(mngr.directory), str(last)))
+                  if last is not None else 0)
+  finally:
+    mngr.close()  # waits for the save in flight
+    if floor_mngr is not None:
+      floor_mngr.close()
+      shutil.rmtree(floor_dir, ignore_errors=True)
+
+  summary = summarize(
+      timings, handler=handler_kind, steps=len(losses), first_step=first_step, last_step=step,
+      checkpoint_every=_CHECKPOINT_EVERY.value, block_steps=_BLOCK_STEPS.value,
+      compile_s=compile_s, restore_s=restore_s, checkpoint_mib=ckpt_bytes / MiB,
+      state_mib=state_bytes / MiB, final_wait_ms=final_wait_ms, latest_checkpoint=last,
+      wall_s=time.perf_counter() - t_start)
+  print_summary(summary, losses[step] if losses else None)
   if _METRICS_OUT.value:
     with open(_METRICS_OUT.value, "w") as f:
       json.dump({"summary": summary,

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "aligned_buffer.h"
+#include "alignment.h"
 #include "copy.h"
 #include "engine.h"
 #include "errors.h"
@@ -91,6 +92,36 @@ PYBIND11_MODULE(_ext, m) {
     }
   });
 
+  // The O_DIRECT alignment planning (alignment.h), exposed for its unit tests.
+  py::module_ align = m.def_submodule("alignment", "O_DIRECT alignment planning (for tests)");
+  align.def("plan_write", [](uint64_t offset, uint64_t len, uintptr_t address, uint64_t offset_align,
+                             uint64_t mem_align, uint64_t prior_end, bool direct) {
+              const WritePlan p = plan_write(Alignment{direct, offset_align, mem_align}, offset, len,
+                                             address, prior_end);
+              py::dict d;
+              d["main_len"] = p.main_len;
+              d["bulk"] = p.bulk;
+              d["copy"] = p.copy;
+              d["pad_tail"] = p.pad_tail;
+              d["buffered_from"] = p.buffered_from;
+              d["buffered_len"] = p.buffered_len;
+              d["bounce_bytes"] = p.bounce_bytes;
+              return d;
+            }, py::arg("offset"), py::arg("len"), py::arg("address"), py::arg("offset_align"),
+            py::arg("mem_align"), py::arg("prior_end"), py::arg("direct") = true,
+            "plan_write as a dict of WritePlan's fields.");
+  align.def("plan_read", [](uint64_t offset, uint64_t len, uintptr_t address, uint64_t offset_align,
+                            uint64_t mem_align, bool direct) {
+              py::list out;
+              for (const ReadWindow& w : plan_read(Alignment{direct, offset_align, mem_align},
+                                                   offset, len, address)) {
+                out.append(py::make_tuple(w.file_offset, w.len, w.bounce));
+              }
+              return out;
+            }, py::arg("offset"), py::arg("len"), py::arg("address"), py::arg("offset_align"),
+            py::arg("mem_align"), py::arg("direct") = true,
+            "plan_read as [(file_offset, len, bounce), ...].");
+
   m.def("copy_many", [](const py::sequence& pairs, unsigned threads) {
           std::vector<HeldBuffer> held;
           std::vector<CopyTask> tasks;
@@ -155,6 +186,7 @@ PYBIND11_MODULE(_ext, m) {
       .def("__enter__", [](File& f) -> File& { return f; }, py::return_value_policy::reference)
       .def("__exit__", [](File& f, py::args) { f.close(); });
 
+  const EngineConfig kDefaults;  // the binding's defaults are the C++ ones
   // dynamic_attr: the engine keeps its registered buffers alive (see
   // register_buffers below).
   py::class_<Engine>(m, "Engine", py::dynamic_attr(),
@@ -162,15 +194,16 @@ PYBIND11_MODULE(_ext, m) {
       .def(py::init([](const std::string& kind, unsigned queue_depth, size_t chunk_bytes,
                        unsigned threads) {
              EngineConfig c;
-             c.kind = kind;
+             c.kind = parse_engine_kind(kind);  // std::invalid_argument: ValueError
              c.queue_depth = queue_depth;
              c.chunk_bytes = chunk_bytes;
              c.threads = threads;
              return std::make_unique<Engine>(c);
            }),
-           py::arg("kind") = "io_uring", py::arg("queue_depth") = 16,
-           py::arg("chunk_bytes") = 4u << 20, py::arg("threads") = 1)
-      .def_property_readonly("kind", [](const Engine& e) { return e.config().kind; })
+           py::arg("kind") = engine_kind_name(kDefaults.kind),
+           py::arg("queue_depth") = kDefaults.queue_depth,
+           py::arg("chunk_bytes") = kDefaults.chunk_bytes, py::arg("threads") = kDefaults.threads)
+      .def_property_readonly("kind", [](const Engine& e) { return engine_kind_name(e.config().kind); })
       .def_property_readonly("queue_depth", [](const Engine& e) { return e.config().queue_depth; })
       .def_property_readonly("chunk_bytes", [](const Engine& e) { return e.config().chunk_bytes; })
       .def_property_readonly("threads", [](const Engine& e) { return e.config().threads; })

@@ -12,6 +12,7 @@
 #include <unordered_map>
 
 #include "aligned_buffer.h"
+#include "alignment.h"
 #include "errors.h"
 
 namespace fastpersist {
@@ -128,12 +129,47 @@ void prep(io_uring_sqe* sqe, const Op& op) {
   }
 }
 
+// user_data of a request taken back after a failed submission (see
+// cancel_unsubmitted); its completion, whenever it comes, is ignored.
+constexpr uint64_t kCancelled = UINT64_MAX;
+
+// After io_uring_submit fails, the last `io_uring_sq_ready(ring)` SQEs we
+// prepared never reached the kernel. They must not run later, when their
+// buffers may be gone, and no completion counts for them in this call.
+//
+// liburing (2.3 here, and up to at least 2.5) has no call that takes queued
+// SQEs back: io_uring_submit has already published them to the kernel's SQ
+// tail before io_uring_enter failed, so the next io_uring_enter on this ring
+// would submit them. So they are rewritten in place as no-ops marked
+// kCancelled: the kernel reads an SQE only while io_uring_enter submits it
+// (no SQPOLL here), so changing one it has not consumed is safe, and goes
+// through liburing's own prep calls rather than its ring fields. `pending`
+// holds our SQEs not yet known to be consumed, oldest first; returns how
+// many were cancelled.
+unsigned cancel_unsubmitted(io_uring* ring, std::deque<io_uring_sqe*>& pending) {
+  const unsigned unsubmitted = std::min<size_t>(io_uring_sq_ready(ring), pending.size());
+  for (size_t i = pending.size() - unsubmitted; i < pending.size(); ++i) {
+    io_uring_prep_nop(pending[i]);
+    io_uring_sqe_set_data64(pending[i], kCancelled);
+  }
+  pending.clear();
+  return unsubmitted;
+}
+
+// Drops from `pending` the SQEs the kernel has consumed (all but the last
+// io_uring_sq_ready(ring), which submission left queued).
+void forget_consumed(io_uring* ring, std::deque<io_uring_sqe*>& pending) {
+  const size_t queued = std::min<size_t>(io_uring_sq_ready(ring), pending.size());
+  pending.erase(pending.begin(), pending.end() - queued);
+}
+
 // One ring, up to `depth` requests in flight, pulling ops from a shared cursor.
 // On error it stops taking new ops but always drains what is in flight: the
 // kernel may still be writing from (or into) the caller's buffers.
 void ring_worker(io_uring* ring, unsigned depth, std::vector<Op>& ops,
                  std::atomic<size_t>& cursor, ErrorSlot& errors) {
   std::deque<size_t> retry;
+  std::deque<io_uring_sqe*> pending;  // prepared, not yet known to be consumed
   unsigned in_flight = 0;
   for (;;) {
     while (in_flight < depth && !errors.failed()) {
@@ -146,40 +182,49 @@ void ring_worker(io_uring* ring, unsigned depth, std::vector<Op>& ops,
         if (idx >= ops.size()) break;
       }
       io_uring_sqe* sqe = io_uring_get_sqe(ring);
-      if (sqe == nullptr) {  // cannot happen with depth <= ring size; be safe
+      if (sqe == nullptr) {
+        // The SQ is full of cancelled no-ops left by an earlier failed
+        // submission: submit them (their completions are ignored), then retry.
+        io_uring_submit(ring);
+        sqe = io_uring_get_sqe(ring);
+      }
+      if (sqe == nullptr) {
         retry.push_front(idx);
+        if (in_flight == 0) {
+          errors.set_general(EBUSY, "io_uring_get_sqe (submission queue full)");
+        }
         break;
       }
       prep(sqe, ops[idx]);
       io_uring_sqe_set_data64(sqe, idx);
+      pending.push_back(sqe);
       ++in_flight;
     }
     if (in_flight == 0) return;
     int rc = io_uring_submit_and_wait(ring, 1);
-    if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
-      // The submission itself failed. Requests still queued in the SQ never
-      // reached the kernel: drop them (they must not be submitted by a later
-      // call, and no completion will come for them), then wait only for the
-      // ones the kernel did take.
-      const unsigned never_submitted = io_uring_sq_ready(ring);
-      ring->sq.sqe_tail = ring->sq.sqe_head;
-      in_flight -= std::min(in_flight, never_submitted);
+    const bool broken = rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY;
+    if (broken) {
+      // The submission itself failed: wait only for the requests the kernel took.
+      in_flight -= std::min(in_flight, cancel_unsubmitted(ring, pending));
       errors.set_general(-rc, "io_uring_submit");
+    } else {
+      forget_consumed(ring, pending);
     }
     io_uring_cqe* cqe;
     unsigned head, seen = 0;
     io_uring_for_each_cqe(ring, head, cqe) {
-      const size_t idx = io_uring_cqe_get_data64(cqe);
+      const uint64_t idx = io_uring_cqe_get_data64(cqe);
       ++seen;
+      if (idx == kCancelled) continue;
       --in_flight;
       if (!complete(ops[idx], cqe->res, errors) && !errors.failed()) retry.push_back(idx);
     }
     io_uring_cq_advance(ring, seen);
-    if (seen == 0 && rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY) {
+    if (seen == 0 && broken) {
       // Submission broke and nothing completes: wait for the rest one by one.
       while (in_flight > 0 && io_uring_wait_cqe(ring, &cqe) == 0) {
+        if (io_uring_cqe_get_data64(cqe) != kCancelled) --in_flight;
         io_uring_cqe_seen(ring, cqe);
-        --in_flight;
       }
       return;
     }
@@ -193,17 +238,23 @@ unsigned pool_threads(const EngineConfig& c) {
 
 }  // namespace
 
+const char* engine_kind_name(EngineKind kind) {
+  return kind == EngineKind::kIoUring ? "io_uring" : "threads";
+}
+
+EngineKind parse_engine_kind(const std::string& name) {
+  if (name == "io_uring") return EngineKind::kIoUring;
+  if (name == "threads") return EngineKind::kThreads;
+  throw std::invalid_argument("engine kind must be 'io_uring' or 'threads', got '" + name + "'");
+}
+
 Engine::Engine(const EngineConfig& config) : config_(config) {
   if (config_.queue_depth == 0) config_.queue_depth = 1;
   if (config_.threads == 0) config_.threads = 1;
   if (config_.chunk_bytes < kPageSize) config_.chunk_bytes = kPageSize;
   config_.chunk_bytes = align_down(config_.chunk_bytes, kPageSize);
   if (config_.chunk_bytes > (1u << 30)) config_.chunk_bytes = 1u << 30;
-  if (config_.kind == "threads") return;
-  if (config_.kind != "io_uring") {
-    throw std::invalid_argument("engine kind must be 'io_uring' or 'threads', got '" +
-                                config_.kind + "'");
-  }
+  if (config_.kind == EngineKind::kThreads) return;
   for (unsigned i = 0; i < config_.threads; ++i) {
     auto ring = std::make_unique<io_uring>();
     const int rc = io_uring_queue_init(config_.queue_depth, ring.get(), 0);
@@ -293,47 +344,27 @@ void Engine::write(const std::vector<Extent>& extents) {
   std::lock_guard<std::mutex> lock(call_mu_);
   const size_t chunk = config_.chunk_bytes;
 
-  // How each extent of an O_DIRECT file at an aligned offset is written: the
-  // whole blocks (`bulk`) go direct, from the caller's memory or, when that is
-  // misaligned, from a bounce copy. A final partial block is either padded
-  // with zeros to a whole block and written direct (sync() cuts the file back
-  // to its logical end), or, when those zeros could land on bytes an earlier
-  // write() call put there, written as is through the buffered descriptor.
-  struct Plan {
-    size_t bulk = 0;
-    bool copy = false;         // bulk (and a padded tail) come from bounce memory
-    bool pad_tail = false;     // tail written direct, padded with zeros
-  };
   // Each file's logical end before this call. Nothing at or past it has been
   // written through this File, so zero padding there overwrites nothing: later
   // extents of this same call that share the padded block start at unaligned
-  // offsets and are written after the direct ones.
+  // offsets and are written after the direct ones (see plan_write).
   std::unordered_map<const File*, uint64_t> prior_end;
   for (const Extent& e : extents) {
     check_mode(*e.file, File::Mode::kWrite);
     prior_end.emplace(e.file, e.file->logical_end());
   }
-  std::vector<Plan> plans(extents.size());
+  std::vector<WritePlan> plans;
+  plans.reserve(extents.size());
   size_t bounce_bytes = 0;
-  for (size_t i = 0; i < extents.size(); ++i) {
-    const Extent& e = extents[i];
-    const File& f = *e.file;
-    if (e.len == 0 || !f.direct() || e.offset % f.offset_align() != 0) continue;
-    Plan& pl = plans[i];
-    pl.bulk = align_down(e.len, f.offset_align());
-    pl.copy = reinterpret_cast<uintptr_t>(e.data) % f.mem_align() != 0;
-    pl.pad_tail = pl.bulk != e.len && e.offset + e.len >= prior_end[&f];
-    const size_t direct_len = pl.pad_tail ? align_up(e.len, f.offset_align()) : pl.bulk;
-    if (pl.copy) {
-      bounce_bytes += align_up(direct_len, kPageSize);
-    } else if (pl.pad_tail) {
-      bounce_bytes += align_up(f.offset_align(), kPageSize);
-    }
+  for (const Extent& e : extents) {
+    plans.push_back(plan_write(e.file->alignment(), e.offset, e.len,
+                               reinterpret_cast<uintptr_t>(e.data), prior_end[e.file]));
+    bounce_bytes += plans.back().bounce_bytes;
   }
   Bounce bounce;
   if (bounce_bytes > 0) bounce.buffer = std::make_unique<AlignedBuffer>(bounce_bytes);
 
-  std::vector<Op> aligned, unaligned;
+  std::vector<Op> first, second;  // main descriptor, then the buffered one
   auto add = [&](std::vector<Op>& ops, int fd, const File* f, char* p, size_t n, uint64_t off) {
     for (size_t done = 0; done < n; done += chunk) {
       const size_t len = std::min(chunk, n - done);
@@ -342,83 +373,55 @@ void Engine::write(const std::vector<Extent>& extents) {
   };
   for (size_t i = 0; i < extents.size(); ++i) {
     const Extent& e = extents[i];
+    const WritePlan& pl = plans[i];
     File& f = *e.file;
     if (e.len == 0) continue;
     f.note_written(e.offset + e.len);
-    if (!f.direct()) {
-      add(aligned, f.fd(), &f, e.data, e.len, e.offset);
-      continue;
-    }
-    if (e.offset % f.offset_align() != 0) {
-      add(unaligned, f.buffered_fd(), &f, e.data, e.len, e.offset);
-      continue;
-    }
-    const Plan& pl = plans[i];
-    const size_t tail = e.len - pl.bulk;
     if (pl.copy) {
-      const size_t direct_len = pl.pad_tail ? align_up(e.len, f.offset_align()) : pl.bulk;
-      if (direct_len > 0) {
-        char* p = bounce.take(direct_len);
+      if (pl.main_len > 0) {
+        char* p = bounce.take(pl.main_len);
         std::memcpy(p, e.data, pl.pad_tail ? e.len : pl.bulk);
-        add(aligned, f.fd(), &f, p, direct_len, e.offset);
+        add(first, f.fd(), &f, p, pl.main_len, e.offset);
       }
     } else {
-      add(aligned, f.fd(), &f, e.data, pl.bulk, e.offset);
-      if (tail > 0 && pl.pad_tail) {
-        char* p = bounce.take(f.offset_align());
-        std::memcpy(p, e.data + pl.bulk, tail);
-        add(aligned, f.fd(), &f, p, f.offset_align(), e.offset + pl.bulk);
+      add(first, f.fd(), &f, e.data, pl.bulk, e.offset);
+      if (pl.pad_tail) {
+        const size_t block = pl.main_len - pl.bulk;
+        char* p = bounce.take(block);
+        std::memcpy(p, e.data + pl.bulk, e.len - pl.bulk);
+        add(first, f.fd(), &f, p, block, e.offset + pl.bulk);
       }
     }
-    if (tail > 0 && !pl.pad_tail) {
-      add(unaligned, f.buffered_fd(), &f, e.data + pl.bulk, tail, e.offset + pl.bulk);
+    if (pl.buffered_len > 0) {
+      add(second, f.buffered_fd(), &f, e.data + pl.buffered_from, pl.buffered_len,
+          e.offset + pl.buffered_from);
     }
   }
-  execute(aligned);
-  execute(unaligned);
+  execute(first);
+  execute(second);
 }
 
 void Engine::read(const std::vector<Extent>& extents) {
   std::lock_guard<std::mutex> lock(call_mu_);
   const size_t chunk = config_.chunk_bytes;
 
-  // Plan each extent as direct pieces (straight into the caller's memory) and
-  // bounce pieces (an aligned window read into scratch, then copied out).
+  // Each extent as windows read straight into the caller's memory and bounce
+  // windows (read into scratch, then copied out); see plan_read.
   struct Piece {
     const Extent* e;
-    uint64_t file_off;  // aligned start of the window read from the file
-    size_t len;         // window length
-    bool bounce;
+    ReadWindow w;
   };
   std::vector<Piece> pieces;
   size_t bounce_bytes = 0;
-  auto push = [&](const Piece& pc) {
-    pieces.push_back(pc);
-    if (!pc.bounce) return;
-    for (uint64_t off = 0; off < pc.len; off += chunk) {
-      bounce_bytes += align_up(std::min<uint64_t>(chunk, pc.len - off), kPageSize);
-    }
-  };
   for (const Extent& e : extents) {
     check_mode(*e.file, File::Mode::kRead);
-    if (e.len == 0) continue;
-    const File& f = *e.file;
-    const uint64_t start = e.offset, end = e.offset + e.len;
-    if (!f.direct()) {
-      push({&e, start, e.len, false});
-      continue;
-    }
-    const uint64_t a = f.offset_align();
-    const uint64_t mid_s = align_up(start, a), mid_e = align_down(end, a);
-    const bool mid_ok = mid_s < mid_e &&
-                        reinterpret_cast<uintptr_t>(e.data + (mid_s - start)) % f.mem_align() == 0;
-    if (mid_ok) {
-      if (start < mid_s) push({&e, mid_s - a, a, true});
-      push({&e, mid_s, mid_e - mid_s, false});
-      if (mid_e < end) push({&e, mid_e, a, true});
-    } else {
-      const uint64_t as = align_down(start, a);
-      push({&e, as, align_up(end, a) - as, true});
+    for (const ReadWindow& w :
+         plan_read(e.file->alignment(), e.offset, e.len, reinterpret_cast<uintptr_t>(e.data))) {
+      pieces.push_back({&e, w});
+      if (!w.bounce) continue;
+      for (uint64_t off = 0; off < w.len; off += chunk) {
+        bounce_bytes += align_up(std::min<uint64_t>(chunk, w.len - off), kPageSize);
+      }
     }
   }
   Bounce bounce;
@@ -428,11 +431,12 @@ void Engine::read(const std::vector<Extent>& extents) {
   std::vector<Copy> copies;
   for (const Piece& pc : pieces) {
     const Extent& e = *pc.e;
+    const ReadWindow& w = pc.w;
     const uint64_t start = e.offset, end = e.offset + e.len;
-    for (uint64_t off = pc.file_off; off < pc.file_off + pc.len; off += chunk) {
-      const size_t len = std::min<uint64_t>(chunk, pc.file_off + pc.len - off);
+    for (uint64_t off = w.file_offset; off < w.file_offset + w.len; off += chunk) {
+      const size_t len = std::min<uint64_t>(chunk, w.file_offset + w.len - off);
       const size_t need = static_cast<size_t>(std::min<uint64_t>(len, end > off ? end - off : 0));
-      if (!pc.bounce) {
+      if (!w.bounce) {
         char* dst = e.data + (off - start);
         ops.push_back(Op{Op::kRead, e.file->fd(), e.file, dst, len, off, need, fixed_index(dst, len)});
         continue;

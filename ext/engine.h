@@ -25,8 +25,21 @@ struct Extent {
   size_t len;
 };
 
+// Which mechanism carries the I/O.
+enum class EngineKind {
+  kIoUring,  // io_uring, one ring per worker thread
+  kThreads,  // blocking pwrite/pread on a thread pool
+};
+
+// "io_uring" / "threads": the names Python uses.
+const char* engine_kind_name(EngineKind kind);
+// Throws std::invalid_argument (Python: ValueError) for any other name.
+EngineKind parse_engine_kind(const std::string& name);
+
+// The engine's settings and their defaults (the Python binding takes its
+// defaults from here; FastPersistOptions passes its own explicitly).
 struct EngineConfig {
-  std::string kind = "io_uring";  // "io_uring" or "threads"
+  EngineKind kind = EngineKind::kIoUring;
   unsigned queue_depth = 16;      // requests in flight per worker
   size_t chunk_bytes = 4u << 20;  // largest single request
   unsigned threads = 1;           // io_uring: rings; threads: ignored (see below)
@@ -36,7 +49,7 @@ struct Op;
 
 class Engine {
  public:
-  // Throws RingUnavailable when kind == "io_uring" and the kernel (or a
+  // Throws RingUnavailable when kind is kIoUring and the kernel (or a
   // seccomp profile, or kernel.io_uring_disabled) refuses io_uring_setup.
   explicit Engine(const EngineConfig& config);
   ~Engine();

@@ -27,8 +27,11 @@ class RingUnavailable : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// strerror(err), for messages.
 std::string errno_text(int err);
 
+// Throws IoError(err, path, "<op>[ at offset N]: <errno text>"); offset
+// UINT64_MAX leaves the offset out.
 [[noreturn]] void throw_io_error(int err, const std::string& path,
                                  const std::string& op, uint64_t offset = UINT64_MAX);
 

@@ -6,6 +6,8 @@
 #include <mutex>
 #include <string>
 
+#include "alignment.h"
+
 namespace fastpersist {
 
 class File {
@@ -29,6 +31,7 @@ class File {
   const std::string& direct_note() const { return direct_note_; }
   uint32_t offset_align() const { return offset_align_; }
   uint32_t mem_align() const { return mem_align_; }
+  Alignment alignment() const { return {direct_, offset_align_, mem_align_}; }
 
   int fd() const;
   // A second, buffered descriptor for the few writes O_DIRECT cannot do

@@ -9,14 +9,20 @@ import shutil
 import subprocess
 import tempfile
 
-# Eight CPU devices for sharded arrays; must be set before jax is imported.
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+import pytest
 
-import pytest  # pylint: disable=g-import-not-at-top
+# Eight CPU devices for sharded arrays: importing helpers sets XLA_FLAGS
+# before jax is imported.
+import helpers
 
 ENGINE_KINDS = ("io_uring", "threads")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  """A 4 x 2 ("data", "model") mesh of the eight CPU devices; test files
+  that need another mesh define their own `mesh` fixture."""
+  return helpers.mesh_4x2()
 
 
 def fs_type(path: str | os.PathLike) -> str:

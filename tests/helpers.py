@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: tree comparison, restore targets, meshes.
+"""Helpers shared by the tests: tree comparison, restore targets, meshes, and
+the environment of child processes.
 
 Importing this module sets XLA_FLAGS for eight CPU devices when nothing else
 did (it must happen before jax is imported).
@@ -8,13 +9,40 @@ from __future__ import annotations
 
 import os
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def with_cpu_devices(xla_flags: str, devices: int) -> str:
+  """`xla_flags` (an XLA_FLAGS value) with the forced host-platform device
+  count set to `devices`, other flags kept."""
+  kept = [f for f in xla_flags.split() if not f.startswith(_DEVICE_COUNT_FLAG)]
+  return " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={devices}"])
+
+
+def child_env(devices: int = 8, **extra: str | None) -> dict[str, str]:
+  """The environment of a child Python process of a test: this one's, with
+  XLA_FLAGS forcing `devices` CPU devices, the repository on PYTHONPATH,
+  unbuffered output, then `extra` (a value of None removes the variable)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), devices)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+  env["PYTHONUNBUFFERED"] = "1"
+  for k, v in extra.items():
+    if v is None:
+      env.pop(k, None)
+    else:
+      env[k] = v
+  return env
+
+
+if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = with_cpu_devices(os.environ.get("XLA_FLAGS", ""), 8)
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 
@@ -31,10 +59,12 @@ def raw_bytes(x) -> tuple[str, tuple, bytes]:
   return a.dtype.name, a.shape, a.tobytes()
 
 
-def assert_trees_equal(expected, actual, check_sharding: bool = True) -> None:
+def assert_trees_equal(expected, actual, check_sharding: bool = True,
+                       check_array_type: bool = True) -> None:
   """Same structure; every array leaf bit for bit the same (dtype, shape, NaN
-  payloads, typed keys' implementation and data), on an equivalent sharding
-  when it is a jax.Array; other leaves equal and of the same type."""
+  payloads, typed keys' implementation and data), a jax.Array where one is
+  expected (unless not `check_array_type`), on an equivalent sharding (unless
+  not `check_sharding`); other leaves equal and of the same type."""
   e_flat, e_def = jax.tree_util.tree_flatten_with_path(expected)
   a_flat, a_def = jax.tree_util.tree_flatten(actual)
   assert jax.tree_util.tree_structure(expected) == a_def, (jax.tree_util.tree_structure(expected),
@@ -43,12 +73,19 @@ def assert_trees_equal(expected, actual, check_sharding: bool = True) -> None:
     where = jax.tree_util.keystr(path)
     if isinstance(e, (jax.Array, np.ndarray, np.generic)):
       assert raw_bytes(a) == raw_bytes(e), (where, raw_bytes(e)[:2], raw_bytes(a)[:2])
-      assert isinstance(a, jax.Array) == isinstance(e, jax.Array), (where, type(e), type(a))
-      if check_sharding and isinstance(e, jax.Array):
+      if check_array_type:
+        assert isinstance(a, jax.Array) == isinstance(e, jax.Array), (where, type(e), type(a))
+      if check_sharding and isinstance(e, jax.Array) and isinstance(a, jax.Array):
         assert a.sharding.is_equivalent_to(e.sharding, e.ndim), (where, a.sharding, e.sharding)
         assert a.sharding.memory_kind == e.sharding.memory_kind, where
     else:
       assert type(a) is type(e) and (a == e or (a != a and e != e)), (where, e, a)
+
+
+def assert_tree_bytes_equal(expected, actual) -> None:
+  """assert_trees_equal on the values alone: structure, dtypes, shapes and
+  bytes, whether an array comes back as numpy or jax.Array, on any sharding."""
+  assert_trees_equal(expected, actual, check_sharding=False, check_array_type=False)
 
 
 def abstract(tree):
@@ -64,3 +101,9 @@ def abstract(tree):
 def mesh_2x4():
   assert jax.device_count() == 8, "tests need XLA_FLAGS=--xla_force_host_platform_device_count=8"
   return jax.make_mesh((2, 4), ("data", "model"))
+
+
+def mesh_4x2():
+  """A ("data", "model") mesh of 4 x 2 of the eight CPU devices."""
+  assert jax.device_count() == 8, "tests need XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  return jax.make_mesh((4, 2), ("data", "model"))

@@ -14,7 +14,6 @@ import time
 scenario, pid, nproc, port, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
     int(sys.argv[4]), sys.argv[5]
 local_devices = int(os.environ.get("MP_LOCAL_DEVICES", "2"))
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
 
 import jax  # pylint: disable=g-import-not-at-top
 
@@ -22,6 +21,9 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 if nproc > 1:
   jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
                              initialization_timeout=60)
+# The parent builds this process's environment with helpers.child_env, whose
+# XLA_FLAGS force MP_LOCAL_DEVICES CPU devices.
+assert jax.local_device_count() == local_devices, (jax.local_device_count(), local_devices)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top

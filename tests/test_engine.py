@@ -636,10 +636,6 @@ def test_registration_degrades_gracefully_without_memlock():
   assert "used unregistered" in out, out
   assert "roundtrip True" in out, out
 
-if __name__ == "__main__":  # Bazel py_test runs the file itself
-  sys.exit(pytest.main([__file__, *sys.argv[1:]]))
-
-
 # The snapshot copy (_ext.copy_many) ------------------------------------------------------------
 
 
@@ -681,3 +677,104 @@ def test_copy_many_rejects_bad_pairs():
     _ext.copy_many([(a,)], 1)
   with pytest.raises((ValueError, TypeError, BufferError)):
     _ext.copy_many([(b"readonly!", np.zeros(9, np.uint8))], 1)   # destination not writable
+
+
+# O_DIRECT alignment planning (ext/alignment.h) -------------------------------------------------
+
+# Block (offset and length alignment) and memory alignment of these plans; an
+# aligned address, and one that is not.
+BLOCK = 512
+ALIGNED_ADDR, MISALIGNED_ADDR = 1 << 20, (1 << 20) + 1
+
+
+def _write_plan(offset, n, prior_end, address=ALIGNED_ADDR, direct=True):
+  return _ext.alignment.plan_write(offset, n, address, BLOCK, BLOCK, prior_end, direct)
+
+
+def _plan(main_len=0, bulk=0, copy=False, pad_tail=False, buffered_from=0, buffered_len=0,
+          bounce_bytes=0):
+  return dict(main_len=main_len, bulk=bulk, copy=copy, pad_tail=pad_tail,
+              buffered_from=buffered_from, buffered_len=buffered_len, bounce_bytes=bounce_bytes)
+
+
+@pytest.mark.parametrize("args, want", [
+    # Zero length: nothing at all.
+    ((1024, 0, 0), _plan()),
+    # Exact multiple at an aligned offset, aligned memory: all direct, no bounce.
+    ((1024, 2048, 0), _plan(main_len=2048, bulk=2048)),
+    # Sub-block length past the file's prior end: one zero-padded block from bounce memory.
+    ((512, 100, 512), _plan(main_len=512, pad_tail=True, bounce_bytes=4096)),
+    # Sub-block length ending before the prior end (padding could overwrite earlier bytes):
+    # the bytes as they are, through the buffered descriptor.
+    ((512, 100, 4096), _plan(buffered_len=100)),
+    # Unaligned start: the whole extent through the buffered descriptor.
+    ((100, 1000, 0), _plan(buffered_len=1000)),
+    ((4095, 1, 0), _plan(buffered_len=1)),
+    # Aligned start, unaligned end, past the prior end: bulk direct, padded tail block.
+    ((0, 1300, 0), _plan(main_len=1536, bulk=1024, pad_tail=True, bounce_bytes=4096)),
+    # ... and ending before the prior end: bulk direct, tail buffered after it.
+    ((0, 1300, 2000), _plan(main_len=1024, bulk=1024, buffered_from=1024, buffered_len=276)),
+    # Ending exactly at the prior end pads (nothing lies at or past it).
+    ((0, 1300, 1300), _plan(main_len=1536, bulk=1024, pad_tail=True, bounce_bytes=4096)),
+])
+def test_write_plan_aligned_memory(args, want):
+  assert _write_plan(*args) == want
+
+
+@pytest.mark.parametrize("args, want", [
+    # Misaligned memory: everything direct comes from a bounce copy (whole pages).
+    ((0, 1300, 0), _plan(main_len=1536, bulk=1024, copy=True, pad_tail=True, bounce_bytes=4096)),
+    ((0, 3 * 4096 + 1, 0), _plan(main_len=12800, bulk=12288, copy=True, pad_tail=True,
+                                 bounce_bytes=16384)),
+    ((0, 2048, 0), _plan(main_len=2048, bulk=2048, copy=True, bounce_bytes=4096)),
+    # Sub-block before the prior end: nothing direct, so nothing to copy.
+    ((512, 100, 4096), _plan(copy=True, buffered_len=100)),
+    # Unaligned offset: buffered, memory alignment irrelevant.
+    ((100, 1000, 0), _plan(buffered_len=1000)),
+])
+def test_write_plan_misaligned_memory(args, want):
+  assert _write_plan(*args, address=MISALIGNED_ADDR) == want
+
+
+def test_write_plan_buffered_file_takes_everything_as_is():
+  assert _write_plan(100, 1000, 0, address=MISALIGNED_ADDR, direct=False) == _plan(
+      main_len=1000, bulk=1000)
+  assert _write_plan(100, 0, 0, direct=False) == _plan()
+
+
+@pytest.mark.parametrize("offset, n, address, want", [
+    # Zero length: no window.
+    (1024, 0, ALIGNED_ADDR, []),
+    # Exact multiple, aligned memory: one direct window.
+    (1024, 2048, ALIGNED_ADDR, [(1024, 2048, False)]),
+    # Unaligned start and end around an aligned middle whose memory is aligned:
+    # a bounce block each side, the middle direct.
+    (100, 2000, ALIGNED_ADDR - 412, [(0, 512, True), (512, 1536, False), (2048, 512, True)]),
+    # Unaligned end only.
+    (0, 1300, ALIGNED_ADDR, [(0, 1024, False), (1024, 512, True)]),
+    # Sub-block length inside one block, and across a block boundary: bounce over the blocks.
+    (100, 200, ALIGNED_ADDR, [(0, 512, True)]),
+    (500, 100, ALIGNED_ADDR, [(0, 1024, True)]),
+    # Misaligned memory: one bounce window over every block touched.
+    (0, 2048, MISALIGNED_ADDR, [(0, 2048, True)]),
+    (100, 2000, ALIGNED_ADDR, [(0, 2560, True)]),
+])
+def test_read_plan(offset, n, address, want):
+  assert _ext.alignment.plan_read(offset, n, address, BLOCK, BLOCK) == want
+
+
+def test_read_plan_buffered_file_is_one_window():
+  assert _ext.alignment.plan_read(100, 200, MISALIGNED_ADDR, BLOCK, BLOCK, False) == [
+      (100, 200, False)]
+  assert _ext.alignment.plan_read(100, 0, MISALIGNED_ADDR, BLOCK, BLOCK, False) == []
+
+
+def test_engine_defaults_and_kind_names():
+  """The binding's defaults are EngineConfig's; the kind is reported by name."""
+  assert "kind: str = 'io_uring'" in _ext.Engine.__init__.__doc__
+  eng = _ext.Engine("threads")   # works where io_uring is refused too
+  assert (eng.kind, eng.queue_depth, eng.chunk_bytes, eng.threads) == ("threads", 16, 4 * MiB, 1)
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))

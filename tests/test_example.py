@@ -11,27 +11,21 @@ import sys
 
 import pytest
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "examples", "train.py")
-N, K, J = 8, 4, 5  # total steps; steps before the interruption; a step to roll back to
+N, K, J = 8, 4, 6  # total steps; steps before the interruption; a step to roll back to
 TINY = ["--d_model=32", "--layers=1", "--heads=2", "--vocab=64", "--seq_len=16", "--batch=8",
-        "--dataset=64", "--warmup_steps=1", "--baseline_steps=1", "--log_every=1", "--seed=3",
+        "--dataset=64", "--warmup_steps=1", "--block_steps=1", "--log_every=1", "--seed=3",
         "--lr_warmup=2", "--lr_decay=6"]
-
-
-def _env():
-  env = dict(os.environ)
-  xla_flags = [f for f in env.get("XLA_FLAGS", "").split()
-               if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(xla_flags + ["--xla_force_host_platform_device_count=8"])
-  env.setdefault("JAX_PLATFORMS", "cpu")
-  return env
 
 
 def start(ckpt_dir, metrics, *flags):
   """Starts examples/train.py; `finish` waits for it and returns (metrics, stdout)."""
   cmd = [sys.executable, TRAIN, f"--ckpt_dir={ckpt_dir}", f"--metrics_out={metrics}", *TINY, *flags]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+  env = helpers.child_env(8, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   return proc, metrics, flags
 
@@ -66,12 +60,28 @@ def test_resume_is_bit_identical(tmp_path, handler):
   first, _ = finish(first_run)
 
   assert "== summary ==" in ref_out
-  for row in ("step ms, no checkpoint", "step ms, checkpointing", "checkpoint size MiB",
-              "median blocking ms", "median background GB/s", "overhead %"):
+  for row in ("step ms, no save", f"step ms, saving ({handler})", "step ms, saving nothing (floor)",
+              "overhead % (medians, vs no save)", "cost above floor, points of step time",
+              "checkpoint size MiB", "median blocking ms", "median background GB/s"):
     assert row in ref_out, row
   assert sorted(map(int, ref["losses"])) == list(range(1, N + 1))
-  saved = list(range(3, N + 1))  # after --warmup_steps=1 and --baseline_steps=1
-  assert ref["summary"]["saves"] == len(saved)
+  # After --warmup_steps=1, blocks of one step cycle through no_save, save, floor:
+  # steps 2, 5 | 3, 6 | 4, 7; step 8 (the last) is saved but falls in a no_save block,
+  # so it is not timed.
+  summary = ref["summary"]
+  for cond in ("no_save", "save", "floor"):
+    figures = summary["step_ms"][cond]
+    assert figures["n"] == 2, (cond, figures)
+    assert 0 < figures["min"] <= figures["q1"] <= figures["median"] <= figures["q3"] <= figures["max"]
+  base = summary["step_ms"]["no_save"]["median"]
+  for cond in ("save", "floor"):
+    want = (summary["step_ms"][cond]["median"] - base) / base * 100
+    assert summary["overhead_pct"][cond] == pytest.approx(want)
+  assert summary["cost_above_floor_points"] == pytest.approx(
+      summary["overhead_pct"]["save"] - summary["overhead_pct"]["floor"])
+  assert len(summary["cost_above_floor_points_per_cycle"]) == 2
+  saved = [3, 6, 8]   # only the handler's saves land in --ckpt_dir; the floor's go to scratch
+  assert summary["saves"] == len(saved)
   assert sorted(int(p.name) for p in (tmp_path / "ref").iterdir() if p.name.isdigit()) == saved
   assert first["losses"] == {str(s): ref["losses"][str(s)] for s in range(1, K + 1)}
   assert (ckpt / str(K)).is_dir()

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+import helpers
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
 
 
@@ -25,9 +27,8 @@ def _free_port() -> int:
 def run_processes(scenario: str, nproc: int, root, local_devices: int = 2, timeout: float = 120,
                   **env) -> list[dict]:
   port = _free_port()
-  child_env = dict(os.environ, MP_LOCAL_DEVICES=str(local_devices),
-                   **{k: str(v) for k, v in env.items()})
-  child_env.pop("XLA_FLAGS", None)
+  child_env = helpers.child_env(local_devices, MP_LOCAL_DEVICES=str(local_devices),
+                                **{k: str(v) for k, v in env.items()})
   procs = [subprocess.Popen([sys.executable, WORKER, scenario, str(i), str(nproc), str(port),
                              str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=child_env) for i in range(nproc)]
@@ -101,8 +102,7 @@ def test_a_failing_process_fails_every_process_and_commits_nothing(tmp_path):
 
 def test_a_killed_process_makes_the_others_raise_within_the_timeout(tmp_path):
   port = _free_port()
-  env = dict(os.environ, MP_LOCAL_DEVICES="2", MP_KILL="1", MP_TIMEOUT="10")
-  env.pop("XLA_FLAGS", None)
+  env = helpers.child_env(2, MP_LOCAL_DEVICES="2", MP_KILL="1", MP_TIMEOUT="10")
   procs = [subprocess.Popen([sys.executable, WORKER, "fail", str(i), "2", str(port), str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
            for i in range(2)]

@@ -232,9 +232,6 @@ def test_failed_saves_return_their_staging_memory_and_report_the_first_error(mes
   out = h.restore(tmp_path / "ok", args=FastPersistRestore(tree))
   np.testing.assert_array_equal(np.asarray(out["w5"]), np.asarray(tree["w5"]))
 
-if __name__ == "__main__":  # Bazel py_test runs the file itself
-  sys.exit(pytest.main([__file__, *sys.argv[1:]]))
-
 
 def test_background_threads_are_reused_at_lower_priority_on_the_chosen_cpus(mesh, tmp_path,
                                                                            monkeypatch):
@@ -304,3 +301,7 @@ def test_saves_work_in_a_forked_child(mesh, tmp_path):
   assert got == b"1", "the save in the forked child did not finish"
   restored = h.restore(tmp_path / "child")
   np.testing.assert_array_equal(restored["x"], np.arange(7))
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))

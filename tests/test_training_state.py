@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 import warnings
 
 import helpers  # sets XLA_FLAGS before jax is imported
@@ -482,3 +483,7 @@ def test_an_edited_manifest_or_metadata_never_restores_wrong_values(manager, mes
         manager.restore(step, target)
     path.write_bytes(originals[path])
   assert_trees_equal(tree, manager.restore(step, abstract(tree)))
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))
