@@ -95,6 +95,9 @@ class Manifest:
   process_index: int
   files: list[tuple[str, int]]         # (name, size)
   shards: list[ShardRecord]
+  # The "crc32c" of the fastpersist.json written by the same save (version 2):
+  # a manifest is never read against another save's metadata.
+  metadata_crc32c: int | None = None
 
 
 @dataclasses.dataclass
@@ -109,6 +112,8 @@ class CheckpointMetadata:
   # an id all hosts agreed on for this save, so that a restore never combines
   # parts of different saves.
   save_id: str | None = None
+  # The document's own "crc32c" as read (None: version 1, or not read yet).
+  seal: int | None = None
 
 
 # dtypes ---------------------------------------------------------------------
@@ -231,6 +236,7 @@ def encode_manifest(m: Manifest) -> bytes:
                        "offset": s.offset, "nbytes": s.nbytes, "crc32c": s.crc32c},
                       **({"part": list(s.part)} if s.part is not None else {}))
                  for s in m.shards],
+      **({"metadata_crc32c": m.metadata_crc32c} if m.metadata_crc32c is not None else {}),
   })
 
 
@@ -468,7 +474,7 @@ def decode_metadata(d: Any, path: str) -> CheckpointMetadata:
   if save_id is not None and (not isinstance(save_id, str) or not 0 < len(save_id) <= 128):
     raise CorruptCheckpointError(f"{path}: malformed save_id {_short(save_id)}")
   return CheckpointMetadata(process_count=process_count, leaves=decoded, layout=mode,
-                            save_id=save_id, version=d["version"])
+                            save_id=save_id, version=d["version"], seal=d.get("crc32c"))
 
 
 def _check_file(directory: str, name: str, size: int, what: str) -> None:
@@ -610,4 +616,11 @@ def decode_manifest(d: Any, path: str, directory: str, process_index: int,
     crc = _int(_get(s, "crc32c", what), f"{what} crc32c", 0, 2**32 - 1)
     shards.append(ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, part))
   check_shard_tiling(shards, files, path)
-  return Manifest(process_index, files, shards)
+  metadata_crc = d.get("metadata_crc32c")
+  if metadata_crc is not None:
+    _int(metadata_crc, f"{path} metadata_crc32c", 0, 2**32 - 1)
+    if meta.seal is not None and metadata_crc != meta.seal:
+      raise CorruptCheckpointError(
+          f"{path} was written by another save than {METADATA_FILE} (its metadata checksum "
+          f"{metadata_crc} is not {meta.seal}): files of different checkpoints were mixed")
+  return Manifest(process_index, files, shards, metadata_crc)

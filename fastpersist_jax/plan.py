@@ -98,6 +98,21 @@ def _check_dtype(dtype: Any, where: str) -> None:
     raise UnsupportedLeafError(f"{where}: dtype {dtype} cannot be checkpointed")
 
 
+def _host_source(x: Any, copy: bool) -> np.ndarray:
+  """A numpy leaf's bytes as saved: in native byte order (the dtype's name,
+  all the metadata records, means native bytes on disk), copied when the
+  caller may change them before they are staged."""
+  a = np.asarray(x)
+  if not a.dtype.isnative:
+    return a.astype(a.dtype.newbyteorder("="))
+  return np.array(a, copy=True) if copy else a
+
+
+# Python ints are written into the metadata as JSON numbers; Python refuses to
+# print ints of more than 4,300 digits (sys.get_int_max_str_digits).
+_MAX_SCALAR_INT_BITS = 13_000
+
+
 def is_prng_key(x: Any) -> bool:
   """A typed PRNG key array (jax.random.key), saved as its key data."""
   return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -221,7 +236,7 @@ class _Layout:
     for leaf_id, kind, positions in self.sources:
       x = values[leaf_id]
       if kind == "host":
-        sources.append(np.asarray(x) if snapshot == "copy" else np.array(x, copy=True))
+        sources.append(_host_source(x, copy=snapshot != "copy"))
         continue
       if x.is_deleted():
         raise UnsupportedLeafError(f"leaf {treepath.to_str(self.paths[leaf_id])}: the "
@@ -290,6 +305,9 @@ def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_
         shards.append(PlannedShard(leaf_id, tuple((0, n) for n in shape), int(np.asarray(x).nbytes)))
         sources.append((leaf_id, "host", (0,)))
     elif (st := _scalar_type(x)) is not None:
+      if st == "int" and x.bit_length() > _MAX_SCALAR_INT_BITS:
+        raise UnsupportedLeafError(f"{where}: a Python int of {x.bit_length()} bits cannot be "
+                                   "checkpointed (save it as a string or in an array)")
       leaves.append(layout.LeafMeta(encoded, "scalar", value=x, scalar_type=st))
       scalar_leaves.append(leaf_id)
     else:
@@ -297,9 +315,23 @@ def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_
           f"{where}: values of type {type(x).__module__}.{type(x).__qualname__} cannot be "
           "checkpointed (supported: jax.Array, numpy arrays and scalars, Python "
           "bool/int/float/complex/str, None)")
+  _check_names_distinct(flat)
   shards, file_sizes = _assign_offsets(shards, data_file_bytes)
   return _Layout(tuple(path for path, _ in flat), tuple(leaves), shards, file_sizes,
                  tuple(sources), tuple(scalar_leaves), on_accel, tuple(prng_leaves))
+
+
+def _check_names_distinct(flat: list[tuple[tuple, Any]]) -> None:
+  """Restore matches leaves by key name and index (treepath.key_of), so two
+  leaves whose paths differ only in the kind of key (a custom node with an
+  attribute "w" and a dict key "w") could not both be restored: refused."""
+  seen: dict[tuple, tuple] = {}
+  for path, _ in flat:
+    other = seen.setdefault(treepath.key_of(path), path)
+    if other is not path:
+      raise UnsupportedLeafError(
+          f"leaves {treepath.to_str(other)} and {treepath.to_str(path)} have the same key names; "
+          "restore could not tell them apart")
 
 
 # Which shards (or byte ranges of them) this process writes depends only on

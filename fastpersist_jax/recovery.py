@@ -35,13 +35,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastpersist_jax import errors, exchange, layout, shardings, treepath
-from fastpersist_jax.errors import (CheckpointNotFoundError,
-                                    CorruptCheckpointError, FastPersistError,
-                                    RestoreMismatchError)
+from fastpersist_jax import errors, exchange, layout, restore_plan, treepath
+from fastpersist_jax.errors import CheckpointNotFoundError, CorruptCheckpointError, FastPersistError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
-from fastpersist_jax.plan import normalize_index
 from fastpersist_jax.restore import Restorer, check_part
 
 logger = logging.getLogger(__name__)
@@ -231,36 +228,14 @@ def latest_restorable_step(root: str, item: str = "default", *,
 
 def _regions(meta: layout.CheckpointMetadata, target: Any) -> dict[int, list[Index]]:
   """Per data leaf the restore needs, the regions this process's devices
-  (or a numpy result) will hold, as Restorer places them."""
-  leaves = meta.leaves
-  if target is None:
-    selected = [(i, None) for i in range(len(leaves))]
-  else:
-    by_key = {treepath.key_of(l.path): i for i, l in enumerate(leaves)}
-    selected = []
-    for path, t in treepath.flatten(target)[0]:
-      key = treepath.key_of(path)
-      if key not in by_key:
-        raise RestoreMismatchError(
-            f"leaf {treepath.to_str(path)} of the restore target is not in the checkpoint")
-      selected.append((by_key[key], t))
+  (or a numpy result) will hold, as Restorer places them (restore_plan)."""
+  selected, _ = restore_plan.match_target(meta.leaves, target, "the checkpoint")
   out: dict[int, list[Index]] = {}
   for leaf_id, t in selected:
-    m = leaves[leaf_id]
-    if m.kind not in _DATA_KINDS:
+    if leaf_id is None or meta.leaves[leaf_id].kind not in _DATA_KINDS:
       continue
-    sharding = None
-    if isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
-      sharding = t.sharding
-    if sharding is None and m.kind == "array" and (
-        t is None or isinstance(t, jax.ShapeDtypeStruct)):
-      sharding, _ = shardings.decode(m.sharding)
-    if sharding is not None and tuple(getattr(t, "shape", m.shape)) == m.shape:
-      regions = [normalize_index(idx, m.shape) for idx in
-                 sharding.addressable_devices_indices_map(m.shape).values()]
-    else:
-      regions = [tuple((0, n) for n in m.shape)]
-    out.setdefault(leaf_id, []).extend(regions)
+    job = restore_plan.target_layout(leaf_id, meta.leaves[leaf_id], t, [])
+    out.setdefault(leaf_id, []).extend(idx for _, idx in job.device_indices)
   return out
 
 

@@ -120,7 +120,7 @@ class Restorer:
     t0 = time.perf_counter()
     leaves = self.meta.leaves
     selected, treedef = match_target(leaves, target, self._directory)
-    wanted = {i for i, _ in selected if leaves[i].kind in layout.ARRAY_KINDS}
+    wanted = {i for i, _ in selected if i is not None and leaves[i].kind in layout.ARRAY_KINDS}
     shards_by_leaf = saved_shards(leaves, self._records(wanted)) if wanted else {}
 
     values: list[Any] = [None] * len(selected)
@@ -128,6 +128,9 @@ class Restorer:
 
     def jobs():
       for pos, (leaf_id, t) in enumerate(selected):
+        if leaf_id is None:
+          values[pos] = t    # the target's own (see match_target)
+          continue
         meta = leaves[leaf_id]
         if meta.kind in layout.ARRAY_KINDS:
           yield pos, plan_leaf(leaf_id, meta, t, shards_by_leaf.get(leaf_id, []),
@@ -417,7 +420,7 @@ def _host_value(job: LeafJob) -> Any:
     return as_python(arr, job.python_type, treepath.to_str(meta.path))
   if job.prng_impl:
     return jax.random.wrap_key_data(arr, impl=job.prng_impl)
-  if meta.kind == "np_scalar":
+  if meta.kind == "np_scalar" or job.numpy_scalar:
     return arr.reshape(())[()]
   return arr
 

@@ -10,6 +10,7 @@ shard, found by a dict lookup; only a resharding restore computes overlaps.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -76,6 +77,7 @@ class LeafJob:
   prng_impl: str | None = None              # build typed keys of this implementation
   python_type: type | None = None           # a Python scalar target: return one of this type
   resharded: bool = False                   # some target region is not one saved shard
+  numpy_scalar: bool = False                # a numpy scalar target: return one
 
   @property
   def read_bytes(self) -> int:
@@ -132,8 +134,11 @@ def _target_dtype(meta: layout.LeafMeta, target: Any, name: str) -> tuple[np.dty
         raise RestoreMismatchError(f"leaf {name}: target keys {t_dtype} differ from the saved "
                                    f"{meta.prng_impl} keys")
       return saved, meta.prng_impl
-    if target is None or _is_python_scalar(target):
+    if target is None:
       return saved, meta.prng_impl
+    if _is_python_scalar(target):
+      raise RestoreMismatchError(f"leaf {name}: saved as {meta.prng_impl} keys; the target is a "
+                                 f"Python {type(target).__name__}")
     shape = tuple(getattr(target, "shape", ()))
     if shape != meta.shape or np.dtype(t_dtype) != saved:
       raise RestoreMismatchError(
@@ -172,12 +177,19 @@ def scalar_as_array(meta: layout.LeafMeta, target: Any, name: str) -> Any:
   if meta.scalar_type == "str" or jax.dtypes.issubdtype(target.dtype, jax.dtypes.extended):
     raise RestoreMismatchError(
         f"leaf {name}: a saved {meta.scalar_type} cannot become a {target.dtype} array")
-  value = np.asarray(meta.value).astype(np.dtype(target.dtype))
+  try:
+    value = np.asarray(meta.value).astype(np.dtype(target.dtype))
+  except (OverflowError, TypeError, ValueError) as e:   # an int beyond int64, say
+    raise RestoreMismatchError(
+        f"leaf {name}: the saved {meta.value} does not fit the target's {target.dtype}") from e
   if meta.scalar_type in ("int", "bool") and value.item() != meta.value:
     raise RestoreMismatchError(
         f"leaf {name}: the saved {meta.value} does not fit the target's {target.dtype}")
+  if isinstance(target, np.generic):
+    return value[()]
   if isinstance(target, np.ndarray):
     return value
+  _check_device_dtype(value.dtype, name)
   sharding = getattr(target, "sharding", None)
   return jax.device_put(value, sharding) if sharding is not None else jax.device_put(value)
 
@@ -255,8 +267,11 @@ def match_target(leaves: list[layout.LeafMeta], target: Any, where: str
                  ) -> tuple[list[tuple[int, Any]], Any]:
   """[(saved leaf id, target leaf)] in target order, and the target's treedef
   (None without a target: every saved leaf, in saved order). Leaves are
-  matched by key name and index (treepath.key_of). Raises
-  RestoreMismatchError for a target leaf the checkpoint lacks."""
+  matched by key name and index (treepath.key_of). The saved leaf id is None
+  where the target's own leaf is the result: Orbax's placeholder `...`
+  (skip this leaf), or an empty node the checkpoint does not record (format
+  version 1 kept no record of, e.g., optax.EmptyState()). Raises
+  RestoreMismatchError for any other target leaf the checkpoint lacks."""
   if target is None:
     return [(i, None) for i in range(len(leaves))], None
   flat, treedef = treepath.flatten(target)
@@ -268,6 +283,12 @@ def match_target(leaves: list[layout.LeafMeta], target: Any, where: str
   selected = []
   for path, t in flat:
     i = by_key.get(treepath.key_of(path))
+    if t is Ellipsis:   # ocp.PLACEHOLDER: not restored, as with Orbax's handlers
+      selected.append((None, t))
+      continue
+    if i is None and t is not None and treepath.is_empty_node(t):
+      selected.append((None, t))
+      continue
     if i is None:
       raise RestoreMismatchError(
           f"leaf {treepath.to_str(path)} of the restore target is not in the checkpoint")
@@ -279,6 +300,9 @@ def restore_plain(meta: layout.LeafMeta, target: Any, name: str) -> Any:
   """The value of a leaf with no array data (scalar, None, empty node)."""
   if meta.kind == "scalar" and is_array_target(target):
     return scalar_as_array(meta, target, name)
+  if (meta.kind == "scalar" and _is_python_scalar(target) and
+      type(target) is not type(meta.value)):
+    return as_python(np.asarray(meta.value), type(target), name)   # where lossless
   if is_array_target(target):
     raise RestoreMismatchError(f"leaf {name}: saved as {meta.kind}, target is an array")
   if meta.kind != "scalar" and target is not None and treepath.is_empty_node(target):
@@ -310,6 +334,40 @@ def plan_leaf(leaf_id: int, meta: layout.LeafMeta, target: Any, saved: list[Save
   Raises RestoreMismatchError (target does not fit) or CorruptCheckpointError
   (saved data missing for a region the target needs).
   """
+  job = target_layout(leaf_id, meta, target, fallback_to_numpy)
+  name = treepath.LazyName(meta.path)
+  by_index = {s.index: s for s in saved}
+  needed: dict[Index, SavedShard] = {}
+  for _, idx in job.device_indices:
+    exact = by_index.get(idx)
+    if exact is not None:
+      needed[idx] = exact
+      continue
+    job.resharded = True
+    covered = 0
+    for s in saved:
+      o = overlap(s.index, idx)
+      if o is not None:
+        needed[s.index] = s
+        covered += volume(o)
+    # Every target region must be covered by saved data (the saved shards
+    # are cells of one grid, so the count proves it).
+    if covered != volume(idx):
+      raise CorruptCheckpointError(
+          f"leaf {name}: the checkpoint holds {covered} of the {volume(idx)} elements of "
+          f"region {list(map(list, idx))} ({missing_hint})")
+  for s in needed.values():
+    if s.missing:
+      raise CorruptCheckpointError(f"{s.missing} ({missing_hint})")
+  job.needed = list(needed.values())
+  return job
+
+
+def target_layout(leaf_id: int, meta: layout.LeafMeta, target: Any,
+                  fallback_to_numpy: list[str]) -> LeafJob:
+  """The leaf's job without its saved shards: the dtype to build, and the
+  sharding and per-device regions (of the saved data) its target asks for.
+  Raises RestoreMismatchError when the target does not fit."""
   name = treepath.LazyName(meta.path)
   t = target
   sharding = None
@@ -329,36 +387,37 @@ def plan_leaf(leaf_id: int, meta: layout.LeafMeta, target: Any, saved: list[Save
   elif meta.kind == "array":
     sharding = _saved_sharding(meta, name, prng_impl, fallback_to_numpy)
   if sharding is not None:
+    _check_device_dtype(dtype, name)
     # Target shards of the data: a typed key's index covers its key data too.
     shape = saved_shape(meta) if prng_impl else meta.shape
     tail = tuple((0, n) for n in meta.shape[len(shape):])
-    device_indices = [(d, normalize_index(idx, shape) + tail) for d, idx in
-                      sharding.addressable_devices_indices_map(shape).items()]
+    try:
+      regions = sharding.addressable_devices_indices_map(shape)
+    except Exception as e:  # pylint: disable=broad-except  (jax raises several kinds)
+      raise RestoreMismatchError(
+          f"leaf {name}: the target's sharding {sharding} does not fit shape {shape}: {e}") from e
+    device_indices = [(d, normalize_index(idx, shape) + tail) for d, idx in regions.items()]
   else:
     device_indices = [(None, tuple((0, n) for n in meta.shape))]
-  by_index = {s.index: s for s in saved}
-  needed: dict[Index, SavedShard] = {}
-  resharded = False
-  for _, idx in device_indices:
-    exact = by_index.get(idx)
-    if exact is not None:
-      needed[idx] = exact
-      continue
-    resharded = True
-    covered = 0
-    for s in saved:
-      o = overlap(s.index, idx)
-      if o is not None:
-        needed[s.index] = s
-        covered += volume(o)
-    # Every target region must be covered by saved data (the saved shards
-    # are cells of one grid, so the count proves it).
-    if covered != volume(idx):
-      raise CorruptCheckpointError(
-          f"leaf {name}: the checkpoint holds {covered} of the {volume(idx)} elements of "
-          f"region {list(map(list, idx))} ({missing_hint})")
-  for s in needed.values():
-    if s.missing:
-      raise CorruptCheckpointError(f"{s.missing} ({missing_hint})")
-  return LeafJob(leaf_id, meta, sharding, device_indices, list(needed.values()), dtype, prng_impl,
-                 python_type, resharded)
+  return LeafJob(leaf_id, meta, sharding, device_indices, [], dtype, prng_impl, python_type,
+                 numpy_scalar=isinstance(t, np.generic))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_can_hold(dtype: np.dtype) -> str | None:
+  """Why a jax.Array cannot hold `dtype` in this process, or None."""
+  canonical = jax.dtypes.canonicalize_dtype(dtype)
+  if canonical != dtype:
+    return (f"this process's jax.Arrays hold {dtype} as {canonical} (jax_enable_x64 is off); "
+            "enable it, or pass a target of the dtype you want (a cast)")
+  try:
+    jax.device_put(np.zeros((0,), dtype)).block_until_ready()
+  except Exception as e:  # pylint: disable=broad-except  (TypeError, XLA runtime errors)
+    return f"a jax.Array cannot hold {dtype} ({type(e).__name__})"
+  return None
+
+
+def _check_device_dtype(dtype: np.dtype, name: Any) -> None:
+  why = _device_can_hold(np.dtype(dtype))
+  if why:
+    raise RestoreMismatchError(f"leaf {name}: {why}")

@@ -253,42 +253,46 @@ class SaveOperation:
           self._done_with(w)
 
   def _write_manifests(self, directory: str) -> None:
+    """Writes this process's manifest and, where it writes one, the metadata.
+    Every process encodes the same metadata (SPMD: the same tree), so each
+    manifest records the metadata's checksum without another exchange."""
     plan = self._plan
+    save_id = None
+    if (self._write_metadata and plan.layout == "per_host" and plan.replica_parallel and
+        self._outcome_key):
+      # Hosts swap parts on restore: tag the save so parts of different
+      # saves are never combined.
+      save_id = coordination.shared_value(f"{self._outcome_key}/save_id",
+                                          lambda: uuid.uuid4().hex, self._commit_timeout_s)
+    meta_bytes = layout.encode_metadata(layout.CheckpointMetadata(
+        plan.process_count, plan.leaves, layout=plan.layout, save_id=save_id))
     manifest = layout.Manifest(
         process_index=plan.process_index,
         files=[(layout.data_file_name(plan.process_index, k), size)
                for k, size in enumerate(plan.file_sizes)],
         shards=[layout.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes, self._crcs[i],
                                    s.part)
-                for i, s in enumerate(plan.shards)])
+                for i, s in enumerate(plan.shards)],
+        metadata_crc32c=json.loads(meta_bytes)["crc32c"])
     manifest_path = os.path.join(directory, layout.manifest_name(plan.process_index))
     manifest_bytes = layout.encode_manifest(manifest)
     out = {manifest_path: [(0, manifest_bytes)]}
     if self._write_metadata:
-      save_id = None
-      if plan.layout == "per_host" and plan.replica_parallel and self._outcome_key:
-        # Hosts swap parts on restore: tag the save so parts of different
-        # saves are never combined.
-        save_id = coordination.shared_value(f"{self._outcome_key}/save_id",
-                                            lambda: uuid.uuid4().hex, self._commit_timeout_s)
-      meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout,
-                                       save_id=save_id)
-      out[os.path.join(directory, layout.METADATA_FILE)] = [(0, layout.encode_metadata(meta))]
-    _check_restorable(directory, manifest_path, manifest_bytes, plan)
+      out[os.path.join(directory, layout.METADATA_FILE)] = [(0, meta_bytes)]
+    _check_restorable(directory, manifest_path, manifest_bytes, meta_bytes)
     self._engine.write_files(out)
 
 
 def _check_restorable(directory: str, manifest_path: str, manifest_bytes: bytes,
-                      plan: SavePlan) -> None:
+                      meta_bytes: bytes) -> None:
   """Runs restore's own validation on what is about to be committed (the
   metadata and manifest as encoded, against the data files as synced), so a
   save never commits a step its restore would reject. Raises SaveError."""
-  meta = layout.CheckpointMetadata(plan.process_count, plan.leaves, layout=plan.layout)
   try:
-    meta = layout.decode_metadata(json.loads(layout.encode_metadata(meta)),
+    meta = layout.decode_metadata(json.loads(meta_bytes),
                                   os.path.join(directory, layout.METADATA_FILE))
-    layout.decode_manifest(json.loads(manifest_bytes), manifest_path, directory,
-                           plan.process_index, meta)
+    manifest = json.loads(manifest_bytes)
+    layout.decode_manifest(manifest, manifest_path, directory, manifest["process_index"], meta)
   except CorruptCheckpointError as e:
     raise SaveError(f"not committing a checkpoint its restore would reject: {e}") from e
 

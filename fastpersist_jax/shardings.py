@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 def encode(sharding: jax.sharding.Sharding) -> dict:
   """The JSON record of `sharding` (see FORMAT.md)."""
-  if isinstance(sharding, NamedSharding):
+  if isinstance(sharding, NamedSharding) and all(isinstance(a, str)
+                                                 for a in sharding.mesh.axis_names):
     spec = []
     for entry in sharding.spec:
       if entry is None or isinstance(entry, str):
@@ -38,6 +39,8 @@ def encode(sharding: jax.sharding.Sharding) -> dict:
   if isinstance(sharding, SingleDeviceSharding):
     (device,) = sharding.device_set
     return {"type": "single", "memory_kind": sharding.memory_kind, "device_ids": [int(device.id)]}
+  # Not rebuilt on restore (e.g. a mesh with non-string axis names): without
+  # a target such an array comes back as numpy, with a warning.
   return {"type": "other", "repr": repr(sharding)[:500]}
 
 

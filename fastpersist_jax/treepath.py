@@ -133,25 +133,36 @@ def unflatten_as_nested(items: list[tuple[list[KeyEntry], Any]]) -> Any:
   """Builds nested dicts/lists from decoded paths (restore without a target).
 
   Sequence children become lists; dict keys and attributes become dict keys
-  (so namedtuples and dataclasses come back as dicts, as with Orbax).
+  (so namedtuples and dataclasses come back as dicts, as with Orbax). Built
+  without recursion: a tree nested thousands deep is as fine as JAX's.
   """
   if len(items) == 1 and not items[0][0]:
     return items[0][1]
-  root: dict = {}
+  root = _Node()
   for path, value in items:
     node = root
-    for i, (kind, key) in enumerate(path):
-      if i == len(path) - 1:
-        node[(kind, key)] = value
-      else:
-        node = node.setdefault((kind, key), {})
-  return _materialize(root)
+    for kind, key in path[:-1]:
+      node = node.setdefault((kind, key), _Node())
+    kind, key = path[-1]
+    node[(kind, key)] = value
+  built: dict[int, Any] = {}
+  stack = [(root, False)]
+  while stack:   # post-order: children before their parent
+    node, children_done = stack.pop()
+    if not children_done:
+      stack.append((node, True))
+      stack.extend((child, False) for child in node.values() if isinstance(child, _Node))
+      continue
+    children = {k: built.pop(id(v)) if isinstance(v, _Node) else v for k, v in node.items()}
+    built[id(node)] = _container(children)
+  return built[id(root)]
 
 
-def _materialize(node: Any) -> Any:
-  if not isinstance(node, dict):
-    return node
-  children = {k: _materialize(v) for k, v in node.items()}
+class _Node(dict):
+  """An interior node while unflattening (leaf values may be dicts too)."""
+
+
+def _container(children: dict) -> Any:
   if children and all(kind in ("s", "f") for kind, _ in children):
     indices = sorted(key for _, key in children)
     if indices == list(range(len(indices))):

@@ -200,6 +200,10 @@ def test_verify_per_host_checkpoint_checks_what_is_here(tmp_path, capsys):
   meta = json.loads((item / "fastpersist.json").read_text())
   meta["layout"] = "per_host"
   write_sealed(item / "fastpersist.json", meta)
+  # The manifest records which metadata it belongs to: the edited one now.
+  manifest = json.loads((item / "manifest.00000.json").read_text())
+  manifest["metadata_crc32c"] = json.loads((item / "fastpersist.json").read_text())["crc32c"]
+  write_sealed(item / "manifest.00000.json", manifest)
   for f in os.listdir(item):
     if f.startswith(("manifest.00001", "data.00001")):
       os.remove(item / f)

@@ -487,3 +487,142 @@ def test_an_edited_manifest_or_metadata_never_restores_wrong_values(manager, mes
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+# Inputs a tester found (each stands for a kind) --------------------------------
+
+def test_numpy_leaves_in_any_byte_order_round_trip(manager):
+  tree = {"be": np.arange(6, dtype=">f4").reshape(2, 3), "le": np.arange(3, dtype="<i8"),
+          "scalar": np.array(7, dtype=">u2")[()]}
+  step = manager.save(tree)
+  as_saved, into_tree = manager.restore(step), manager.restore(step, tree)
+  for name, x in tree.items():
+    assert np.asarray(as_saved[name]).tolist() == np.asarray(x).tolist(), name
+    assert np.asarray(as_saved[name]).dtype == np.asarray(x).dtype.newbyteorder("="), name
+    # Into a target of that byte order: numpy's cast gives that byte order.
+    assert np.asarray(into_tree[name]).tolist() == np.asarray(x).tolist(), name
+    assert np.asarray(into_tree[name]).dtype == np.asarray(x).dtype, name
+
+
+def test_version_1_checkpoint_of_an_optax_state_restores_into_its_structure(manager):
+  # Version 1 kept no record of optax.EmptyState(): the target's own is taken.
+  params = {"x": jnp.arange(2.0)}
+  state = {"opt": optax.adam(1e-3).init(params)}
+  step = manager.save(state)
+  item = manager.mgr.directory / str(step) / "default"
+  meta = json.loads((item / layout.METADATA_FILE).read_text())
+  assert meta["leaves"][-1]["kind"] == "empty_node"
+  meta["leaves"].pop()
+  meta["version"] = 1
+  (item / layout.METADATA_FILE).write_text(json.dumps(meta))
+  manifest = json.loads((item / layout.manifest_name(0)).read_text())
+  manifest["version"] = 1
+  (item / layout.manifest_name(0)).write_text(json.dumps(manifest))
+  out = manager.restore(step, jax.eval_shape(lambda: state))
+  assert jax.tree.structure(out) == jax.tree.structure(state)
+  assert_trees_equal(state, out, check_sharding=False)
+
+
+def test_files_of_different_saves_are_never_combined(manager):
+  one = manager.save({"w": jnp.arange(4.0)})
+  two = manager.save({"w": jnp.arange(4, dtype=jnp.int32)})
+  d = manager.mgr.directory
+  (d / str(one) / "default" / layout.METADATA_FILE).write_bytes(
+      (d / str(two) / "default" / layout.METADATA_FILE).read_bytes())
+  with pytest.raises(CorruptCheckpointError, match="another save.*mixed"):
+    manager.restore(one)
+
+
+def test_x64_arrays_are_never_silently_narrowed(manager):
+  jax.config.update("jax_enable_x64", True)
+  try:
+    tree = {"i": jnp.arange(3, dtype=jnp.int64) + 2**40, "f": jnp.full(2, 1e300)}
+    step = manager.save(tree)
+    expected = {k: np.asarray(v) for k, v in tree.items()}
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  for target in (None, manager.mgr.item_metadata(step)):
+    with pytest.raises(RestoreMismatchError, match="jax_enable_x64 is off"):
+      manager.restore(step, target)
+  # As numpy (or cast on purpose) they restore.
+  out = manager.restore(step, {k: np.zeros_like(v) for k, v in expected.items()})
+  assert all(np.array_equal(out[k], expected[k]) for k in expected)
+
+
+def test_deeply_nested_trees_restore_without_a_target(manager):
+  tree = leaf = {}
+  for _ in range(600):
+    leaf["n"] = {}
+    leaf = leaf["n"]
+  leaf["w"] = jnp.arange(3.0)
+  step = manager.save(tree)
+  out = manager.restore(step)
+  for _ in range(600):
+    out = out["n"]
+  assert np.array_equal(out["w"], [0.0, 1.0, 2.0])
+  manager.restore(step, manager.mgr.item_metadata(step))
+
+
+class _TwoKindsOfW:
+  """A pytree node whose children are an attribute w and a dict key w."""
+
+  def __init__(self, a, b):
+    self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_with_keys(
+    _TwoKindsOfW,
+    lambda n: (((jax.tree_util.GetAttrKey("w"), n.a), (jax.tree_util.DictKey("w"), n.b)), None),
+    lambda _, children: _TwoKindsOfW(*children))
+
+
+def test_leaves_restore_could_not_tell_apart_are_refused_at_save(manager):
+  with pytest.raises(UnsupportedLeafError, match=r"\['x'\]\.w and \['x'\]\['w'\]"):
+    manager.save({"x": _TwoKindsOfW(jnp.ones(2), jnp.zeros(2))})
+  assert manager.mgr.all_steps() == []
+
+
+def test_huge_python_ints_are_refused_before_anything_is_written(manager):
+  with pytest.raises(UnsupportedLeafError, match=r"\['big'\].*bits"):
+    manager.save({"big": 10**5000, "w": jnp.ones(2)})
+  assert manager.mgr.all_steps() == []
+
+
+def test_orbax_placeholders_skip_leaves(manager):
+  step = manager.save({"a": jnp.ones(2), "b": {"c": jnp.zeros(3), "d": 5}})
+  out = manager.restore(step, {"a": ocp.PLACEHOLDER, "b": {"c": jax.ShapeDtypeStruct((3,), jnp.float32),
+                                                         "d": ocp.PLACEHOLDER}})
+  assert out["a"] is ocp.PLACEHOLDER and out["b"]["d"] is ocp.PLACEHOLDER
+  assert np.array_equal(out["b"]["c"], np.zeros(3))
+
+
+def test_scalar_targets_give_the_target_type_where_lossless(manager):
+  step = manager.save({"p": 2, "a": jnp.float32(2.0), "s": "abc", "f": 1.5, "big": 2**70,
+                       "rng": jax.random.key(0)})
+  out = manager.restore(step, {"p": np.int32(0), "a": np.float32(0), "f": 0.0})
+  assert type(out["p"]) is np.int32 and out["p"] == 2
+  assert type(out["a"]) is np.float32 and out["a"] == 2.0
+  assert out["f"] == 1.5
+  assert manager.restore(step, {"p": 0.0})["p"] == 2.0
+  bad = [({"s": 0}, r"\['s'\].*not a int"), ({"f": 0}, r"\['f'\].*would change"),
+         ({"big": jax.ShapeDtypeStruct((), jnp.int32)}, r"\['big'\].*does not fit"),
+         ({"rng": 0}, r"\['rng'\].*keys; the target is a Python int")]
+  for target, message in bad:
+    with pytest.raises(RestoreMismatchError, match=message):
+      manager.restore(step, target)
+
+
+@pytest.mark.parametrize("dtype", ["float6_e2m3fn", "float128"])
+def test_a_target_dtype_no_jax_array_holds_is_a_restore_mismatch(manager, dtype):
+  step = manager.save({"w": jnp.ones(4)})
+  target = {"w": jax.ShapeDtypeStruct((4,), layout.dtype_from_name(dtype),
+                                      sharding=SingleDeviceSharding(jax.devices()[0]))}
+  with pytest.raises(RestoreMismatchError, match=rf"\['w'\]: a jax.Array cannot hold {dtype}"):
+    manager.restore(step, target)
+
+
+def test_a_target_sharding_that_does_not_fit_is_a_restore_mismatch(manager, mesh):
+  step = manager.save({"w": jnp.ones(6)})
+  target = {"w": jax.ShapeDtypeStruct((6,), jnp.float32, sharding=NamedSharding(mesh, P("model")))}
+  with pytest.raises(RestoreMismatchError, match=r"\['w'\]: the target's sharding"):
+    manager.restore(step, target)
