@@ -45,6 +45,8 @@ def assemble_parts(leaf_name: Any, index: Index, nbytes: int,
                     records: list[tuple[int, layout.ShardRecord]]) -> SavedShard:
   """Orders a shard's parts; they must tile its bytes exactly once. The same
   range saved twice (per-host checkpoints gathered in one directory) is fine."""
+  if len(records) == 1 and records[0][1].part is None:   # the common case: saved whole, once
+    return SavedShard(index, nbytes, records)
   chosen = []
   at = 0
   for process, rec in sorted(records, key=lambda pr: (pr[1].part or (0, nbytes), pr[0])):
@@ -392,15 +394,24 @@ def target_layout(leaf_id: int, meta: layout.LeafMeta, target: Any,
     shape = saved_shape(meta) if prng_impl else meta.shape
     tail = tuple((0, n) for n in meta.shape[len(shape):])
     try:
-      regions = sharding.addressable_devices_indices_map(shape)
+      regions = _device_regions(sharding, shape)
     except Exception as e:  # pylint: disable=broad-except  (jax raises several kinds)
       raise RestoreMismatchError(
           f"leaf {name}: the target's sharding {sharding} does not fit shape {shape}: {e}") from e
-    device_indices = [(d, normalize_index(idx, shape) + tail) for d, idx in regions.items()]
+    device_indices = [(d, idx + tail) for d, idx in regions]
   else:
     device_indices = [(None, tuple((0, n) for n in meta.shape))]
   return LeafJob(leaf_id, meta, sharding, device_indices, [], dtype, prng_impl, python_type,
                  numpy_scalar=isinstance(t, np.generic))
+
+
+@functools.lru_cache(maxsize=4096)
+def _device_regions(sharding: jax.sharding.Sharding, shape: tuple[int, ...]
+                    ) -> tuple[tuple[Any, Index], ...]:
+  """(device, region) of every addressable device: many leaves share a
+  sharding and shape (10,000 small leaves on one device), so computed once."""
+  return tuple((d, normalize_index(idx, shape))
+               for d, idx in sharding.addressable_devices_indices_map(shape).items())
 
 
 @functools.lru_cache(maxsize=None)
