@@ -415,8 +415,9 @@ def _device_regions(sharding: jax.sharding.Sharding, shape: tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=None)
-def _device_can_hold(dtype: np.dtype) -> str | None:
-  """Why a jax.Array cannot hold `dtype` in this process, or None."""
+def _device_can_hold(dtype: np.dtype, x64: bool) -> str | None:
+  """Why a jax.Array cannot hold `dtype` in this process (with
+  jax_enable_x64 as `x64`), or None."""
   canonical = jax.dtypes.canonicalize_dtype(dtype)
   if canonical != dtype:
     return (f"this process's jax.Arrays hold {dtype} as {canonical} (jax_enable_x64 is off); "
@@ -429,6 +430,6 @@ def _device_can_hold(dtype: np.dtype) -> str | None:
 
 
 def _check_device_dtype(dtype: np.dtype, name: Any) -> None:
-  why = _device_can_hold(np.dtype(dtype))
+  why = _device_can_hold(np.dtype(dtype), bool(jax.config.jax_enable_x64))
   if why:
     raise RestoreMismatchError(f"leaf {name}: {why}")

@@ -95,7 +95,7 @@ def _emergency_manager(tmp_path, mesh, abstract):
                               options=options)
 
 
-def test_emergency_manager_save_is_refused_and_commits_nothing(tmp_path):
+def _emergency_child(tmp_path) -> None:
   # One slice (replica axis of size 1): the emergency manager saves through a
   # plain CheckpointManager, which resolves FastPersistSave to our handler,
   # and restores with Orbax's PyTreeCheckpointHandler.
@@ -118,6 +118,18 @@ def test_emergency_manager_save_is_refused_and_commits_nothing(tmp_path):
     plain.wait_until_finished()
     restored = plain.restore(1, args=FastPersistRestore(abstract))
   assert np.array_equal(np.asarray(restored["x"]), np.asarray(state["x"]))
+  print("EMERGENCY-REFUSED-PLAIN-OK", flush=True)
+
+
+def test_emergency_manager_save_is_refused_and_commits_nothing(tmp_path):
+  # In a child process: after the refused save, a thread of Orbax's manager
+  # waits (for minutes) for a directory signal that never comes; the child
+  # ends without waiting for it.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import helpers  # pylint: disable=g-import-not-at-top
+  r = subprocess.run([sys.executable, os.path.abspath(__file__), "emergency", str(tmp_path)],
+                     env=helpers.child_env(8), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "EMERGENCY-REFUSED-PLAIN-OK" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
 def test_orbax_distributed_client_accessor_is_where_it_is_used():
@@ -179,5 +191,14 @@ def test_license_and_type_marker_are_in_the_tree():
   assert os.path.isfile(os.path.join(ROOT, "fastpersist_jax", "py.typed"))
 
 
-if __name__ == "__main__":  # Bazel py_test runs the file itself
-  sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+if __name__ == "__main__":
+  if sys.argv[1:2] == ["emergency"]:
+    import pathlib  # pylint: disable=g-import-not-at-top
+    try:
+      _emergency_child(pathlib.Path(sys.argv[2]))
+    except BaseException:  # pylint: disable=broad-except
+      import traceback  # pylint: disable=g-import-not-at-top
+      traceback.print_exc()
+      os._exit(1)
+    os._exit(0)   # not waiting for Orbax's stranded thread
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))  # Bazel py_test runs the file itself
