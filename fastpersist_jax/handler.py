@@ -60,6 +60,15 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
   def __init__(self, options: FastPersistOptions | None = None, *,
                multiprocessing_options: ocp.options.MultiprocessingOptions | None = None):
+    """Creates the I/O engine; the staging pool is allocated by the first save.
+
+    Args:
+      options: every tunable (FastPersistOptions()); see options.py.
+      multiprocessing_options: Orbax's; primary_host=None with several
+        processes saves per-host directories (each process its own root).
+    Raises:
+      IOUringUnavailableError: engine="io_uring" and the kernel refuses it.
+    """
     self._options = options or FastPersistOptions()
     self._mp = multiprocessing_options or ocp.options.MultiprocessingOptions()
     self._engine = IOEngine(self._options)
@@ -78,10 +87,12 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
   @property
   def options(self) -> FastPersistOptions:
+    """The options this handler was made with."""
     return self._options
 
   @property
   def engine_kind(self) -> str:
+    """The I/O engine in use: "io_uring" or "threads" (the pwrite pool)."""
     return self._engine.kind
 
   # Save -----------------------------------------------------------------------
@@ -99,6 +110,30 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
   async def async_save(self, directory: epath.Path, item: Any = None,
                        args: Optional["FastPersistSave"] = None) -> Optional[List[ocp_future.Future]]:
+    """Snapshots `args.item` and returns the commit future that writes it.
+
+    Blocks only for the snapshot (FastPersistOptions.snapshot): with "copy",
+    until every shard this process owns is in host staging memory; with
+    "auto" on CPU, ~10 us per shard; with "reference", a few ms whatever the
+    size. The returned future (one) resolves once every data file, this
+    process's manifest and (on the primary) fastpersist.json are written and
+    synced, and, with several processes, every process has done so.
+
+    Args:
+      directory: the item directory (Orbax's temporary step directory).
+      item: unused; pass the tree as `args=FastPersistSave(tree)`.
+      args: FastPersistSave: a pytree of jax.Arrays (any sharding, typed PRNG
+        keys included), numpy arrays and scalars, Python scalars and strings,
+        None and empty containers.
+    Returns:
+      [commit future].
+    Raises:
+      UnsupportedLeafError: a leaf that cannot be saved (named); nothing is
+        written. SaveError: the snapshot failed (e.g. a donated array).
+      UnsupportedManagerError: driven by Orbax's emergency managers.
+      The commit future raises SaveError (ENOSPC, another process failed, a
+      manifest its own restore would reject, ...): nothing is committed.
+    """
     if isinstance(item, ocp.args.CheckpointArgs):
       raise ValueError("pass FastPersistSave as `args=`, not as `item`")
     refuse_emergency_manager(os.fspath(directory))
@@ -157,7 +192,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
   def save(self, directory: epath.Path, item: Any = None,
            args: Optional["FastPersistSave"] = None) -> None:
-    """Saves synchronously (durable on return). Creates `directory` if needed."""
+    """Saves synchronously: durable on return. Creates `directory` if needed.
+    Takes and raises what async_save and its commit future do."""
     os.makedirs(os.fspath(directory), exist_ok=True)
 
     async def run():
@@ -166,7 +202,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     _run_sync(run())
 
   def finalize(self, directory: epath.Path) -> None:
-    """Checks, before Orbax commits, that every process's manifest is there."""
+    """Checks, before Orbax commits, that every process's manifest is there.
+    Raises CorruptCheckpointError naming the missing processes."""
     directory = os.fspath(directory)
     if not self._is_primary() or not os.path.exists(os.path.join(directory, layout.METADATA_FILE)):
       return
@@ -182,12 +219,28 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
   def restore(self, directory: epath.Path, item: Any = None,
               args: Optional["FastPersistRestore"] = None) -> Any:
+    """Restores the item in `directory` (see FastPersistRestore for targets).
+
+    Returns the target's structure with its leaves restored (casts to the
+    target's dtypes, onto its shardings and memory kinds), or without a
+    target the saved tree as nested dicts and lists on the saved devices.
+    Reads at the disk's speed in batches of restore_batch_bytes, verifying
+    every CRC-32C (verify_checksums).
+    Raises:
+      CheckpointNotFoundError: no checkpoint in `directory`.
+      RestoreMismatchError: the target does not fit (names the leaf).
+      CorruptCheckpointError / ChecksumMismatchError: damaged files (names
+        the file, leaf, shard and offset); nothing partial is returned.
+    """
     if args is not None:
       item = args.item
     return Restorer(self._engine, self._options, os.fspath(directory), self._pool).restore(item)
 
   def metadata(self, directory: epath.Path) -> Any:
-    """The saved tree, as jax.ShapeDtypeStruct leaves (plus saved scalars)."""
+    """The saved tree as nested dicts and lists of jax.ShapeDtypeStruct
+    (with the saved sharding where its devices exist; typed keys with their
+    key dtype) plus the saved scalars: a valid restore target. Raises
+    CheckpointNotFoundError or CorruptCheckpointError."""
     return Restorer(self._engine, self._options, os.fspath(directory)).abstract_tree()
 
   # Lifecycle ------------------------------------------------------------------
