@@ -31,7 +31,7 @@ from fastpersist_jax.emergency import refuse_emergency_manager
 from fastpersist_jax.errors import CorruptCheckpointError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
-from fastpersist_jax.plan import make_plan
+from fastpersist_jax.plan import check_tree, make_plan
 from fastpersist_jax.restore import Restorer
 from fastpersist_jax.save import SaveOperation
 from fastpersist_jax.staging import StagingPool
@@ -137,10 +137,12 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     if isinstance(item, ocp.args.CheckpointArgs):
       raise ValueError("pass FastPersistSave as `args=`, not as `item`")
     refuse_emergency_manager(os.fspath(directory))
+    t0 = time.perf_counter()
+    tree = item
     if args is not None:
       item = args.item
-    t0 = time.perf_counter()
-    plan = make_plan(item, process_index=jax.process_index(), process_count=jax.process_count(),
+      tree = args.checked if getattr(args, "checked", None) is not None else item
+    plan = make_plan(tree, process_index=jax.process_index(), process_count=jax.process_count(),
                      write_host_arrays=self._is_primary(),
                      data_file_bytes=self._options.data_file_bytes,
                      snapshot=self._options.snapshot,
@@ -307,8 +309,18 @@ def _run_sync(coro):
 @ocp.args.register_with_handler(FastPersistHandler, for_save=True)
 @dataclasses.dataclass
 class FastPersistSave(ocp.args.CheckpointArgs):
-  """Save args: the pytree to save."""
+  """Save args: the pytree to save.
+
+  Raises UnsupportedLeafError, naming the leaf, when made with a tree a save
+  would refuse (plan.check_tree): before Orbax starts anything.
+  """
   item: Any
+  # The tree flattened and checked when these args were made (make_plan
+  # reuses it rather than flattening again).
+  checked: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    self.checked = check_tree(self.item)
 
 
 @ocp.args.register_with_handler(FastPersistHandler, for_restore=True)

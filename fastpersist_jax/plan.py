@@ -139,7 +139,7 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
   """Plans a save of `tree` by this process.
 
   Args:
-    tree: the pytree to save.
+    tree: the pytree to save, or its CheckedTree (check_tree).
     process_index, process_count: this process in the JAX runtime.
     write_host_arrays: whether this process writes numpy arrays and numpy
       scalars (which every process holds whole); the primary does.
@@ -158,19 +158,16 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
       write each part of a shard replicated across hosts (redundancy.py);
       ignored for "shared".
   """
-  flat, treedef = treepath.flatten(tree)
+  checked = tree if isinstance(tree, CheckedTree) else check_tree(tree)
+  flat = checked.flat
   values = [x for _, x in flat]
-  # Dict keys 1, True and 1.0 make equal treedefs; only some of them can be
-  # saved, so their types are part of the key.
-  key_types = tuple(type(k.key) for path, _ in flat for k in path
-                    if isinstance(k, jax.tree_util.DictKey))
-  key = (treedef, key_types, tuple(map(_signature, values)), process_index, process_count,
-         write_host_arrays, data_file_bytes, layout_mode, replica_parallel, host_redundancy)
-  try:
+  key = None
+  plan_layout = None
+  if checked.signature is not None:
+    key = checked.signature + (process_index, process_count, write_host_arrays, data_file_bytes,
+                               layout_mode, replica_parallel, host_redundancy)
     with _LAYOUT_CACHE_LOCK:
       plan_layout = _LAYOUT_CACHE.get(key)
-  except Exception:  # pylint: disable=broad-except  (pytree node data that cannot be hashed or compared)
-    plan_layout, key = None, None
   if plan_layout is None:
     plan_layout = _build_layout(flat, process_index, write_host_arrays, data_file_bytes,
                                 layout_mode, replica_parallel, host_redundancy)
@@ -253,6 +250,86 @@ class _Layout:
     return leaves, sources
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedTree:
+  """A pytree flattened and checked (check_tree), with the signature its
+  plan is cached under (None: node data that cannot be hashed)."""
+  flat: list
+  treedef: Any
+  signature: tuple | None
+
+
+def check_tree(tree: Any) -> CheckedTree:
+  """Flattens `tree` and raises UnsupportedLeafError, naming the leaf, for
+  anything a save would refuse (leaf types, dtypes, key types and names,
+  sizes of Python ints). FastPersistSave runs it when it is made, before
+  Orbax starts a save: a handler failing inside Orbax's save leaves Orbax's
+  signalling thread waiting for minutes (the process cannot exit). A tree of
+  a structure, key types, shardings, shapes and dtypes already checked is
+  only flattened (the same work make_plan would do; it reuses the result)."""
+  flat, treedef = treepath.flatten(tree)
+  # Dict keys 1, True and 1.0 make equal treedefs; only some of them can be
+  # saved, so their types are part of the signature.
+  key_types = tuple(type(k.key) for path, _ in flat for k in path
+                    if isinstance(k, jax.tree_util.DictKey))
+  signature = (treedef, key_types, tuple(_signature(x) for _, x in flat))
+  try:
+    with _LAYOUT_CACHE_LOCK:
+      known = signature in _CHECKED
+  except Exception:  # pylint: disable=broad-except  (pytree node data that cannot be hashed or compared)
+    signature, known = None, False
+  if not known:
+    _check_leaves(flat)
+    if signature is not None:
+      with _LAYOUT_CACHE_LOCK:
+        if len(_CHECKED) >= _LAYOUT_CACHE_MAX:
+          _CHECKED.pop(next(iter(_CHECKED)))
+        _CHECKED[signature] = True
+  return CheckedTree(flat, treedef, signature)
+
+
+_CHECKED: dict = {}
+
+
+def _check_leaves(flat: list[tuple[tuple, Any]]) -> None:
+  for path, x in flat:
+    where = f"leaf {treepath.to_str(path)}"
+    try:
+      treepath.encode(path)
+    except TypeError as e:
+      raise UnsupportedLeafError(f"{where}: {e}") from e
+    if treepath.is_empty_node(x):
+      continue
+    if isinstance(x, jax.Array):
+      if is_prng_key(x):
+        impl = str(jax.random.key_impl(x))
+        if impl not in layout.PRNG_IMPLS:
+          raise UnsupportedLeafError(f"{where}: PRNG key implementation {impl!r} cannot be "
+                                     f"checkpointed (supported: {', '.join(layout.PRNG_IMPLS)})")
+      else:
+        _check_dtype(x.dtype, where)
+    elif isinstance(x, (np.ndarray, np.generic)):
+      _check_dtype(x.dtype, where)
+    elif (st := _scalar_type(x)) is not None:
+      _check_scalar(x, st, where)
+    else:
+      _unsupported_type(x, where)
+  _check_names_distinct(flat)
+
+
+def _check_scalar(x: Any, st: str, where: str) -> None:
+  if st == "int" and x.bit_length() > _MAX_SCALAR_INT_BITS:
+    raise UnsupportedLeafError(f"{where}: a Python int of {x.bit_length()} bits cannot be "
+                               "checkpointed (save it as a string or in an array)")
+
+
+def _unsupported_type(x: Any, where: str) -> None:
+  raise UnsupportedLeafError(
+      f"{where}: values of type {type(x).__module__}.{type(x).__qualname__} cannot be "
+      "checkpointed (supported: jax.Array, numpy arrays and scalars, Python "
+      "bool/int/float/complex/str, None)")
+
+
 def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_arrays: bool,
                   data_file_bytes: int, layout_mode: str, replica_parallel: bool,
                   host_redundancy: int = 1) -> _Layout:
@@ -305,16 +382,11 @@ def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_
         shards.append(PlannedShard(leaf_id, tuple((0, n) for n in shape), int(np.asarray(x).nbytes)))
         sources.append((leaf_id, "host", (0,)))
     elif (st := _scalar_type(x)) is not None:
-      if st == "int" and x.bit_length() > _MAX_SCALAR_INT_BITS:
-        raise UnsupportedLeafError(f"{where}: a Python int of {x.bit_length()} bits cannot be "
-                                   "checkpointed (save it as a string or in an array)")
+      _check_scalar(x, st, where)
       leaves.append(layout.LeafMeta(encoded, "scalar", value=x, scalar_type=st))
       scalar_leaves.append(leaf_id)
     else:
-      raise UnsupportedLeafError(
-          f"{where}: values of type {type(x).__module__}.{type(x).__qualname__} cannot be "
-          "checkpointed (supported: jax.Array, numpy arrays and scalars, Python "
-          "bool/int/float/complex/str, None)")
+      _unsupported_type(x, where)
   _check_names_distinct(flat)
   shards, file_sizes = _assign_offsets(shards, data_file_bytes)
   return _Layout(tuple(path for path, _ in flat), tuple(leaves), shards, file_sizes,
