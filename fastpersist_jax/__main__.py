@@ -13,6 +13,7 @@ Exit status: 0 success (verify: intact), 1 damaged or failed, 2 usage error
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from absl import app, flags, logging
@@ -37,7 +38,9 @@ def main(argv: list[str]) -> int:
                                       UnsupportedLeafError)
   from fastpersist_jax.cli import export, inspect, verify  # pylint: disable=g-import-not-at-top
   if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # Orbax's INFO lines would drown the report
+    # Orbax's INFO lines would drown the report; its ERROR tracebacks from its
+    # own threads repeat the one-line error printed here.
+    logging.set_verbosity(logging.FATAL if args_are_orbax_export(argv) else logging.WARNING)
   args = argv[1:]
   if not args or args[0] not in COMMANDS:
     raise app.UsageError(f"expected a command, one of {', '.join(COMMANDS)}", exitcode=2)
@@ -57,6 +60,15 @@ def main(argv: list[str]) -> int:
   except FastPersistError as e:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     return 1
+  except OSError as e:   # the output cannot be written (no such directory, disk full, ...)
+    print(f"error: {e}", file=sys.stderr)
+    unusable_path = e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EACCES,
+                                errno.EROFS, errno.EISDIR)
+    return 2 if unusable_path else 1   # else the write failed (disk full, I/O error)
+
+
+def args_are_orbax_export(argv: list[str]) -> bool:
+  return argv[1:2] == ["export"] and FLAGS.format == "orbax"
 
 
 def run() -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -389,6 +390,33 @@ def test_export_orbax_holds_one_leaf_at_a_time(step_dir, tmp_path, monkeypatch):
 
 
 # two processes, replica-parallel parts --------------------------------------------------
+
+
+def test_export_refusals_leave_nothing_and_say_one_line(tmp_path, capsys):
+  # Leaves Orbax would name alike; an output path that cannot be made; a step
+  # of two items one of which cannot be exported; a tree with no leaf.
+  clash = save(tmp_path / "clash", {"a.b": jnp.ones(2), "a": {"b": jnp.zeros(2)}})
+  rc, _, err = cli_in_process(capsys, "export", clash, tmp_path / "o1", "--format=orbax")
+  assert rc == 2 and "both map to the Orbax parameter name 'a.b'" in err, err
+  (tmp_path / "file").write_text("x")
+  for fmt in ("orbax", "safetensors"):
+    rc, _, err = cli_in_process(capsys, "export", clash if fmt == "orbax" else save(
+        tmp_path / "good", {"w": jnp.ones(2)}), tmp_path / "file" / "sub", f"--format={fmt}")
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+  two = tmp_path / "two"
+  mngr = ocp.CheckpointManager(two, item_names=("a", "b"), item_handlers={
+      "a": FastPersistHandler(), "b": FastPersistHandler()})
+  mngr.save(1, args=ocp.args.Composite(
+      a=FastPersistSave({"w": jnp.ones(2)}),
+      b=FastPersistSave({"q": np.arange(4, dtype=np.int8).astype(ml_dtypes.int4)})))
+  mngr.wait_until_finished()
+  mngr.close()
+  rc, _, err = cli_in_process(capsys, "export", two / "1", tmp_path / "o2")
+  assert rc == 2 and "--cast" in err
+  empty = save(tmp_path / "empty", {"n": None, "e": {}})
+  rc, _, err = cli_in_process(capsys, "export", empty, tmp_path / "o3", "--format=orbax")
+  assert rc == 2 and "no leaf" in err
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o")) == []
 
 
 def mp_expected():

@@ -22,12 +22,14 @@ only when Orbax writes it, one leaf at a time.
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import shutil
 import struct
 from typing import Any
 
+import jax
 import numpy as np
 
 from fastpersist_jax import layout, reader, treepath
@@ -276,7 +278,15 @@ def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
   target = layout.dtype_from_name(cast) if cast else None
   with reader.CheckpointReader(item_dir) as rd:
     items = []
+    owner: dict[str, str] = {}
     for i, meta in enumerate(rd.meta.leaves):
+      # Orbax names each leaf by its keys joined with ".": two leaves of one
+      # name would overwrite each other.
+      name = tensor_name(meta.path)
+      if name in owner:
+        raise ExportError(f"leaves {owner[name]} and {rd.leaf_name(i)} both map to the Orbax "
+                          f"parameter name {name!r}")
+      owner[name] = rd.leaf_name(i)
       if meta.kind in reader.ARRAY_KINDS:
         if 0 in meta.shape:
           raise ExportError(f"leaf {rd.leaf_name(i)} has shape {meta.shape}: Orbax cannot save "
@@ -294,8 +304,15 @@ def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
         (np.ndarray, ocp.type_handlers.NumpyHandler()),
         (str, ocp.type_handlers.StringHandler()),
         (_LeafSource, _streaming_handler_class()(deepcopy_host_arrays=False)))
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
-      ckptr.save(out, args=ocp.args.PyTreeSave(tree))
+    if not jax.tree_util.tree_leaves(tree):
+      raise ExportError(f"{item_dir} holds no leaf but empty nodes, which Orbax refuses to save")
+    try:
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckptr:
+        ckptr.save(out, args=ocp.args.PyTreeSave(tree))
+    except BaseException:
+      for tmp in glob.glob(glob.escape(out) + ".orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)   # nothing half-written is left
+      raise
   return out
 
 
@@ -307,14 +324,28 @@ def main(path: str, out: str, fmt: str, max_shard_bytes: int = 0, cast: str | No
   if fmt not in FORMATS:
     raise ExportError(f"--format must be one of {FORMATS}, got {fmt!r}")
   items = reader.item_directories(path)
-  if len(items) > 1 and os.path.lexists(out):
-    raise ExportError(f"{out} already exists; remove it or choose another output")
-  for item in items:
-    dest = out if len(items) == 1 else os.path.join(out, os.path.basename(item))
-    if fmt == "safetensors":
-      written = export_safetensors(item, dest, max_shard_bytes, cast)
-    else:
-      written = [export_orbax(item, dest, cast)]
-    for w in written:
-      print(f"wrote {w}")
+  if len(items) == 1:
+    written = _export_item(items[0], out, fmt, max_shard_bytes, cast)
+  else:
+    # Every item into a temporary directory renamed into place at the end:
+    # nothing is left at `out` when one item fails.
+    tmp = _prepare_out(out)
+    try:
+      written = [w for item in items for w in
+                 _export_item(item, os.path.join(tmp, os.path.basename(item)), fmt,
+                              max_shard_bytes, cast)]
+      _commit(tmp, out)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+    written = [os.path.join(out, os.path.relpath(w, tmp)) for w in written]
+  for w in written:
+    print(f"wrote {w}")
   return 0
+
+
+def _export_item(item: str, dest: str, fmt: str, max_shard_bytes: int,
+                 cast: str | None) -> list[str]:
+  if fmt == "safetensors":
+    return export_safetensors(item, dest, max_shard_bytes, cast)
+  return [export_orbax(item, dest, cast)]
