@@ -23,7 +23,7 @@ import crc32c
 import numpy as np
 from jax import tree_util
 
-from fastpersist_jax import layout
+from fastpersist_jax import layout, restore_plan
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError)
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
@@ -174,25 +174,9 @@ class CheckpointReader:
   def _order_parts(self, leaf_id: int, index: Index, nbytes: int,
                    recs: list[tuple[int, layout.ShardRecord]]) -> SavedShard:
     """Parts must tile the shard's bytes; the same part twice (per-host
-    directories gathered in one) is kept once."""
-    chosen: list[tuple[int, layout.ShardRecord]] = []
-    at = 0
-    for p, rec in sorted(recs, key=lambda pr: (pr[1].part or (0, nbytes), pr[0])):
-      start, stop = rec.part or (0, nbytes)
-      if start == at and stop > start:
-        chosen.append((p, rec))
-        at = stop
-      elif chosen and (start, stop) == (chosen[-1][1].part or (0, nbytes)):
-        continue
-      elif stop > start or start > at:
-        raise CorruptCheckpointError(
-            f"{self.directory}: leaf {self.leaf_name(leaf_id)}, shard {list(map(list, index))}: "
-            f"saved parts overlap or leave a gap at byte {at} (part {[start, stop]})")
-    missing = None
-    if at != nbytes and nbytes:
-      missing = (f"leaf {self.leaf_name(leaf_id)}, shard {list(map(list, index))}: only bytes "
-                 f"[0, {at}) of {nbytes} are in {self.directory}")
-    return SavedShard(leaf_id, index, nbytes, chosen, missing)
+    directories gathered in one) is kept once (restore_plan.assemble_parts)."""
+    shard = restore_plan.assemble_parts(self.leaf_name(leaf_id), index, nbytes, recs)
+    return SavedShard(leaf_id, index, nbytes, shard.parts, shard.missing)
 
   def coverage_error(self, leaf_id: int) -> str | None:
     """Why the saved shards here do not hold every element of an array leaf
