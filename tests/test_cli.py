@@ -419,6 +419,16 @@ def test_export_refusals_leave_nothing_and_say_one_line(tmp_path, capsys):
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o")) == []
 
 
+def test_inspect_shows_typed_keys_and_writes_strict_json(tmp_path, capsys):
+  step = save(tmp_path / "k", {"rng": jax.random.split(jax.random.key(0), 4), "x": float("nan")})
+  rc, out, _ = cli_in_process(capsys, "inspect", step, "--json")
+  assert rc == 0
+  leaves = {l["path"]: l for l in json.loads(out)["items"][0]["leaves"]}   # strict: no NaN token
+  assert leaves["['rng']"]["dtype"] == "key<threefry2x32>" and leaves["['rng']"]["shape"] == [4]
+  assert leaves["['rng']"]["key_data"] == "uint32[4, 2]"
+  assert leaves["['x']"]["value"] == "nan"
+
+
 def mp_expected():
   """tests/mp_worker.py's global_state values (they depend only on position)."""
   def make(shape, dtype, seed):

@@ -21,6 +21,15 @@ def _sharding_str(d: dict | None) -> str:
   return str(d.get("type"))
 
 
+def _json_number(value: Any) -> Any:
+  """Strict JSON has no NaN or infinities: those become strings ("nan", "inf")."""
+  if isinstance(value, list):
+    return [_json_number(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return repr(value)
+  return value
+
+
 def describe_item(directory: str) -> dict[str, Any]:
   """The tree of one item directory as JSON-ready data: {"directory",
   "layout", "process_count", "leaves": [{"path", "kind", "dtype", "shape",
@@ -35,10 +44,14 @@ def describe_item(directory: str) -> dict[str, Any]:
       nbytes = math.prod(leaf.shape) * layout.dtype_from_name(leaf.dtype).itemsize
       total += nbytes
       entry.update(dtype=leaf.dtype, shape=list(leaf.shape), sharding=leaf.sharding, bytes=nbytes)
+      if leaf.prng_impl:
+        # Typed PRNG keys: restore gives keys of this shape; the data is their key data.
+        entry.update(dtype=f"key<{leaf.prng_impl}>", shape=list(leaf.shape[:-1]),
+                     key_data=f"{leaf.dtype}{list(leaf.shape)}")
     elif leaf.kind == "scalar":
       value = leaf.value
-      entry.update(scalar_type=leaf.scalar_type,
-                   value=[value.real, value.imag] if isinstance(value, complex) else value)
+      value = [value.real, value.imag] if isinstance(value, complex) else value
+      entry.update(scalar_type=leaf.scalar_type, value=_json_number(value))
     leaves.append(entry)
   return {"directory": directory, "layout": meta.layout, "process_count": meta.process_count,
           "leaves": leaves, "leaf_count": len(leaves),
@@ -68,7 +81,7 @@ def main(path: str, as_json: bool = False) -> int:
   CheckpointNotFoundError (usage error) or CorruptCheckpointError."""
   items = [describe_item(d) for d in reader.item_directories(path)]
   if as_json:
-    print(json.dumps({"items": items}, indent=1))
+    print(json.dumps({"items": items}, indent=1, allow_nan=False))
   else:
     print("\n".join(format_item(d) for d in items))
   return 0
