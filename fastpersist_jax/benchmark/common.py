@@ -159,6 +159,22 @@ def forced_devices(env: dict, default: int) -> int:
   return default
 
 
+def child_main(argv: list[str], work) -> int:
+  """The child side of run_child: `argv` is [CFG, OUT]; writes work(cfg)'s
+  result (or {"error": traceback}) to OUT as JSON; returns the exit status."""
+  import traceback  # pylint: disable=g-import-not-at-top
+  cfg_path, out_path = argv
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  try:
+    result = work(cfg)
+  except BaseException:  # pylint: disable=broad-except
+    result = {"error": traceback.format_exc()}
+  with open(out_path, "w") as f:
+    json.dump(result, f)
+  return 1 if "error" in result else 0
+
+
 def run_child(module: str, cfg: dict, env: dict, timeout: float) -> dict:
   """Runs `python -m module CFG OUT` (the module's child entry point) and
   returns the JSON it wrote to OUT; raises RuntimeError with its output when

@@ -267,17 +267,7 @@ def run(args) -> int:
 
 
 def _child_main(argv: list[str]) -> int:
-  import traceback
-  cfg_path, out_path = argv
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  try:
-    result = _cold_restore_child(cfg)
-  except BaseException:  # pylint: disable=broad-except
-    result = {"error": traceback.format_exc()}
-  with open(out_path, "w") as f:
-    json.dump(result, f)
-  return 0 if "error" not in result else 1
+  return common.child_main(argv, _cold_restore_child)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 
 from fastpersist_jax.benchmark import common, trees
 
@@ -157,18 +156,7 @@ def _restore(cfg: dict) -> dict:
 
 
 def _child_main(argv: list[str]) -> int:
-  cfg_path, out_path = argv
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  try:
-    result = _write(cfg) if cfg["role"] == "write" else _restore(cfg)
-  except BaseException:  # pylint: disable=broad-except
-    with open(out_path, "w") as f:
-      json.dump({"error": traceback.format_exc()}, f)
-    return 1
-  with open(out_path, "w") as f:
-    json.dump(result, f)
-  return 0
+  return common.child_main(argv, lambda cfg: _write(cfg) if cfg["role"] == "write" else _restore(cfg))
 
 
 # Parent ----------------------------------------------------------------------------

@@ -58,7 +58,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 from fastpersist_jax.benchmark import common, trees
 
@@ -273,20 +272,14 @@ def _check_equal(tree, restored) -> None:
         raise AssertionError(f"{name}: restored shard on {s.device} differs from the saved one")
 
 
-def _child_main(argv: list[str]) -> int:
-  cfg_path, out_path = argv
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  try:
-    result = _child(cfg)
-  except BaseException:  # pylint: disable=broad-except
-    with open(out_path, "w") as f:
-      json.dump({"error": traceback.format_exc()}, f)
-    return 1
+def _child_with_rusage(cfg: dict) -> dict:
+  result = _child(cfg)
   result["ru_maxrss_self_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-  with open(out_path, "w") as f:
-    json.dump(result, f)
-  return 0
+  return result
+
+
+def _child_main(argv: list[str]) -> int:
+  return common.child_main(argv, _child_with_rusage)
 
 
 # Parent --------------------------------------------------------------------------
