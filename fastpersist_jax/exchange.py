@@ -27,11 +27,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from fastpersist_jax import layout
+from fastpersist_jax import disk_format
 from fastpersist_jax.errors import CorruptCheckpointError, PeerTimeoutError
 
 # (process, record, bytes) of one part.
-Part = tuple[int, layout.ShardRecord, np.ndarray]
+Part = tuple[int, disk_format.ShardRecord, np.ndarray]
 # Bytes each process contributes per collective round: every local device
 # receives process_count times this, so it bounds the exchange's memory.
 ROUND_BYTES = 64 << 20
@@ -138,14 +138,14 @@ def part_key(rec: dict) -> tuple:
   return (rec["leaf"], tuple(tuple(i) for i in rec["index"]), tuple(part) if part else None)
 
 
-def record_of(d: dict) -> layout.ShardRecord:
+def record_of(d: dict) -> disk_format.ShardRecord:
   """A ShardRecord (bytes in memory: no file) from a header's part entry."""
   part = d.get("part")
-  return layout.ShardRecord(d["leaf"], tuple(tuple(i) for i in d["index"]), -1, 0,
+  return disk_format.ShardRecord(d["leaf"], tuple(tuple(i) for i in d["index"]), -1, 0,
                             d["nbytes"], d["crc32c"], tuple(part) if part else None)
 
 
-def swap_parts(mine: list[tuple[layout.ShardRecord, np.ndarray]], save_id: str,
+def swap_parts(mine: list[tuple[disk_format.ShardRecord, np.ndarray]], save_id: str,
                error: str | None) -> list[Part]:
   """Sends this process's verified parts to all processes; returns the others'.
 

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from fastpersist_jax import layout, redundancy
+from fastpersist_jax import disk_format, redundancy
 from fastpersist_jax.emergency import refuse_emergency_manager
 from fastpersist_jax.errors import CorruptCheckpointError
 from fastpersist_jax.io_engine import IOEngine
@@ -101,7 +101,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     primary = self._mp.primary_host
     return primary is None or jax.process_index() == primary
 
-  def _layout_mode(self) -> str:
+  def _placement(self) -> str:
     """primary_host=None with several processes: each process saves into its
     own directory (e.g. per-host NVMe) its part of what its devices hold."""
     if self._mp.primary_host is None and jax.process_count() > 1:
@@ -146,10 +146,10 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                      write_host_arrays=self._is_primary(),
                      data_file_bytes=self._options.data_file_bytes,
                      snapshot=self._options.snapshot,
-                     layout_mode=self._layout_mode(),
+                     placement=self._placement(),
                      replica_parallel=self._options.replica_parallel,
                      host_redundancy=self._options.host_redundancy)
-    if plan.layout == "per_host":
+    if plan.placement == "per_host":
       redundancy.warn_single_copies(item, redundancy=self._options.host_redundancy,
                                     replica_parallel=self._options.replica_parallel,
                                     plan_token=plan.shards)
@@ -207,12 +207,12 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     """Checks, before Orbax commits, that every process's manifest is there.
     Raises CorruptCheckpointError naming the missing processes."""
     directory = os.fspath(directory)
-    if not self._is_primary() or not os.path.exists(os.path.join(directory, layout.METADATA_FILE)):
+    if not self._is_primary() or not os.path.exists(os.path.join(directory, disk_format.METADATA_FILE)):
       return
-    meta = layout.read_metadata(directory)
-    expected = [jax.process_index()] if meta.layout == "per_host" else range(meta.process_count)
+    meta = disk_format.read_metadata(directory)
+    expected = [jax.process_index()] if meta.placement == "per_host" else range(meta.process_count)
     missing = [p for p in expected
-               if not os.path.exists(os.path.join(directory, layout.manifest_name(p)))]
+               if not os.path.exists(os.path.join(directory, disk_format.manifest_name(p)))]
     if missing:
       raise CorruptCheckpointError(
           f"{directory}: manifests of processes {missing} are missing; not committing")

@@ -62,7 +62,7 @@ class IOEngine:
     kind = self.options.resolved_engine()
     args = dict(queue_depth=self.options.queue_depth,
                 chunk_bytes=self.options.chunk_bytes,
-                threads=self.options.io_threads)
+                threads=self.options.io_rings)
     if kind in ("auto", "io_uring"):
       try:
         self._engine = _ext.Engine("io_uring", **args)

@@ -26,9 +26,9 @@ class FastPersistOptions:
     engine: "io_uring", "threads" (a pwrite/pread pool), or "auto": io_uring
       where the kernel allows it, else the pool with a warning. The
       FASTPERSIST_ENGINE environment variable overrides "auto".
-    queue_depth: requests in flight per ring (or pool threads).
+    queue_depth: requests in flight per ring (or per thread of the threads engine).
     chunk_bytes: largest single read/write request.
-    io_threads: number of io_uring rings, each driven by its own thread.
+    io_rings: number of io_uring rings, each driven by its own thread.
     direct_io: use O_DIRECT where the filesystem supports it.
     register_buffers: register the staging pool as io_uring fixed buffers
       (and mlock it) when RLIMIT_MEMLOCK allows; otherwise it is used
@@ -93,7 +93,7 @@ class FastPersistOptions:
   engine: str = "auto"
   queue_depth: int = 16
   chunk_bytes: int = 4 * MiB
-  io_threads: int = 1
+  io_rings: int = 1
   direct_io: bool = True
   register_buffers: bool = True
   host_memory_limit: int = 2 * GiB
@@ -114,7 +114,7 @@ class FastPersistOptions:
       raise ValueError(f"engine must be one of {_ENGINE_KINDS}, got {self.engine!r}")
     if self.snapshot not in _SNAPSHOT_MODES:
       raise ValueError(f"snapshot must be one of {_SNAPSHOT_MODES}, got {self.snapshot!r}")
-    for name in ("queue_depth", "chunk_bytes", "io_threads", "host_memory_limit",
+    for name in ("queue_depth", "chunk_bytes", "io_rings", "host_memory_limit",
                  "staging_slab_bytes", "data_file_bytes", "restore_batch_bytes"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastpersist_jax import layout, redundancy, shardings, treepath
+from fastpersist_jax import disk_format, redundancy, shardings, treepath
 from fastpersist_jax.errors import UnsupportedLeafError
 
 
@@ -31,7 +31,7 @@ class PlannedShard:
   # Byte range of the shard written by this process when its replicas on
   # several processes share the writing (replica-parallel); None: all of it.
   part: tuple[int, int] | None = None
-  position: int = 0              # among the leaf's addressable_arrays()
+  addressable_index: int = 0  # among the leaf's addressable_arrays()
 
 
 # The snapshot a save takes (FastPersistOptions.snapshot, resolved):
@@ -52,16 +52,16 @@ class SavePlan:
   the same structure, shardings, shapes and dtypes, and must not be changed.
   `sources[i]` is where shard i's bytes are now: its single-device jax.Array
   or numpy array, or with `lazy` the leaf's global jax.Array (the shard is
-  addressable_arrays()[position] of it). Staging sets it to None once the
+  addressable_arrays()[addressable_index] of it). Staging sets it to None once the
   bytes are copied, so nothing stays pinned by the plan.
   """
-  leaves: list[layout.LeafMeta]
+  leaves: list[disk_format.LeafMeta]
   shards: list[PlannedShard]
   sources: list[Any]
   file_sizes: list[int]
   process_index: int
   process_count: int
-  layout: str = "shared"
+  placement: str = "shared"
   replica_parallel: bool = False
   snapshot: str = "copy"     # resolved: one of SNAPSHOT_MODES
 
@@ -91,7 +91,7 @@ def normalize_index(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, in
 
 def _check_dtype(dtype: Any, where: str) -> None:
   try:
-    supported = layout.dtype_is_supported(np.dtype(dtype))
+    supported = disk_format.dtype_is_supported(np.dtype(dtype))
   except TypeError:   # extended dtypes other than PRNG keys
     supported = False
   if not supported:
@@ -134,7 +134,7 @@ def _scalar_type(x: Any) -> str | None:
 
 def make_plan(tree: Any, *, process_index: int, process_count: int,
               write_host_arrays: bool, data_file_bytes: int,
-              snapshot: str = "copy", layout_mode: str = "shared",
+              snapshot: str = "copy", placement: str = "shared",
               replica_parallel: bool = True, host_redundancy: int = 1) -> SavePlan:
   """Plans a save of `tree` by this process.
 
@@ -148,7 +148,7 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
       pinned as host views now; with "reference", only the arrays are
       referenced (each shard is looked up when it is staged); with either,
       numpy leaves are copied now (they are mutable in place).
-    layout_mode: "shared" (all processes write into one directory) or
+    placement: "shared" (all processes write into one directory) or
       "per_host" (each process writes into its own directory).
     replica_parallel: split each shard replicated on several processes into
       byte ranges, one per process, so every process (and its disk) writes
@@ -162,36 +162,36 @@ def make_plan(tree: Any, *, process_index: int, process_count: int,
   flat = checked.flat
   values = [x for _, x in flat]
   key = None
-  plan_layout = None
+  skeleton = None
   if checked.signature is not None:
     key = checked.signature + (process_index, process_count, write_host_arrays, data_file_bytes,
-                               layout_mode, replica_parallel, host_redundancy)
+                               placement, replica_parallel, host_redundancy)
     with _LAYOUT_CACHE_LOCK:
-      plan_layout = _LAYOUT_CACHE.get(key)
-  if plan_layout is None:
-    plan_layout = _build_layout(flat, process_index, write_host_arrays, data_file_bytes,
-                                layout_mode, replica_parallel, host_redundancy)
+      skeleton = _SKELETON_CACHE.get(key)
+  if skeleton is None:
+    skeleton = _build_skeleton(flat, process_index, write_host_arrays, data_file_bytes,
+                                placement, replica_parallel, host_redundancy)
     if key is not None:
       with _LAYOUT_CACHE_LOCK:
-        if len(_LAYOUT_CACHE) >= _LAYOUT_CACHE_MAX:
-          _LAYOUT_CACHE.pop(next(iter(_LAYOUT_CACHE)))
-        _LAYOUT_CACHE[key] = plan_layout
+        if len(_SKELETON_CACHE) >= _LAYOUT_CACHE_MAX:
+          _SKELETON_CACHE.pop(next(iter(_SKELETON_CACHE)))
+        _SKELETON_CACHE[key] = skeleton
   if snapshot == "auto":
-    snapshot = "copy" if plan_layout.any_on_accelerator else "view"
-  if plan_layout.prng_leaves:
+    snapshot = "copy" if skeleton.any_on_accelerator else "view"
+  if skeleton.prng_leaves:
     values = list(values)
-    for i in plan_layout.prng_leaves:
+    for i in skeleton.prng_leaves:
       values[i] = jax.random.key_data(values[i])
-  leaves, sources = plan_layout.bind(values, snapshot)
-  return SavePlan(leaves, plan_layout.shards, sources, plan_layout.file_sizes, process_index,
-                  process_count, layout_mode, replica_parallel, snapshot=snapshot)
+  leaves, sources = skeleton.bind(values, snapshot)
+  return SavePlan(leaves, skeleton.shards, sources, skeleton.file_sizes, process_index,
+                  process_count, placement, replica_parallel, snapshot=snapshot)
 
 
 # A training loop saves trees of the same structure, shardings, shapes and
 # dtypes again and again, so everything that depends only on those is planned
 # once: planning 2,000 shards from scratch takes ~10 ms of the blocking time,
 # and the thousands of objects it makes trigger full garbage collections.
-_LAYOUT_CACHE: dict = {}
+_SKELETON_CACHE: dict = {}
 _LAYOUT_CACHE_MAX = 8
 _LAYOUT_CACHE_LOCK = threading.Lock()
 
@@ -208,13 +208,13 @@ def _signature(x: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Layout:
+class _PlanSkeleton:
   """The plan of a tree, less what changes from one save to the next."""
   paths: tuple[tuple, ...]
-  leaves: tuple[layout.LeafMeta, ...]      # scalar values filled in by bind()
+  leaves: tuple[disk_format.LeafMeta, ...]      # scalar values filled in by bind()
   shards: list[PlannedShard]
   file_sizes: list[int]
-  # In shard order: (leaf id, "array" or "host", the leaf's shard positions).
+  # In shard order: (leaf id, "array" or "host", the leaf's shard addressable indices).
   sources: tuple[tuple[int, str, tuple[int, ...]], ...]
   scalar_leaves: tuple[int, ...]
   array_on_accelerator: dict[int, bool]
@@ -224,13 +224,13 @@ class _Layout:
   def any_on_accelerator(self) -> bool:
     return any(self.array_on_accelerator.values())
 
-  def bind(self, values: list[Any], snapshot: str) -> tuple[list[layout.LeafMeta], list[Any]]:
+  def bind(self, values: list[Any], snapshot: str) -> tuple[list[disk_format.LeafMeta], list[Any]]:
     """This save's leaf metadata and shard sources."""
     leaves = list(self.leaves)
     for i in self.scalar_leaves:
       leaves[i] = dataclasses.replace(leaves[i], value=values[i])
     sources: list[Any] = []
-    for leaf_id, kind, positions in self.sources:
+    for leaf_id, kind, addressable_indices in self.sources:
       x = values[leaf_id]
       if kind == "host":
         sources.append(_host_source(x, copy=snapshot != "copy"))
@@ -239,14 +239,14 @@ class _Layout:
         raise UnsupportedLeafError(f"leaf {treepath.to_str(self.paths[leaf_id])}: the "
                                    "jax.Array has been deleted (donated?)")
       if snapshot == "reference":
-        sources.extend([x] * len(positions))
+        sources.extend([x] * len(addressable_indices))
         continue
       per_device = addressable_arrays(x)
       if snapshot == "view" and not self.array_on_accelerator[leaf_id]:
         # The host view pins the buffer (see FastPersistOptions.snapshot).
-        sources.extend([np.asarray(per_device[p]) for p in positions])
+        sources.extend([np.asarray(per_device[p]) for p in addressable_indices])
       else:
-        sources.extend([per_device[p] for p in positions])
+        sources.extend([per_device[p] for p in addressable_indices])
     return leaves, sources
 
 
@@ -303,9 +303,9 @@ def _check_leaves(flat: list[tuple[tuple, Any]]) -> None:
     if isinstance(x, jax.Array):
       if is_prng_key(x):
         impl = str(jax.random.key_impl(x))
-        if impl not in layout.PRNG_IMPLS:
+        if impl not in disk_format.PRNG_IMPLS:
           raise UnsupportedLeafError(f"{where}: PRNG key implementation {impl!r} cannot be "
-                                     f"checkpointed (supported: {', '.join(layout.PRNG_IMPLS)})")
+                                     f"checkpointed (supported: {', '.join(disk_format.PRNG_IMPLS)})")
       else:
         _check_dtype(x.dtype, where)
     elif isinstance(x, (np.ndarray, np.generic)):
@@ -330,11 +330,11 @@ def _unsupported_type(x: Any, where: str) -> None:
       "bool/int/float/complex/str, None)")
 
 
-def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_arrays: bool,
-                  data_file_bytes: int, layout_mode: str, replica_parallel: bool,
-                  host_redundancy: int = 1) -> _Layout:
+def _build_skeleton(flat: list[tuple[tuple, Any]], process_index: int, write_host_arrays: bool,
+                  data_file_bytes: int, placement: str, replica_parallel: bool,
+                  host_redundancy: int = 1) -> _PlanSkeleton:
   """Checks every leaf and plans its shards; raises UnsupportedLeafError."""
-  leaves: list[layout.LeafMeta] = []
+  leaves: list[disk_format.LeafMeta] = []
   shards: list[PlannedShard] = []
   sources: list[tuple[int, str, tuple[int, ...]]] = []
   scalar_leaves: list[int] = []
@@ -347,14 +347,14 @@ def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_
     except TypeError as e:
       raise UnsupportedLeafError(f"{where}: {e}") from e
     if treepath.is_empty_node(x):
-      leaves.append(layout.LeafMeta(encoded, treepath.empty_node_kind(x)))
+      leaves.append(disk_format.LeafMeta(encoded, treepath.empty_node_kind(x)))
     elif isinstance(x, jax.Array):
       prng_impl = None
       if is_prng_key(x):
         prng_impl = str(jax.random.key_impl(x))
-        if prng_impl not in layout.PRNG_IMPLS:
+        if prng_impl not in disk_format.PRNG_IMPLS:
           raise UnsupportedLeafError(f"{where}: PRNG key implementation {prng_impl!r} cannot be "
-                                     f"checkpointed (supported: {', '.join(layout.PRNG_IMPLS)})")
+                                     f"checkpointed (supported: {', '.join(disk_format.PRNG_IMPLS)})")
         prng_leaves.append(leaf_id)
         sharding = x.sharding       # of the keys; the key data adds trailing dims
         x = jax.random.key_data(x)
@@ -364,32 +364,32 @@ def _build_layout(flat: list[tuple[tuple, Any]], process_index: int, write_host_
       if x.is_deleted():
         raise UnsupportedLeafError(f"{where}: the jax.Array has been deleted (donated?)")
       shape = tuple(int(n) for n in x.shape)
-      leaves.append(layout.LeafMeta(encoded, "array", dtype=np.dtype(x.dtype).name, shape=shape,
+      leaves.append(disk_format.LeafMeta(encoded, "array", dtype=np.dtype(x.dtype).name, shape=shape,
                                     sharding=shardings.encode(sharding), prng_impl=prng_impl))
       on_accel[leaf_id] = next(iter(x.sharding.device_set)).platform != "cpu"
-      owned = _owned_shards(x, process_index, layout_mode, replica_parallel, host_redundancy)
+      owned = _owned_shards(x, process_index, placement, replica_parallel, host_redundancy)
       shards.extend(PlannedShard(leaf_id, index, nbytes, on_accelerator=on_accel[leaf_id],
-                                 part=part, position=position)
-                    for position, index, part, nbytes in owned)
+                                 part=part, addressable_index=addressable_index)
+                    for addressable_index, index, part, nbytes in owned)
       if owned:
-        sources.append((leaf_id, "array", tuple(position for position, *_ in owned)))
+        sources.append((leaf_id, "array", tuple(i for i, *_ in owned)))
     elif isinstance(x, (np.ndarray, np.generic)):
       _check_dtype(x.dtype, where)
       kind = "numpy" if isinstance(x, np.ndarray) else "np_scalar"
       shape = tuple(int(n) for n in np.shape(x))
-      leaves.append(layout.LeafMeta(encoded, kind, dtype=np.dtype(x.dtype).name, shape=shape))
+      leaves.append(disk_format.LeafMeta(encoded, kind, dtype=np.dtype(x.dtype).name, shape=shape))
       if write_host_arrays:
         shards.append(PlannedShard(leaf_id, tuple((0, n) for n in shape), int(np.asarray(x).nbytes)))
         sources.append((leaf_id, "host", (0,)))
     elif (st := _scalar_type(x)) is not None:
       _check_scalar(x, st, where)
-      leaves.append(layout.LeafMeta(encoded, "scalar", value=x, scalar_type=st))
+      leaves.append(disk_format.LeafMeta(encoded, "scalar", value=x, scalar_type=st))
       scalar_leaves.append(leaf_id)
     else:
       _unsupported_type(x, where)
   _check_names_distinct(flat)
   shards, file_sizes = _assign_offsets(shards, data_file_bytes)
-  return _Layout(tuple(path for path, _ in flat), tuple(leaves), shards, file_sizes,
+  return _PlanSkeleton(tuple(path for path, _ in flat), tuple(leaves), shards, file_sizes,
                  tuple(sources), tuple(scalar_leaves), on_accel, tuple(prng_leaves))
 
 
@@ -410,35 +410,35 @@ def _check_names_distinct(flat: list[tuple[tuple, Any]]) -> None:
 # the sharding and shape, and a training step makes new arrays with the same
 # shardings every time, so the answer is cached. Building Shard objects costs
 # ~10 us each; jax keeps an array's addressable data in the sharding's device
-# order, so a position found once stays valid for every array that shares it.
+# order, so an addressable index found once stays valid for every array that shares it.
 _OWNED_CACHE: dict = {}
 _OWNED_CACHE_MAX = 16384
 
-# [(position among x's addressable shards, index, byte range or None, bytes)]
+# [(index among x's addressable shards, index, byte range or None, bytes)]
 Owned = list[tuple[int, tuple[tuple[int, int], ...], tuple[int, int] | None, int]]
 
 
 def split_bytes(nbytes: int, parts: int) -> list[tuple[int, int]]:
   """`parts` contiguous ranges covering [0, nbytes), boundaries 4 KiB-aligned."""
-  step = layout.align_up(-(-nbytes // parts))
+  step = disk_format.align_up(-(-nbytes // parts))
   return [(min(k * step, nbytes), min((k + 1) * step, nbytes)) for k in range(parts)]
 
 
-def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: bool,
+def _owned_shards(x: jax.Array, me: int, placement: str, replica_parallel: bool,
                   host_redundancy: int = 1) -> Owned:
   """The shards (or byte ranges of them) of x this process writes."""
-  copies = host_redundancy if layout_mode == "per_host" else 1
-  key = (x.sharding, x.shape, x.dtype, me, layout_mode, replica_parallel, copies)
+  copies = host_redundancy if placement == "per_host" else 1
+  key = (x.sharding, x.shape, x.dtype, me, placement, replica_parallel, copies)
   owned = _OWNED_CACHE.get(key)
   if owned is not None:
     return owned
-  first_local: dict = {}   # index -> position of the first local device holding it
+  first_local: dict = {}   # index -> addressable index of the first local device holding it
   for i, s in enumerate(x.addressable_shards):
     first_local.setdefault(normalize_index(s.index, x.shape), i)
   owned = []
-  if layout_mode == "per_host" and not replica_parallel:
+  if placement == "per_host" and not replica_parallel:
     # Each host keeps everything its own devices hold.
-    owned = [(pos, index, None, _nbytes(index, x.dtype)) for index, pos in first_local.items()]
+    owned = [(i, index, None, _nbytes(index, x.dtype)) for index, i in first_local.items()]
   else:
     # Each shard once, split among the processes holding it. Per host, a
     # shard held by this host alone is written whole; one held by several is
@@ -446,12 +446,12 @@ def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: boo
     holders: dict = {}     # index -> processes holding a replica
     for device, idx in x.sharding.devices_indices_map(x.shape).items():
       holders.setdefault(normalize_index(idx, x.shape), set()).add(device.process_index)
-    for index, pos in first_local.items():
+    for index, addressable_index in first_local.items():
       procs = sorted(holders[index])
       nbytes = _nbytes(index, x.dtype)
       if not replica_parallel or len(procs) == 1:
         if procs[0] == me:
-          owned.append((pos, index, None, nbytes))
+          owned.append((addressable_index, index, None, nbytes))
         continue
       # Per host, each part on `copies` hosts (redundancy.py: holder j writes
       # parts j, ..., j+copies-1 mod R), each part its own record and crc.
@@ -461,7 +461,7 @@ def _owned_shards(x: jax.Array, me: int, layout_mode: str, replica_parallel: boo
         if part[0] < part[1]:
           # Recorded as a part even when it is all of a small shard: the other
           # holders wrote nothing of it, and per-host restore swaps parts.
-          owned.append((pos, index, part, part[1] - part[0]))
+          owned.append((addressable_index, index, part, part[1] - part[0]))
   if len(_OWNED_CACHE) >= _OWNED_CACHE_MAX:
     _OWNED_CACHE.clear()
   _OWNED_CACHE[key] = owned
@@ -499,7 +499,7 @@ def _assign_offsets(shards: list[PlannedShard],
     if not s.nbytes:
       placed.append(dataclasses.replace(s, file=len(sizes) - 1, offset=0))
       continue
-    offset = layout.align_up(sizes[-1])
+    offset = disk_format.align_up(sizes[-1])
     if offset + s.nbytes > data_file_bytes and sizes[-1] > 0:
       sizes.append(0)
       offset = 0

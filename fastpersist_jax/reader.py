@@ -2,7 +2,7 @@
 
 For tools (verify, export) that need a checkpoint's values without the
 devices it was saved on: no jax device is touched. Every manifest present is
-read and validated (layout.read_manifest), the parts of each saved shard
+read and validated (disk_format.read_manifest), the parts of each saved shard
 (replica-parallel writes, possibly from several processes' manifests) are
 put in byte order, each part's CRC-32C is checked, and a leaf's saved shards
 are assembled into one C-order numpy array of its global shape.
@@ -23,7 +23,7 @@ import crc32c
 import numpy as np
 from jax import tree_util
 
-from fastpersist_jax import layout, restore_plan
+from fastpersist_jax import disk_format, restore_plan
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError)
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
@@ -50,7 +50,7 @@ def keystr(path: list) -> str:
   return tree_util.keystr(tuple(keys)) or "<root>"
 
 
-def plain_value(meta: layout.LeafMeta) -> Any:
+def plain_value(meta: disk_format.LeafMeta) -> Any:
   """The value of a leaf that holds no array data (scalar, None, empty
   container)."""
   return {"none": None, "empty_dict": {}, "empty_list": [], "empty_tuple": (),
@@ -65,7 +65,7 @@ class SavedShard:
   leaf: int
   index: Index
   nbytes: int
-  parts: list[tuple[int, layout.ShardRecord]]
+  parts: list[tuple[int, disk_format.ShardRecord]]
   missing: str | None = None   # why some of its bytes are not in this directory
 
 
@@ -97,14 +97,14 @@ class CheckpointReader:
     present. Raises CheckpointNotFoundError (no checkpoint there) or
     CorruptCheckpointError (a file fails validation)."""
     self.directory = os.fspath(directory)
-    self.meta = layout.read_metadata(self.directory)
+    self.meta = disk_format.read_metadata(self.directory)
     self._engine = engine
     self._files: dict[tuple[int, int], Any] = {}
-    self.manifests: dict[int, layout.Manifest] = {}
+    self.manifests: dict[int, disk_format.Manifest] = {}
     self._shards: dict[int, list[SavedShard]] | None = None
     if manifests:
       for p in self.present_processes():
-        self.manifests[p] = layout.read_manifest(self.directory, p, self.meta)
+        self.manifests[p] = disk_format.read_manifest(self.directory, p, self.meta)
       if not self.manifests:
         raise CorruptCheckpointError(f"{self.directory}: no manifest of any process")
 
@@ -113,10 +113,10 @@ class CheckpointReader:
     checkpoint (a missing one is an error when read), those present in a
     per-host one."""
     procs = range(self.meta.process_count)
-    if self.meta.layout != "per_host":
+    if self.meta.placement != "per_host":
       return list(procs)
     return [p for p in procs
-            if os.path.exists(os.path.join(self.directory, layout.manifest_name(p)))]
+            if os.path.exists(os.path.join(self.directory, disk_format.manifest_name(p)))]
 
   @property
   def complete(self) -> bool:
@@ -142,7 +142,7 @@ class CheckpointReader:
     """The leaf's path as jax.tree_util.keystr prints it."""
     return keystr(self.meta.leaves[leaf_id].path)
 
-  def describe(self, process: int, rec: layout.ShardRecord) -> str:
+  def describe(self, process: int, rec: disk_format.ShardRecord) -> str:
     """Where one record is: leaf, shard index, part, file and offset."""
     part = f" bytes {list(rec.part)}" if rec.part is not None else ""
     name = self.manifests[process].files[rec.file][0]
@@ -157,22 +157,22 @@ class CheckpointReader:
     return self._shards.get(leaf_id, [])
 
   def _group_shards(self) -> dict[int, list[SavedShard]]:
-    records: dict[tuple[int, Index], list[tuple[int, layout.ShardRecord]]] = {}
+    records: dict[tuple[int, Index], list[tuple[int, disk_format.ShardRecord]]] = {}
     for p, m in self.manifests.items():
       for rec in m.shards:
         records.setdefault((rec.leaf, rec.index), []).append((p, rec))
     out: dict[int, list[SavedShard]] = {}
     for (leaf_id, index), recs in records.items():
-      itemsize = layout.dtype_from_name(self.meta.leaves[leaf_id].dtype).itemsize
+      itemsize = disk_format.dtype_from_name(self.meta.leaves[leaf_id].dtype).itemsize
       out.setdefault(leaf_id, []).append(
           self._order_parts(leaf_id, index, _volume(index) * itemsize, recs))
     for leaf_id, group in out.items():
-      layout.check_grid([s.index for s in group],
+      disk_format.check_grid([s.index for s in group],
                         f"{self.directory}: leaf {self.leaf_name(leaf_id)}: saved shards")
     return out
 
   def _order_parts(self, leaf_id: int, index: Index, nbytes: int,
-                   recs: list[tuple[int, layout.ShardRecord]]) -> SavedShard:
+                   recs: list[tuple[int, disk_format.ShardRecord]]) -> SavedShard:
     """Parts must tile the shard's bytes; the same part twice (per-host
     directories gathered in one) is kept once (restore_plan.assemble_parts)."""
     shard = restore_plan.assemble_parts(self.leaf_name(leaf_id), index, nbytes, recs)
@@ -221,7 +221,7 @@ class CheckpointReader:
     except (OSError, RuntimeError) as e:
       raise CorruptCheckpointError(f"{self.directory}: a data file cannot be read: {e}") from e
 
-  def _check(self, process: int, rec: layout.ShardRecord, data: np.ndarray) -> None:
+  def _check(self, process: int, rec: disk_format.ShardRecord, data: np.ndarray) -> None:
     if crc32c.crc32c(data) != rec.crc32c:
       raise ChecksumMismatchError(
           f"{self.directory}: {self.describe(process, rec)}: checksum mismatch, the data "
@@ -239,7 +239,7 @@ class CheckpointReader:
     why = self.coverage_error(leaf_id)
     if why:
       raise CorruptCheckpointError(why)
-    dtype = layout.dtype_from_name(meta.dtype)
+    dtype = disk_format.dtype_from_name(meta.dtype)
     total = math.prod(meta.shape) * dtype.itemsize
     if total == 0:
       out = np.empty(meta.shape, dtype)
@@ -264,7 +264,7 @@ class CheckpointReader:
       self._check(p, rec, view)
     out = flat.view(dtype).reshape(meta.shape)
     for group in _groups([s for s, _ in other], SCRATCH_BYTES):
-      size = sum(layout.align_up(s.nbytes) for s in group)
+      size = sum(disk_format.align_up(s.nbytes) for s in group)
       scratch = np.frombuffer(AlignedBuffer(size), np.uint8)
       extents, checks, blocks, at = [], [], [], 0
       for s in group:
@@ -274,7 +274,7 @@ class CheckpointReader:
           view = scratch[lo:lo + rec.nbytes]
           extents.append((self.file(p, rec.file), rec.offset, view))
           checks.append((p, rec, view))
-        at += layout.align_up(s.nbytes)
+        at += disk_format.align_up(s.nbytes)
       self._read(extents)
       for p, rec, view in checks:
         self._check(p, rec, view)
@@ -284,7 +284,7 @@ class CheckpointReader:
       del scratch, blocks, checks
     return out.reshape(())[()] if meta.kind == "np_scalar" else out
 
-  def iter_leaves(self) -> Iterator[tuple[int, layout.LeafMeta, Any]]:
+  def iter_leaves(self) -> Iterator[tuple[int, disk_format.LeafMeta, Any]]:
     """(leaf id, metadata, value) of every leaf, one leaf read at a time."""
     for i, meta in enumerate(self.meta.leaves):
       yield i, meta, self.read_leaf(i)
@@ -295,7 +295,7 @@ def _groups(shards: list[SavedShard], limit: int) -> Iterator[list[SavedShard]]:
   is a group of its own)."""
   group, size = [], 0
   for s in shards:
-    n = layout.align_up(s.nbytes)
+    n = disk_format.align_up(s.nbytes)
     if group and size + n > limit:
       yield group
       group, size = [], 0
@@ -313,14 +313,14 @@ def item_directories(path: str | os.PathLike) -> list[str]:
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointNotFoundError(f"no directory at {path}")
-  if os.path.exists(os.path.join(path, layout.METADATA_FILE)):
+  if os.path.exists(os.path.join(path, disk_format.METADATA_FILE)):
     return [path]
   items = sorted(os.path.join(path, n) for n in os.listdir(path)
-                 if os.path.isfile(os.path.join(path, n, layout.METADATA_FILE)))
+                 if os.path.isfile(os.path.join(path, n, disk_format.METADATA_FILE)))
   if not items:
     raise CheckpointNotFoundError(
         f"{path} is not a fastpersist checkpoint: neither it nor any subdirectory holds "
-        f"{layout.METADATA_FILE}")
+        f"{disk_format.METADATA_FILE}")
   return items
 
 

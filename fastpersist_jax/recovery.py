@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastpersist_jax import errors, exchange, layout, restore_plan, treepath
+from fastpersist_jax import errors, exchange, disk_format, restore_plan, treepath
 from fastpersist_jax.errors import CheckpointNotFoundError, CorruptCheckpointError, FastPersistError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -58,7 +58,7 @@ class _Local:
   directory: str
   header: dict
   meta_raw: bytes | None = None
-  manifest: layout.Manifest | None = None
+  manifest: disk_format.Manifest | None = None
 
   @property
   def usable(self) -> bool:
@@ -80,11 +80,11 @@ def _step_numbers(root: str) -> list[int]:
 
 def _read_meta_bytes(path: str) -> bytes:
   st = os.stat(path)
-  if not stat.S_ISREG(st.st_mode) or st.st_size > layout.MAX_JSON_BYTES:
+  if not stat.S_ISREG(st.st_mode) or st.st_size > disk_format.MAX_JSON_BYTES:
     raise CorruptCheckpointError(f"{path} is not a regular file of at most "
-                                 f"{layout.MAX_JSON_BYTES} bytes")
+                                 f"{disk_format.MAX_JSON_BYTES} bytes")
   with open(path, "rb") as f:
-    return f.read(layout.MAX_JSON_BYTES + 1)
+    return f.read(disk_format.MAX_JSON_BYTES + 1)
 
 
 def _inspect(root: str, step: int, item: str) -> _Local:
@@ -95,18 +95,18 @@ def _inspect(root: str, step: int, item: str) -> _Local:
   if not os.path.isdir(directory):
     return _Local(directory, {"problem": "absent"})
   try:
-    path = os.path.join(directory, layout.METADATA_FILE)
+    path = os.path.join(directory, disk_format.METADATA_FILE)
     raw = _read_meta_bytes(path)
-    meta = layout.decode_metadata_bytes(raw, path)
-    if meta.layout != "per_host":
-      raise CorruptCheckpointError(f"{path}: a {meta.layout!r} checkpoint, not per-host")
-    manifest = layout.read_manifest(directory, me, meta)
+    meta = disk_format.decode_metadata_bytes(raw, path)
+    if meta.placement != "per_host":
+      raise CorruptCheckpointError(f"{path}: a {meta.placement!r} checkpoint, not per-host")
+    manifest = disk_format.read_manifest(directory, me, meta)
   except Exception as e:  # pylint: disable=broad-except  (a damaged copy is a lost one)
     problem = f"{type(e).__name__}: {str(e)[:500]}"
     logger.warning("fastpersist recovery: this host's copy of step %d is unusable: %s", step,
                    problem)
     return _Local(directory, {"problem": problem})
-  leaf_bytes = [int(np.prod(l.shape, dtype=np.int64)) * layout.dtype_from_name(l.dtype).itemsize
+  leaf_bytes = [int(np.prod(l.shape, dtype=np.int64)) * disk_format.dtype_from_name(l.dtype).itemsize
                 if l.kind in _DATA_KINDS else 0 for l in meta.leaves]
   header = {
       "save_id": meta.save_id or "", "digest": hashlib.sha256(raw).hexdigest()[:32],
@@ -169,7 +169,7 @@ def _judge(headers: list[dict | None], step: int) -> _Verdict:
   return _Verdict(holders, None, gaps)
 
 
-def _describe_gaps(verdict: _Verdict, meta: layout.CheckpointMetadata, step: int,
+def _describe_gaps(verdict: _Verdict, meta: disk_format.CheckpointMetadata, step: int,
                    item: str) -> str:
   lost = [p for p in range(jax.process_count()) if p not in verdict.holders]
   names = [f"{treepath.to_str(meta.leaves[leaf].path)} ({gone} of "
@@ -182,8 +182,8 @@ def _describe_gaps(verdict: _Verdict, meta: layout.CheckpointMetadata, step: int
           "bytes was on lost hosts: restore an older step or a shared-directory checkpoint)")
 
 
-def _leaf_nbytes(leaf: layout.LeafMeta) -> int:
-  return int(np.prod(leaf.shape, dtype=np.int64)) * layout.dtype_from_name(leaf.dtype).itemsize
+def _leaf_nbytes(leaf: disk_format.LeafMeta) -> int:
+  return int(np.prod(leaf.shape, dtype=np.int64)) * disk_format.dtype_from_name(leaf.dtype).itemsize
 
 
 def latest_restorable_step(root: str, item: str = "default", *,
@@ -226,7 +226,7 @@ def latest_restorable_step(root: str, item: str = "default", *,
   return None
 
 
-def _regions(meta: layout.CheckpointMetadata, target: Any) -> dict[int, list[Index]]:
+def _regions(meta: disk_format.CheckpointMetadata, target: Any) -> dict[int, list[Index]]:
   """Per data leaf the restore needs, the regions this process's devices
   (or a numpy result) will hold, as Restorer places them (restore_plan)."""
   selected, _ = restore_plan.match_target(meta.leaves, target, "the checkpoint")
@@ -248,7 +248,7 @@ class _RecoveryRestorer(Restorer):
   parts were already received (`parts`: (process, record, bytes))."""
 
   def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str,
-               meta: layout.CheckpointMetadata, manifests: dict[int, layout.Manifest],
+               meta: disk_format.CheckpointMetadata, manifests: dict[int, disk_format.Manifest],
                parts: list[exchange.Part]):
     super().__init__(engine, options, directory, meta=meta, manifests=manifests)
     self._parts = parts
@@ -333,7 +333,7 @@ def restore_per_host(root: str, step: int, target: Any = None, item: str = "defa
   source = verdict.holders[0]
   meta_raw = exchange.broadcast_bytes(local.meta_raw if me == source else b"",
                                       headers[source]["meta_bytes"], source)
-  meta = layout.decode_metadata_bytes(meta_raw, f"metadata of step {step} from process {source}")
+  meta = disk_format.decode_metadata_bytes(meta_raw, f"metadata of step {step} from process {source}")
   if verdict.gaps:
     raise CorruptCheckpointError(_describe_gaps(verdict, meta, step, item))
 
@@ -398,13 +398,13 @@ def restore_per_host(root: str, step: int, target: Any = None, item: str = "defa
 
 
 def _read_parts(engine: IOEngine, local: _Local, keys: list[tuple],
-                meta: layout.CheckpointMetadata, total: int) -> np.ndarray:
+                meta: disk_format.CheckpointMetadata, total: int) -> np.ndarray:
   """This process's bytes of `keys` (parts of its manifest), read and
   checked against their CRC-32C, concatenated. Raises ChecksumMismatchError,
   OSError."""
   by_key = {(r.leaf, r.index, r.part): r for r in local.manifest.shards}
   recs = [by_key[k] for k in keys]
-  buf = np.frombuffer(AlignedBuffer(max(1, sum(layout.align_up(r.nbytes) for r in recs))),
+  buf = np.frombuffer(AlignedBuffer(max(1, sum(disk_format.align_up(r.nbytes) for r in recs))),
                       np.uint8)
   files: dict[int, Any] = {}
   views, extents, at = [], [], 0
@@ -415,7 +415,7 @@ def _read_parts(engine: IOEngine, local: _Local, keys: list[tuple],
             os.path.join(local.directory, local.manifest.files[r.file][0]))
       views.append(buf[at:at + r.nbytes])
       extents.append((files[r.file], r.offset, views[-1]))
-      at += layout.align_up(r.nbytes)
+      at += disk_format.align_up(r.nbytes)
     engine.read(extents)
   finally:
     for f in files.values():

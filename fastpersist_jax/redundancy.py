@@ -2,7 +2,7 @@
 
 A shard replicated on R processes is split into R byte ranges ("parts",
 `plan.split_bytes`). In per-host directories, with redundancy k =
-min(FastPersistOptions.host_redundancy, R), the holder at position j of the
+min(FastPersistOptions.host_redundancy, R), the holder of rank j of the
 shard's sorted holder list writes parts j, j+1, ..., j+k-1 (mod R):
 
     R = 4, k = 2:   host 0: parts 0, 1   host 1: parts 1, 2
@@ -30,23 +30,23 @@ from fastpersist_jax import treepath
 logger = logging.getLogger(__name__)
 
 
-def parts_of_holder(n_holders: int, position: int, redundancy: int) -> list[int]:
-  """The parts (of `n_holders`) the holder at `position` writes.
+def parts_of_holder(n_holders: int, rank: int, redundancy: int) -> list[int]:
+  """The parts (of `n_holders`) the holder at `rank` writes.
 
   Args:
     n_holders: R, the number of processes holding a replica of the shard.
-    position: this process's position among them (sorted by process index).
+    rank: this process's rank among them (sorted by process index).
     redundancy: the wanted number of copies; at most R are made.
 
   Returns:
-    Part numbers in [0, R): position, position+1, ... (mod R), min(k, R) of them.
+    Part numbers in [0, R): rank, rank+1, ... (mod R), min(k, R) of them.
 
   Raises:
-    ValueError: position outside [0, R) or redundancy < 1.
+    ValueError: rank outside [0, R) or redundancy < 1.
   """
-  if not 0 <= position < n_holders or redundancy < 1:
-    raise ValueError(f"position {position} of {n_holders} holders, redundancy {redundancy}")
-  return [(position + i) % n_holders for i in range(min(redundancy, n_holders))]
+  if not 0 <= rank < n_holders or redundancy < 1:
+    raise ValueError(f"rank {rank} of {n_holders} holders, redundancy {redundancy}")
+  return [(rank + i) % n_holders for i in range(min(redundancy, n_holders))]
 
 
 def holders_of_part(n_holders: int, part: int, redundancy: int) -> list[int]:

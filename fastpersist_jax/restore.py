@@ -37,7 +37,7 @@ import crc32c
 import jax
 import numpy as np
 
-from fastpersist_jax import _ext, exchange, layout, shardings, treepath
+from fastpersist_jax import _ext, exchange, disk_format, shardings, treepath
 from fastpersist_jax.errors import ChecksumMismatchError, CorruptCheckpointError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -62,7 +62,7 @@ _STAGE_ON_CPU = False
 _PROGRESS_EVERY_S = 5.0
 
 
-def check_part(view: np.ndarray, rec: layout.ShardRecord, leaf_name: str, where: str) -> None:
+def check_part(view: np.ndarray, rec: disk_format.ShardRecord, leaf_name: str, where: str) -> None:
   """Raises ChecksumMismatchError naming the leaf, shard, part and place
   when `view` (the bytes of `rec`) does not match its recorded CRC-32C."""
   if crc32c.crc32c(view) != rec.crc32c:
@@ -78,8 +78,8 @@ class Restorer:
 
   def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str,
                pool: StagingPool | None = None, *,
-               meta: layout.CheckpointMetadata | None = None,
-               manifests: dict[int, layout.Manifest] | None = None):
+               meta: disk_format.CheckpointMetadata | None = None,
+               manifests: dict[int, disk_format.Manifest] | None = None):
     """`pool`: staging memory to read batches bound for accelerators into
     (None: fresh memory for every batch). `meta` and `manifests` (already
     read and validated, e.g. by recovery from other hosts) replace reading
@@ -88,8 +88,8 @@ class Restorer:
     self._options = options
     self._directory = directory
     self._pool = pool
-    self.meta = meta if meta is not None else layout.read_metadata(directory)
-    self._manifests: dict[int, layout.Manifest] | None = manifests
+    self.meta = meta if meta is not None else disk_format.read_metadata(directory)
+    self._manifests: dict[int, disk_format.Manifest] | None = manifests
     # Part bytes already in memory: swapped between hosts (per-host
     # checkpoints with replica-parallel parts), keyed by (process, leaf,
     # index, part).
@@ -97,16 +97,16 @@ class Restorer:
     self._files: dict[tuple[int, int], Any] = {}
 
   @property
-  def manifests(self) -> dict[int, layout.Manifest]:
+  def manifests(self) -> dict[int, disk_format.Manifest]:
     """Manifests by process. A per-host checkpoint holds only its own (or,
     gathered by hand, some); a shared one must hold every process's."""
     if self._manifests is None:
       self._manifests = {}
       for p in range(self.meta.process_count):
-        if (self.meta.layout == "per_host" and
-            not os.path.exists(os.path.join(self._directory, layout.manifest_name(p)))):
+        if (self.meta.placement == "per_host" and
+            not os.path.exists(os.path.join(self._directory, disk_format.manifest_name(p)))):
           continue
-        self._manifests[p] = layout.read_manifest(self._directory, p, self.meta)
+        self._manifests[p] = disk_format.read_manifest(self._directory, p, self.meta)
       if not self._manifests:
         raise CorruptCheckpointError(f"{self._directory}: no manifest of any process")
     return self._manifests
@@ -120,7 +120,7 @@ class Restorer:
     t0 = time.perf_counter()
     leaves = self.meta.leaves
     selected, treedef = match_target(leaves, target, self._directory)
-    wanted = {i for i, _ in selected if i is not None and leaves[i].kind in layout.ARRAY_KINDS}
+    wanted = {i for i, _ in selected if i is not None and leaves[i].kind in disk_format.ARRAY_KINDS}
     shards_by_leaf = saved_shards(leaves, self._records(wanted)) if wanted else {}
 
     values: list[Any] = [None] * len(selected)
@@ -132,7 +132,7 @@ class Restorer:
           values[pos] = t    # the target's own (see match_target)
           continue
         meta = leaves[leaf_id]
-        if meta.kind in layout.ARRAY_KINDS:
+        if meta.kind in disk_format.ARRAY_KINDS:
           yield pos, plan_leaf(leaf_id, meta, t, shards_by_leaf.get(leaf_id, []),
                                fallback_to_numpy, self._missing_hint())
         else:
@@ -164,10 +164,10 @@ class Restorer:
     for meta in self.meta.leaves:
       if meta.kind == "array":
         sharding, _ = shardings.decode(meta.sharding)
-        dtype = key_dtype(meta.prng_impl) if meta.prng_impl else layout.dtype_from_name(meta.dtype)
+        dtype = key_dtype(meta.prng_impl) if meta.prng_impl else disk_format.dtype_from_name(meta.dtype)
         value = jax.ShapeDtypeStruct(saved_shape(meta), dtype, sharding=sharding)
       elif meta.kind in ("numpy", "np_scalar"):
-        value = jax.ShapeDtypeStruct(meta.shape, layout.dtype_from_name(meta.dtype))
+        value = jax.ShapeDtypeStruct(meta.shape, disk_format.dtype_from_name(meta.dtype))
       else:
         value = plain_value(meta)
       items.append((meta.path, value))
@@ -191,7 +191,7 @@ class Restorer:
     return records
 
   def _missing_hint(self) -> str:
-    if self.meta.layout == "per_host":
+    if self.meta.placement == "per_host":
       return ("this per-host checkpoint holds only its own process's parts: processes "
               f"{sorted(self.manifests)} of {self.meta.process_count} are here; restore on the "
               "same topology (the hosts swap parts), or gather the other hosts' files into this "
@@ -202,7 +202,7 @@ class Restorer:
     """A per-host checkpoint with replica-parallel parts, restored by as many
     processes as saved it: the hosts swap parts. Decided from metadata alone,
     so that every process takes part in the collective."""
-    return (self.meta.layout == "per_host" and self.meta.save_id is not None and
+    return (self.meta.placement == "per_host" and self.meta.save_id is not None and
             self.meta.process_count == jax.process_count() > 1)
 
   def _swap_parts(self, records) -> list:
@@ -212,14 +212,14 @@ class Restorer:
     me = jax.process_index()
     mine = [rec for recs in records.values() for p, rec in recs
             if p == me and rec.part is not None]
-    buf = np.frombuffer(AlignedBuffer(sum(layout.align_up(r.nbytes) for r in mine)), np.uint8)
+    buf = np.frombuffer(AlignedBuffer(sum(disk_format.align_up(r.nbytes) for r in mine)), np.uint8)
     views, error = [], None
     try:
       extents, at = [], 0
       for rec in mine:
         views.append(buf[at:at + rec.nbytes])
         extents.append((self._file(me, rec.file), rec.offset, views[-1]))
-        at += layout.align_up(rec.nbytes)
+        at += disk_format.align_up(rec.nbytes)
       self._engine.read(extents)
       if self._options.verify_checksums:
         for rec, view in zip(mine, views):
@@ -233,7 +233,7 @@ class Restorer:
       self._received[(me, rec.leaf, rec.index, rec.part)] = view
     return theirs
 
-  def _where(self, process: int, rec: layout.ShardRecord) -> str:
+  def _where(self, process: int, rec: disk_format.ShardRecord) -> str:
     if process in self.manifests and rec.file >= 0:
       return f"process {process}, {self.manifests[process].files[rec.file][0]} @ {rec.offset}"
     return f"process {process}, received from that host"
@@ -369,7 +369,7 @@ class Restorer:
               in_memory.append((dst, data))
             else:
               extents.append((self._file(process, rec.file), rec.offset, dst))
-        at += layout.align_up(s.nbytes)
+        at += disk_format.align_up(s.nbytes)
     # In file order: sequential reads, whatever order the target's leaves are in.
     extents.sort(key=lambda e: (e[0].path, e[1]))
     self._engine.read(extents)
@@ -413,7 +413,7 @@ def _region(job: LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
 def _host_value(job: LeafJob) -> Any:
   """A leaf built on the host: numpy, a numpy or Python scalar, or typed keys."""
   meta = job.meta
-  arr = _region(job, tuple((0, n) for n in meta.shape), layout.dtype_from_name(meta.dtype))
+  arr = _region(job, tuple((0, n) for n in meta.shape), disk_format.dtype_from_name(meta.dtype))
   if job.dtype != arr.dtype:
     arr = arr.astype(job.dtype)
   if job.python_type is not None:
@@ -438,7 +438,7 @@ def _build_batch(jobs: list[LeafJob], copy_host_pieces: bool = False) -> list[An
     if job.sharding is None:
       out[k] = _host_value(job)
       continue
-    saved = layout.dtype_from_name(job.meta.dtype)
+    saved = disk_format.dtype_from_name(job.meta.dtype)
     per_index: dict[Index, np.ndarray] = {}
     memory_kind = job.sharding.memory_kind
     for device, idx in job.device_indices:

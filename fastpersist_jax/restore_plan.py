@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastpersist_jax import layout, shardings, treepath
+from fastpersist_jax import disk_format, shardings, treepath
 from fastpersist_jax.errors import CorruptCheckpointError, RestoreMismatchError
 from fastpersist_jax.plan import normalize_index
 
@@ -30,11 +30,11 @@ class SavedShard:
   processes (replica-parallel), each part with its own record and crc."""
   index: Index
   nbytes: int
-  parts: list[tuple[int, layout.ShardRecord]]   # (process, record), in byte order
+  parts: list[tuple[int, disk_format.ShardRecord]]   # (process, record), in byte order
   missing: str | None = None                    # why some bytes are not here
   view: np.ndarray | None = None                # all its bytes, once read
 
-  def describe(self, manifests, process: int, rec: layout.ShardRecord) -> str:
+  def describe(self, manifests, process: int, rec: disk_format.ShardRecord) -> str:
     part = f" bytes {list(rec.part)}" if rec.part is not None else ""
     where = (f"{manifests[process].files[rec.file][0]} @ {rec.offset}" if process in manifests
              else "received from that host")
@@ -42,7 +42,7 @@ class SavedShard:
 
 
 def assemble_parts(leaf_name: Any, index: Index, nbytes: int,
-                    records: list[tuple[int, layout.ShardRecord]]) -> SavedShard:
+                    records: list[tuple[int, disk_format.ShardRecord]]) -> SavedShard:
   """Orders a shard's parts; they must tile its bytes exactly once. The same
   range saved twice (per-host checkpoints gathered in one directory) is fine."""
   if len(records) == 1 and records[0][1].part is None:   # the common case: saved whole, once
@@ -71,7 +71,7 @@ def assemble_parts(leaf_name: Any, index: Index, nbytes: int,
 @dataclasses.dataclass
 class LeafJob:
   leaf_id: int
-  meta: layout.LeafMeta
+  meta: disk_format.LeafMeta
   sharding: jax.sharding.Sharding | None    # None: build a numpy array
   device_indices: list[tuple[Any, Index]]   # (device, index) of target shards, in saved data
   needed: list[SavedShard]
@@ -84,7 +84,7 @@ class LeafJob:
   @property
   def read_bytes(self) -> int:
     """Bytes of buffer the saved shards need (each at an aligned start)."""
-    return sum(layout.align_up(s.nbytes) for s in self.needed)
+    return sum(disk_format.align_up(s.nbytes) for s in self.needed)
 
 
 def overlap(a: Index, b: Index) -> Index | None:
@@ -112,7 +112,7 @@ def is_array_target(x: Any) -> bool:
   return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
 
 
-def saved_shape(meta: layout.LeafMeta) -> tuple[int, ...]:
+def saved_shape(meta: disk_format.LeafMeta) -> tuple[int, ...]:
   """The shape users see: a typed key array's, without the key data's dims."""
   return meta.shape[:-1] if meta.prng_impl else meta.shape
 
@@ -121,14 +121,14 @@ def key_dtype(impl: str) -> Any:
   return jax.eval_shape(lambda: jax.random.key(0, impl=impl)).dtype
 
 
-def _target_dtype(meta: layout.LeafMeta, target: Any, name: str) -> tuple[np.dtype, str | None]:
+def _target_dtype(meta: disk_format.LeafMeta, target: Any, name: str) -> tuple[np.dtype, str | None]:
   """(dtype of the data to build, PRNG impl of the keys to wrap it in).
 
   A saved typed key restores into a key target of the same implementation,
   or into its raw key data (uint32, with the key data's shape). Any other
   saved array is cast to the target's dtype with numpy's semantics, as
   np.asarray(saved).astype(dtype) does."""
-  saved = layout.dtype_from_name(meta.dtype)
+  saved = disk_format.dtype_from_name(meta.dtype)
   t_dtype = getattr(target, "dtype", None)
   if meta.prng_impl:
     if t_dtype is not None and jax.dtypes.issubdtype(t_dtype, jax.dtypes.prng_key):
@@ -161,14 +161,14 @@ def _target_dtype(meta: layout.LeafMeta, target: Any, name: str) -> tuple[np.dty
   return dtype, None
 
 
-def _check_shape(meta: layout.LeafMeta, target: Any, name: str, raw_key_data: bool) -> None:
+def _check_shape(meta: disk_format.LeafMeta, target: Any, name: str, raw_key_data: bool) -> None:
   shape = () if _is_python_scalar(target) else tuple(getattr(target, "shape", ()))
   want = meta.shape if raw_key_data else saved_shape(meta)
   if shape != want:
     raise RestoreMismatchError(f"leaf {name}: target shape {shape} differs from saved {want}")
 
 
-def scalar_as_array(meta: layout.LeafMeta, target: Any, name: str) -> Any:
+def scalar_as_array(meta: disk_format.LeafMeta, target: Any, name: str) -> Any:
   """A saved Python scalar restored into an array target (e.g. a step saved as
   0, restored into ShapeDtypeStruct((), int32)): a 0-d array of the target's
   dtype, on the target's sharding (numpy for a numpy target)."""
@@ -210,13 +210,13 @@ def as_python(value: np.ndarray, python_type: type, name: str) -> Any:
 
 
 
-def plain_value(meta: layout.LeafMeta) -> Any:
+def plain_value(meta: disk_format.LeafMeta) -> Any:
   return {"none": None, "empty_node": None, "empty_dict": {}, "empty_list": [], "empty_tuple": (),
           "scalar": meta.value}[meta.kind]
 
 
 
-def _on_devices(sharding: Any, meta: layout.LeafMeta, name: str) -> Any:
+def _on_devices(sharding: Any, meta: disk_format.LeafMeta, name: str) -> Any:
   """A target sharding on an AbstractMesh (what jax.eval_shape gives for
   arrays on an Explicit mesh) made concrete: on the saved mesh's devices when
   its axes are the same, else over all devices when their number fits."""
@@ -248,24 +248,24 @@ def _key_data_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding
 
 
 
-def saved_shards(leaves: list[layout.LeafMeta], records: dict[tuple[int, Index], list]
+def saved_shards(leaves: list[disk_format.LeafMeta], records: dict[tuple[int, Index], list]
                  ) -> dict[int, list[SavedShard]]:
   """Saved shards per leaf from {(leaf, index): [(process, record), ...]}, each
   with its parts ordered; the shards of a leaf must be cells of one grid."""
   by_leaf: dict[int, list[SavedShard]] = {}
   for (leaf_id, index), recs in records.items():
     meta = leaves[leaf_id]
-    nbytes = volume(index) * layout.dtype_from_name(meta.dtype).itemsize
+    nbytes = volume(index) * disk_format.dtype_from_name(meta.dtype).itemsize
     by_leaf.setdefault(leaf_id, []).append(
         assemble_parts(treepath.LazyName(meta.path), index, nbytes, recs))
   for leaf_id, shards in by_leaf.items():
     if len(shards) > 1:
-      layout.check_grid([s.index for s in shards],
+      disk_format.check_grid([s.index for s in shards],
                         f"leaf {treepath.to_str(leaves[leaf_id].path)}: saved shards")
   return by_leaf
 
 
-def match_target(leaves: list[layout.LeafMeta], target: Any, where: str
+def match_target(leaves: list[disk_format.LeafMeta], target: Any, where: str
                  ) -> tuple[list[tuple[int, Any]], Any]:
   """[(saved leaf id, target leaf)] in target order, and the target's treedef
   (None without a target: every saved leaf, in saved order). Leaves are
@@ -298,7 +298,7 @@ def match_target(leaves: list[layout.LeafMeta], target: Any, where: str
   return selected, treedef
 
 
-def restore_plain(meta: layout.LeafMeta, target: Any, name: str) -> Any:
+def restore_plain(meta: disk_format.LeafMeta, target: Any, name: str) -> Any:
   """The value of a leaf with no array data (scalar, None, empty node)."""
   if meta.kind == "scalar" and is_array_target(target):
     return scalar_as_array(meta, target, name)
@@ -322,7 +322,7 @@ def _saved_sharding(meta, name, prng_impl, fallback_to_numpy):
   return sharding
 
 
-def plan_leaf(leaf_id: int, meta: layout.LeafMeta, target: Any, saved: list[SavedShard],
+def plan_leaf(leaf_id: int, meta: disk_format.LeafMeta, target: Any, saved: list[SavedShard],
               fallback_to_numpy: list[str], missing_hint: str) -> LeafJob:
   """What to read and build for one array leaf.
 
@@ -365,7 +365,7 @@ def plan_leaf(leaf_id: int, meta: layout.LeafMeta, target: Any, saved: list[Save
   return job
 
 
-def target_layout(leaf_id: int, meta: layout.LeafMeta, target: Any,
+def target_layout(leaf_id: int, meta: disk_format.LeafMeta, target: Any,
                   fallback_to_numpy: list[str]) -> LeafJob:
   """The leaf's job without its saved shards: the dtype to build, and the
   sharding and per-device regions (of the saved data) its target asks for.

@@ -27,7 +27,7 @@ import uuid
 
 import crc32c
 
-from fastpersist_jax import coordination, layout, workers
+from fastpersist_jax import coordination, disk_format, workers
 from fastpersist_jax.errors import CorruptCheckpointError, SaveError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.plan import SavePlan
@@ -58,7 +58,7 @@ class SaveOperation:
     self._commit_timeout_s = commit_timeout_s
     self._background_nice = background_nice
     self._background_cpus = background_cpus
-    self._background = workers.pool(background_nice, background_cpus)
+    self._background = workers.shared(background_nice, background_cpus)
     self._crcs = [0] * len(plan.shards)
     self._to_checksum: queue.Queue = queue.Queue()
     self._to_write: queue.Queue = queue.Queue()
@@ -116,10 +116,10 @@ class SaveOperation:
     t0, cpu0 = time.perf_counter(), time.thread_time()
     # The copier works for whoever waits: the caller (all cores help), or
     # the background.
-    copier_pool = self._background if background else workers.pool()
+    copier_workers = self._background if background else workers.shared()
     try:
       self._count_cpu(stage(self._plan, self._pool, self._emit, self._abort, copy_threads,
-                            on_pool_wait=self._checksum_gate.set, workers=copier_pool))
+                            on_pool_wait=self._checksum_gate.set, workers=copier_workers))
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
     finally:
@@ -166,8 +166,8 @@ class SaveOperation:
           self._checksum_gate.wait()
           if not self._abort.is_set():
             view = self._pool.view(w.slab)
-            for pos, at, n in w.pieces:
-              self._crcs[pos] = crc32c.crc32c(view[at:at + n], self._crcs[pos])
+            for shard_id, at, n in w.pieces:
+              self._crcs[shard_id] = crc32c.crc32c(view[at:at + n], self._crcs[shard_id])
         finally:
           self._done_with(w)
     except BaseException as e:  # pylint: disable=broad-except
@@ -196,7 +196,7 @@ class SaveOperation:
     try:
       _await_directory(directory, self._commit_timeout_s)
       for k, size in enumerate(self._plan.file_sizes):
-        path = os.path.join(directory, layout.data_file_name(self._plan.process_index, k))
+        path = os.path.join(directory, disk_format.data_file_name(self._plan.process_index, k))
         files.append(self._engine.open_for_write(path, preallocate=size))
       self._write_windows(files)
       self._raise_if_failed()
@@ -258,27 +258,27 @@ class SaveOperation:
     manifest records the metadata's checksum without another exchange."""
     plan = self._plan
     save_id = None
-    if (self._write_metadata and plan.layout == "per_host" and plan.replica_parallel and
+    if (self._write_metadata and plan.placement == "per_host" and plan.replica_parallel and
         self._outcome_key):
       # Hosts swap parts on restore: tag the save so parts of different
       # saves are never combined.
       save_id = coordination.shared_value(f"{self._outcome_key}/save_id",
                                           lambda: uuid.uuid4().hex, self._commit_timeout_s)
-    meta_bytes = layout.encode_metadata(layout.CheckpointMetadata(
-        plan.process_count, plan.leaves, layout=plan.layout, save_id=save_id))
-    manifest = layout.Manifest(
+    meta_bytes = disk_format.encode_metadata(disk_format.CheckpointMetadata(
+        plan.process_count, plan.leaves, placement=plan.placement, save_id=save_id))
+    manifest = disk_format.Manifest(
         process_index=plan.process_index,
-        files=[(layout.data_file_name(plan.process_index, k), size)
+        files=[(disk_format.data_file_name(plan.process_index, k), size)
                for k, size in enumerate(plan.file_sizes)],
-        shards=[layout.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes, self._crcs[i],
+        shards=[disk_format.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes, self._crcs[i],
                                    s.part)
                 for i, s in enumerate(plan.shards)],
         metadata_crc32c=json.loads(meta_bytes)["crc32c"])
-    manifest_path = os.path.join(directory, layout.manifest_name(plan.process_index))
-    manifest_bytes = layout.encode_manifest(manifest)
+    manifest_path = os.path.join(directory, disk_format.manifest_name(plan.process_index))
+    manifest_bytes = disk_format.encode_manifest(manifest)
     out = {manifest_path: [(0, manifest_bytes)]}
     if self._write_metadata:
-      out[os.path.join(directory, layout.METADATA_FILE)] = [(0, meta_bytes)]
+      out[os.path.join(directory, disk_format.METADATA_FILE)] = [(0, meta_bytes)]
     _check_restorable(directory, manifest_path, manifest_bytes, meta_bytes)
     self._engine.write_files(out)
 
@@ -289,10 +289,10 @@ def _check_restorable(directory: str, manifest_path: str, manifest_bytes: bytes,
   metadata and manifest as encoded, against the data files as synced), so a
   save never commits a step its restore would reject. Raises SaveError."""
   try:
-    meta = layout.decode_metadata(json.loads(meta_bytes),
-                                  os.path.join(directory, layout.METADATA_FILE))
+    meta = disk_format.decode_metadata(json.loads(meta_bytes),
+                                  os.path.join(directory, disk_format.METADATA_FILE))
     manifest = json.loads(manifest_bytes)
-    layout.decode_manifest(manifest, manifest_path, directory, manifest["process_index"], meta)
+    disk_format.decode_manifest(manifest, manifest_path, directory, manifest["process_index"], meta)
   except CorruptCheckpointError as e:
     raise SaveError(f"not committing a checkpoint its restore would reject: {e}") from e
 

@@ -149,7 +149,7 @@ class _Resolver:
       if source.is_deleted():
         raise SaveError(_DELETED)
       self._arrays, self._leaf = addressable_arrays(source), shard.leaf
-    return self._arrays[shard.position]
+    return self._arrays[shard.addressable_index]
 
 
 # Device-to-host transfers run this many staging windows ahead of the copy
@@ -281,7 +281,7 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
   transfers = _Transfers(plan, _D2H_LOOKAHEAD_SLABS * pool.slab_bytes)
   resolve = _Resolver(plan)
   slab_bytes = pool.slab_bytes
-  copier = _Copier(pool, emit, copy_threads, workers or workers_lib.pool())
+  copier = _Copier(pool, emit, copy_threads, workers or workers_lib.shared())
   window: Window | None = None
   copies: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -293,13 +293,13 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       copies = []
 
   try:
-    for pos, shard in enumerate(plan.shards):
+    for shard_id, shard in enumerate(plan.shards):
       if abort.is_set():
         raise SaveError("save aborted")
       if not shard.nbytes:
         continue
       try:
-        src = host_bytes(transfers.take(pos) if shard.on_accelerator else resolve(pos))
+        src = host_bytes(transfers.take(shard_id) if shard.on_accelerator else resolve(shard_id))
         if shard.part is not None:
           src = src[shard.part[0]:shard.part[1]]
       except SaveError as e:
@@ -320,12 +320,12 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
           dst[window.length:at] = 0  # alignment gap between shards
         n = min(shard.nbytes - done, slab_bytes - at)
         copies.append((dst[at:at + n], src[done:done + n]))
-        window.pieces.append((pos, at, n))
+        window.pieces.append((shard_id, at, n))
         window.length = at + n
         done += n
       # The pending copies hold views of the source until their window is
       # copied; after that nothing pins it any more.
-      plan.sources[pos] = None
+      plan.sources[shard_id] = None
     flush()
     copier.finish()
   except BaseException as e:

@@ -37,7 +37,7 @@ def is_empty_node(x: Any) -> bool:
 
 
 def empty_node_kind(x: Any) -> str:
-  """How an empty node is recorded (layout.LEAF_KINDS): a restore without a
+  """How an empty node is recorded (disk_format.LEAF_KINDS): a restore without a
   target rebuilds {} / [] / () / None as Orbax's handlers do (an empty
   custom node, such as optax.EmptyState(), comes back as None there too)."""
   if x is None:

@@ -5,10 +5,10 @@ besides Orbax's commit thread. Starting fresh threads for them on every save
 costs the blocking path a scheduler round trip each on a busy host, so idle
 threads wait for the next save instead (and exit after a minute unused).
 
-The pool is unbounded on purpose: the stages of a save wait on each other,
+The set of workers is unbounded on purpose: the stages of a save wait on each other,
 so a task must never queue behind another task.
 
-Each pool's threads run at the pool's niceness and, optionally, on a set of
+Each set's threads run at its niceness and, optionally, on a set of
 CPUs (FastPersistOptions.background_nice / background_cpus), set once when
 the thread starts; the C++ helper threads they start inherit both.
 """
@@ -82,28 +82,28 @@ class Workers:
           self._idle.append(inbox)
 
 
-_POOLS: dict[tuple, Workers] = {}
-_POOLS_LOCK = threading.Lock()
+_SHARED: dict[tuple, Workers] = {}
+_SHARED_LOCK = threading.Lock()
 
 
-def pool(nice: int = 0, cpus: tuple[int, ...] | None = None) -> Workers:
-  """The shared pool for threads at this niceness and CPU set."""
+def shared(nice: int = 0, cpus: tuple[int, ...] | None = None) -> Workers:
+  """The shared set of worker threads at this niceness and CPU set."""
   key = (nice, tuple(sorted(cpus)) if cpus else None)
-  with _POOLS_LOCK:
-    if key not in _POOLS:
-      _POOLS[key] = Workers("fastpersist-bg" if nice or cpus else "fastpersist", *key)
-    return _POOLS[key]
+  with _SHARED_LOCK:
+    if key not in _SHARED:
+      _SHARED[key] = Workers("fastpersist-bg" if nice or cpus else "fastpersist", *key)
+    return _SHARED[key]
 
 
-def _forget_pools_in_child() -> None:
+def _forget_workers_in_child() -> None:
   # A forked child has none of the parent's threads: idle workers it would
   # hand tasks to do not exist there.
-  global _POOLS_LOCK
-  _POOLS.clear()
-  _POOLS_LOCK = threading.Lock()
+  global _SHARED_LOCK
+  _SHARED.clear()
+  _SHARED_LOCK = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pools_in_child)
+os.register_at_fork(after_in_child=_forget_workers_in_child)
 
 _entered = threading.local()
 

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fastpersist_jax import (FastPersistHandler, FastPersistOptions, FastPersistRestore,
                              FastPersistSave, latest_restorable_step, restore_per_host)
-from fastpersist_jax import layout
+from fastpersist_jax import disk_format
 
 TIMEOUT_S = 60.0
 
@@ -96,8 +96,8 @@ def manager(directory, pid, redundancy):
 def written(item_dir: str, pid: int) -> dict:
   """What this host wrote of one step: bytes of array leaves' records, and
   of its data files (alignment padding and numpy leaves included)."""
-  meta = layout.read_metadata(item_dir)
-  m = layout.read_manifest(item_dir, pid, meta)
+  meta = disk_format.read_metadata(item_dir)
+  m = disk_format.read_manifest(item_dir, pid, meta)
   return {"array_bytes": sum(r.nbytes for r in m.shards if meta.leaves[r.leaf].kind == "array"),
           "file_bytes": sum(size for _, size in m.files),
           "records": len(m.shards)}

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file
 
 from fastpersist_jax import (ChecksumMismatchError, CorruptCheckpointError, FastPersistHandler,
-                             FastPersistOptions, FastPersistSave, layout)
+                             FastPersistOptions, FastPersistSave, disk_format)
 from fastpersist_jax.cli import export
 from fastpersist_jax.reader import CheckpointReader
 
@@ -108,14 +108,14 @@ def cli_in_process(capsys, *args) -> tuple[int, str, str]:
   return rc, out, err
 
 
-def damaged_copy(step_dir, dst, leaf_path) -> tuple[str, layout.ShardRecord]:
+def damaged_copy(step_dir, dst, leaf_path) -> tuple[str, disk_format.ShardRecord]:
   """A copy of the checkpoint with one bit flipped in a shard of the leaf at
   `leaf_path` (a key tuple); returns (copy's step dir, the damaged record)."""
   shutil.copytree(step_dir, dst)
   item = os.path.join(dst, "default")
-  meta = layout.read_metadata(item)
+  meta = disk_format.read_metadata(item)
   leaf_id = next(i for i, l in enumerate(meta.leaves) if tuple(k for _, k in l.path) == leaf_path)
-  m = layout.read_manifest(item, 0, meta)
+  m = disk_format.read_manifest(item, 0, meta)
   rec = [s for s in m.shards if s.leaf == leaf_id][1]
   with open(os.path.join(item, m.files[rec.file][0]), "r+b") as f:
     f.seek(rec.offset + rec.nbytes // 2)
@@ -163,10 +163,10 @@ def test_verify_truncated_data_file_exits_1(step_dir, tmp_path, capsys):
 
 def write_sealed(path, doc) -> None:
   """Writes an edited manifest or metadata document with a valid checksum of
-  its own (layout.seal), so that the validators behind it are what the edit
+  its own (disk_format.seal), so that the validators behind it are what the edit
   tests."""
   with open(path, "wb") as f:
-    f.write(layout.seal({k: v for k, v in doc.items() if k != "crc32c"}))
+    f.write(disk_format.seal({k: v for k, v in doc.items() if k != "crc32c"}))
 
 
 def test_verify_damaged_manifest_exits_1(step_dir, tmp_path, capsys):
@@ -210,7 +210,7 @@ def test_verify_per_host_checkpoint_checks_what_is_here(tmp_path, capsys):
       os.remove(item / f)
   rc, out, _ = cli_in_process(capsys, "verify", item)
   assert rc == 0, out
-  assert "processes [0] of 2 (per_host layout" in out and ": OK" in out, out
+  assert "processes [0] of 2 (per_host placement" in out and ": OK" in out, out
   assert f"{data_bytes(item)} bytes in" in out
 
 
@@ -314,7 +314,7 @@ def test_export_of_a_damaged_checkpoint_fails_and_writes_nothing(step_dir, tmp_p
 def test_a_shard_missing_from_the_manifest_is_damage(step_dir, tmp_path, capsys):
   shutil.copytree(step_dir, tmp_path / "c")
   item = str(tmp_path / "c" / "default")
-  meta = layout.read_metadata(item)
+  meta = disk_format.read_metadata(item)
   leaf = next(i for i, l in enumerate(meta.leaves) if l.path[-1][1] == "w")
   path = os.path.join(item, "manifest.00000.json")
   with open(path) as f:
@@ -443,7 +443,7 @@ def test_two_process_checkpoint_with_replica_parallel_parts(tmp_path, capsys):
   root = tmp_path / "mp"
   test_multiprocess.run_processes("shared", 2, root)
   item = root / "0" / "default"
-  manifests = [json.loads((item / layout.manifest_name(p)).read_text()) for p in range(2)]
+  manifests = [json.loads((item / disk_format.manifest_name(p)).read_text()) for p in range(2)]
   # Replicated params were split into parts written by both processes.
   assert all(any("part" in s for s in m["shards"]) for m in manifests)
   rc, out, _ = cli_in_process(capsys, "verify", root / "0")

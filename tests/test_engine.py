@@ -357,7 +357,7 @@ def test_out_of_space_preallocation(io_engine):
 
 def test_out_of_space_during_write(io_engine):
   # Also with several rings and many small requests in flight when it fails.
-  many = IOEngine(FastPersistOptions(engine=io_engine.kind, io_threads=2, queue_depth=4,
+  many = IOEngine(FastPersistOptions(engine=io_engine.kind, io_rings=2, queue_depth=4,
                                      chunk_bytes=64 * KiB))
   data = aligned_copy(rand_bytes(4 * MiB))
   with mounted_tmpfs("size=2m") as d:
@@ -528,7 +528,7 @@ def test_locked_buffer(io_engine, data_dir):
 
 @pytest.mark.parametrize("cfg", [
     dict(queue_depth=1, chunk_bytes=4096),
-    dict(queue_depth=4, chunk_bytes=64 * KiB, io_threads=2),
+    dict(queue_depth=4, chunk_bytes=64 * KiB, io_rings=2),
     dict(direct_io=False),
 ], ids=["qd1-4k", "2rings-64k", "buffered"])
 def test_engine_configs(engine_kind, data_dir, cfg):

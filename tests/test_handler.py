@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from fastpersist_jax import (CheckpointNotFoundError, ChecksumMismatchError,
                              CorruptCheckpointError, FastPersistHandler, FastPersistOptions,
                              FastPersistRestore, FastPersistSave, RestoreMismatchError,
-                             UnsupportedLeafError, layout)
+                             UnsupportedLeafError, disk_format)
 
 MiB = 1 << 20
 
@@ -76,7 +76,7 @@ X64_DTYPES = ["int64", "uint64", "float64", "complex128"]
 
 
 def _dtype(name):
-  return layout.dtype_from_name(name)
+  return disk_format.dtype_from_name(name)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -115,7 +115,7 @@ def test_shardings_round_trip(handler, mesh, tmp_path, spec):
 def test_replicated_shards_are_written_once(handler, mesh, tmp_path):
   x = jax.device_put(jnp.ones((64, 64), jnp.float32), NamedSharding(mesh, P()))
   ocp.Checkpointer(handler).save(tmp_path / "c", args=FastPersistSave({"x": x}))
-  manifest = json.loads((tmp_path / "c" / layout.manifest_name(0)).read_text())
+  manifest = json.loads((tmp_path / "c" / disk_format.manifest_name(0)).read_text())
   assert len(manifest["shards"]) == 1
   assert manifest["files"][0]["size"] == 64 * 64 * 4
 
@@ -244,7 +244,7 @@ def test_async_checkpointer(handler, mesh, tmp_path):
   ckptr = ocp.AsyncCheckpointer(handler)
   ckptr.save(tmp_path / "c", args=FastPersistSave({"x": x}))
   ckptr.wait_until_finished()
-  assert (tmp_path / "c" / layout.METADATA_FILE).exists()
+  assert (tmp_path / "c" / disk_format.METADATA_FILE).exists()
   out = ckptr.restore(tmp_path / "c", args=FastPersistRestore({"x": x}))
   np.testing.assert_array_equal(np.asarray(out["x"]), np.asarray(x))
   ckptr.close()
@@ -288,7 +288,7 @@ def test_checkpoint_bigger_than_pool_and_many_files(mesh, tmp_path):
                                   NamedSharding(mesh, P("data"))) for i in range(6)}
   out = save_restore(h, tmp_path / "c", tree)
   assert_trees_equal(tree, out)
-  manifest = json.loads((tmp_path / "c" / layout.manifest_name(0)).read_text())
+  manifest = json.loads((tmp_path / "c" / disk_format.manifest_name(0)).read_text())
   assert len(manifest["files"]) > 1
   assert h._pool.nbytes == 2 * MiB  # pylint: disable=protected-access
   h.close()
@@ -321,7 +321,7 @@ def saved(handler, mesh, tmp_path):
 
 def test_flipped_byte_is_detected(handler, saved):
   d, tree = saved
-  data = d / layout.data_file_name(0, 0)
+  data = d / disk_format.data_file_name(0, 0)
   raw = bytearray(data.read_bytes())
   raw[4096 * 2 + 17] ^= 0x01   # "b" is at 0, then w's shards at 4096, 8192, ...: the 2nd
   data.write_bytes(bytes(raw))
@@ -331,7 +331,7 @@ def test_flipped_byte_is_detected(handler, saved):
 
 def test_truncated_data_file_is_detected(handler, saved):
   d, tree = saved
-  data = d / layout.data_file_name(0, 0)
+  data = d / disk_format.data_file_name(0, 0)
   os.truncate(data, data.stat().st_size - 10)
   with pytest.raises(CorruptCheckpointError, match="truncated"):
     ocp.Checkpointer(handler).restore(d, args=FastPersistRestore(tree))
@@ -339,7 +339,7 @@ def test_truncated_data_file_is_detected(handler, saved):
 
 def test_missing_and_truncated_manifest(handler, saved):
   d, tree = saved
-  m = d / layout.manifest_name(0)
+  m = d / disk_format.manifest_name(0)
   text = m.read_text()
   m.write_text(text[: len(text) // 2])
   with pytest.raises(CorruptCheckpointError, match="not valid JSON"):

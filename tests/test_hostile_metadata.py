@@ -25,7 +25,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fastpersist_jax import (CorruptCheckpointError, FastPersistError, FastPersistHandler,
-                             FastPersistOptions, FastPersistRestore, FastPersistSave, layout)
+                             FastPersistOptions, FastPersistRestore, FastPersistSave, disk_format)
 from helpers import MiB, abstract, assert_tree_bytes_equal
 
 # Small staging so that a handler costs little memory; slabs of 1 MiB so that
@@ -165,9 +165,9 @@ def _mutate_json(rng: random.Random, doc, data_sizes: list[int]) -> tuple[bytes,
     doc = _set_at(doc, path, new)
   else:
     doc = _set_at(doc, path, rng.choice(_HOSTILE_VALUES))
-  # Re-sealed (layout.seal), so that the validators behind the document's own
+  # Re-sealed (disk_format.seal), so that the validators behind the document's own
   # checksum are what each mutation tests.
-  text = (layout.seal({k: v for k, v in doc.items() if k != "crc32c"}).decode()
+  text = (disk_format.seal({k: v for k, v in doc.items() if k != "crc32c"}).decode()
           if isinstance(doc, dict) else json.dumps(doc))
   if deep_text is not None:
     text = text.replace(json.dumps("\x00DEEP\x00"), deep_text)
@@ -224,7 +224,7 @@ def test_hostile_metadata_raises_only_fastpersist_errors(fuzz_checkpoint, n_muta
   target = abstract(tree)
   # Whole arrays as numpy: one target region spans every saved shard of a leaf.
   numpy_target = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, tree)
-  names = [layout.METADATA_FILE, layout.manifest_name(0)]
+  names = [disk_format.METADATA_FILE, disk_format.manifest_name(0)]
   originals = {n: open(os.path.join(d, n), "rb").read() for n in names}
   docs = {n: json.loads(raw) for n, raw in originals.items()}
   data_sizes = [os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.startswith("data.")]
@@ -304,8 +304,8 @@ def _case_shared_bytes(meta, man, d):
 
 
 def _case_fifo_metadata(meta, man, d):
-  os.unlink(os.path.join(d, layout.METADATA_FILE))
-  os.mkfifo(os.path.join(d, layout.METADATA_FILE))  # open() of it would block forever
+  os.unlink(os.path.join(d, disk_format.METADATA_FILE))
+  os.mkfifo(os.path.join(d, disk_format.METADATA_FILE))  # open() of it would block forever
 
 
 def _case_data_file_is_dev_zero(meta, man, d):
@@ -403,7 +403,7 @@ def test_crafted_hostile_metadata(mesh, tmp_path, case):
   d = os.fspath(tmp_path / "c")
   h = FastPersistHandler(FastPersistOptions(**SMALL))
   ocp.Checkpointer(h).save(d, args=FastPersistSave(tree))
-  meta_path, man_path = (os.path.join(d, n) for n in (layout.METADATA_FILE, layout.manifest_name(0)))
+  meta_path, man_path = (os.path.join(d, n) for n in (disk_format.METADATA_FILE, disk_format.manifest_name(0)))
   meta, man = (json.load(open(p)) for p in (meta_path, man_path))
   mutate, breaks_metadata = _CRAFTED[case]
   mutate(meta, man, d)
@@ -439,8 +439,8 @@ def test_overlap_across_manifests_is_detected(mesh, tmp_path):
   d = tmp_path / "c"
   h = FastPersistHandler(FastPersistOptions(**SMALL))
   ocp.Checkpointer(h).save(d, args=FastPersistSave({"w": x}))
-  meta = json.loads((d / layout.METADATA_FILE).read_text())
-  man0 = json.loads((d / layout.manifest_name(0)).read_text())
+  meta = json.loads((d / disk_format.METADATA_FILE).read_text())
+  man0 = json.loads((d / disk_format.manifest_name(0)).read_text())
   meta["process_count"] = 2
   man0["shards"] = [s for s in man0["shards"] if s["index"] != [[12, 16], [0, 4]]]
   block = host[2:6, 0:4].tobytes()  # true data, so every checksum is right
@@ -449,8 +449,8 @@ def test_overlap_across_manifests_is_detected(mesh, tmp_path):
           "files": [{"name": "data.00001.0000.bin", "size": len(block)}],
           "shards": [{"leaf": 0, "index": [[2, 6], [0, 4]], "file": 0, "offset": 0,
                       "nbytes": len(block), "crc32c": crc32c.crc32c(block)}]}
-  for name, doc in ((layout.METADATA_FILE, meta), (layout.manifest_name(0), man0),
-                    (layout.manifest_name(1), man1)):
+  for name, doc in ((disk_format.METADATA_FILE, meta), (disk_format.manifest_name(0), man0),
+                    (disk_format.manifest_name(1), man1)):
     (d / name).write_text(json.dumps(doc))
   with pytest.raises(CorruptCheckpointError):
     h.restore(d, args=FastPersistRestore({"w": np.zeros((16, 8), np.float32)}))

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fastpersist_jax import (CheckpointNotFoundError, CorruptCheckpointError, FastPersistError,
                              FastPersistHandler, FastPersistOptions, FastPersistRestore,
-                             FastPersistSave, SaveError, UnsupportedLeafError, layout)
+                             FastPersistSave, SaveError, UnsupportedLeafError, disk_format)
 from helpers import MiB, abstract, assert_tree_bytes_equal
 
 # Small staging so that a handler costs little memory; slabs of 1 MiB so that
@@ -82,7 +82,7 @@ def test_close_waits_for_in_flight_save(mesh, tmp_path):
   h.close()  # must wait for the commit, not cut it off
   for f in futures:
     f.result()  # already done, and without an error
-  assert {layout.METADATA_FILE, layout.manifest_name(0)} <= set(os.listdir(d))
+  assert {disk_format.METADATA_FILE, disk_format.manifest_name(0)} <= set(os.listdir(d))
   fresh = FastPersistHandler(FastPersistOptions(**SMALL))
   assert_tree_bytes_equal(tree, fresh.restore(d, args=FastPersistRestore(abstract(tree))))
 

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from fastpersist_jax import (CorruptCheckpointError, FastPersistHandler, FastPersistOptions,
                              FastPersistRestore,
                              FastPersistSave, RestoreMismatchError, SaveError,
-                             UnsupportedLeafError, layout, plan)
+                             UnsupportedLeafError, disk_format, plan)
 from helpers import MiB, abstract, assert_trees_equal
 
 
@@ -102,11 +102,11 @@ def test_a_save_whose_manifest_its_restore_would_reject_is_not_committed(manager
     return placed, [s + 4096 for s in sizes]
 
   monkeypatch.setattr(plan, "_assign_offsets", wrong_sizes)
-  plan._LAYOUT_CACHE.clear()
+  plan._SKELETON_CACHE.clear()
   with pytest.raises(SaveError, match="restore would reject.*manifest says"):
     manager.save({"w": jnp.arange(10.0), "tag": np.int8(3)})
   monkeypatch.undo()
-  plan._LAYOUT_CACHE.clear()
+  plan._SKELETON_CACHE.clear()
   assert manager.mgr.all_steps() == []
 
 
@@ -198,10 +198,10 @@ CAST_DTYPES = ["bool", "int8", "uint8", "int32", "uint32", "float16", "bfloat16"
 def test_every_cast_numpy_makes_is_bit_exact(manager, saved):
   rng = np.random.default_rng(0)
   values = (rng.standard_normal(40) * 6).astype(np.float32)
-  source = values.astype(layout.dtype_from_name(saved))
+  source = values.astype(disk_format.dtype_from_name(saved))
   step = manager.save({"x": jnp.asarray(source), "n": source})
   for target_name in CAST_DTYPES:
-    dtype = layout.dtype_from_name(target_name)
+    dtype = disk_format.dtype_from_name(target_name)
     with np.errstate(all="ignore"), warnings.catch_warnings():
       warnings.simplefilter("ignore")   # numpy's ComplexWarning: part of its semantics
       expected = np.asarray(source).astype(dtype)
@@ -370,7 +370,7 @@ _NT = collections.namedtuple("_NT", "x y")
 
 @st.composite
 def _array_leaf(draw):
-  dtype = layout.dtype_from_name(draw(st.sampled_from(_PROPERTY_DTYPES)))
+  dtype = disk_format.dtype_from_name(draw(st.sampled_from(_PROPERTY_DTYPES)))
   # Sizes around the 4 KiB shard alignment, and zero.
   shape = tuple(draw(st.lists(st.sampled_from([0, 0, 1, 3, 8, 24, 1031]), min_size=0,
                               max_size=2)))
@@ -461,7 +461,7 @@ def test_an_edited_manifest_or_metadata_never_restores_wrong_values(manager, mes
                               NamedSharding(mesh, P("model")))}
   step = manager.save(tree)
   item = manager.mgr.directory / str(step) / "default"
-  manifest, metadata = item / layout.manifest_name(0), item / layout.METADATA_FILE
+  manifest, metadata = item / disk_format.manifest_name(0), item / disk_format.METADATA_FILE
   originals = {p: p.read_bytes() for p in (manifest, metadata)}
 
   def edit(path, change):
@@ -510,14 +510,14 @@ def test_version_1_checkpoint_of_an_optax_state_restores_into_its_structure(mana
   state = {"opt": optax.adam(1e-3).init(params)}
   step = manager.save(state)
   item = manager.mgr.directory / str(step) / "default"
-  meta = json.loads((item / layout.METADATA_FILE).read_text())
+  meta = json.loads((item / disk_format.METADATA_FILE).read_text())
   assert meta["leaves"][-1]["kind"] == "empty_node"
   meta["leaves"].pop()
   meta["version"] = 1
-  (item / layout.METADATA_FILE).write_text(json.dumps(meta))
-  manifest = json.loads((item / layout.manifest_name(0)).read_text())
+  (item / disk_format.METADATA_FILE).write_text(json.dumps(meta))
+  manifest = json.loads((item / disk_format.manifest_name(0)).read_text())
   manifest["version"] = 1
-  (item / layout.manifest_name(0)).write_text(json.dumps(manifest))
+  (item / disk_format.manifest_name(0)).write_text(json.dumps(manifest))
   out = manager.restore(step, jax.eval_shape(lambda: state))
   assert jax.tree.structure(out) == jax.tree.structure(state)
   assert_trees_equal(state, out, check_sharding=False)
@@ -527,8 +527,8 @@ def test_files_of_different_saves_are_never_combined(manager):
   one = manager.save({"w": jnp.arange(4.0)})
   two = manager.save({"w": jnp.arange(4, dtype=jnp.int32)})
   d = manager.mgr.directory
-  (d / str(one) / "default" / layout.METADATA_FILE).write_bytes(
-      (d / str(two) / "default" / layout.METADATA_FILE).read_bytes())
+  (d / str(one) / "default" / disk_format.METADATA_FILE).write_bytes(
+      (d / str(two) / "default" / disk_format.METADATA_FILE).read_bytes())
   with pytest.raises(CorruptCheckpointError, match="another save.*mixed"):
     manager.restore(one)
 
@@ -615,7 +615,7 @@ def test_scalar_targets_give_the_target_type_where_lossless(manager):
 @pytest.mark.parametrize("dtype", ["float6_e2m3fn", "float128"])
 def test_a_target_dtype_no_jax_array_holds_is_a_restore_mismatch(manager, dtype):
   step = manager.save({"w": jnp.ones(4)})
-  target = {"w": jax.ShapeDtypeStruct((4,), layout.dtype_from_name(dtype),
+  target = {"w": jax.ShapeDtypeStruct((4,), disk_format.dtype_from_name(dtype),
                                       sharding=SingleDeviceSharding(jax.devices()[0]))}
   with pytest.raises(RestoreMismatchError, match=rf"\['w'\]: a jax.Array cannot hold {dtype}"):
     manager.restore(step, target)

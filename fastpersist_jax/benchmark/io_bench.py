@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dir", default=".", help="directory to write in (default: the current one)")
   parser.add_argument("--chunk_mib", type=int, default=4, help="request size in MiB (default 4)")
   parser.add_argument("--queue_depth", type=int, default=16, help="requests in flight (default 16)")
-  parser.add_argument("--io_threads", type=int, default=1, help="engine rings (default 1)")
+  parser.add_argument("--io_rings", type=int, default=1, help="engine rings (default 1)")
   parser.add_argument("--no_register", action="store_true",
                       help="do not register the buffers as io_uring fixed buffers")
   parser.add_argument("--fio", default="fio", help="fio binary (default: fio on PATH)")
@@ -115,7 +115,7 @@ class Bench:
   def make_engine(self, chunk_mib: int, queue_depth: int):
     eng = self._engine_cls(self._options(
         engine="io_uring", queue_depth=queue_depth, chunk_bytes=chunk_mib * MiB,
-        io_threads=self.args.io_threads, register_buffers=not self.args.no_register))
+        io_rings=self.args.io_rings, register_buffers=not self.args.no_register))
     registered = False if self.args.no_register else eng.register([self.src, self.dst])
     return eng, registered
 
@@ -316,7 +316,7 @@ def print_report(info: dict, compare: dict, sweep: list[dict] | None) -> None:
   print()
   print(f"fastpersist io benchmark: {info['size_bytes'] / GiB:.2f} GiB x {info['rounds']} rounds "
         f"in {info['dir']} ({info['fstype']} on {info['device']}), chunk {info['chunk_mib']} MiB, "
-        f"queue depth {info['queue_depth']}, rings {info['io_threads']}, "
+        f"queue depth {info['queue_depth']}, rings {info['io_rings']}, "
         f"fixed buffers {'yes' if info['registered_buffers'] else 'no'}")
   print(f"kernel {info['kernel']}, {info['cpus']} CPUs, liburing {info['liburing']}, "
         f"fio {info['fio'] or 'not run'}")
@@ -362,7 +362,7 @@ def run(args) -> int:
   info = {
       "size_bytes": b.size, "rounds": args.rounds, "dir": b.dir, "fstype": mount["fstype"],
       "device": mount["source"], "chunk_mib": args.chunk_mib, "queue_depth": args.queue_depth,
-      "io_threads": args.io_threads, "registered_buffers": bool(b.registered),
+      "io_rings": args.io_rings, "registered_buffers": bool(b.registered),
       "engine": b.engine.kind, "kernel": platform.release(), "cpus": os.cpu_count(),
       "liburing": _ext.liburing_version, "fio": fio_version, "python": platform.python_version(),
   }

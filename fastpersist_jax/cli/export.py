@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastpersist_jax import layout, reader, treepath
+from fastpersist_jax import disk_format, reader, treepath
 from fastpersist_jax.errors import FastPersistError, UnsupportedLeafError
 
 FORMATS = ("safetensors", "orbax")
@@ -60,7 +60,7 @@ def tensor_name(path: list) -> str:
   return ".".join(str(key) for _, key in path) or "root"
 
 
-def _json_value(meta: layout.LeafMeta) -> str:
+def _json_value(meta: disk_format.LeafMeta) -> str:
   value = reader.plain_value(meta)
   if isinstance(value, complex):
     value = {"complex": [value.real, value.imag]}
@@ -71,7 +71,7 @@ def _target_dtype(where: str, leaf_name: str, dtype_name: str, cast: str | None)
   """The dtype a leaf is written as: its own, or `cast` where safetensors lacks
   its own. Raises UnsupportedLeafError naming the leaf and --cast."""
   if dtype_name in SAFETENSORS_DTYPES:
-    return layout.dtype_from_name(dtype_name)
+    return disk_format.dtype_from_name(dtype_name)
   if cast is None:
     raise UnsupportedLeafError(
         f"{where}: leaf {leaf_name} has dtype {dtype_name}, which safetensors cannot hold; pass "
@@ -92,7 +92,7 @@ def cast_dtype(name: str) -> np.dtype:
   if name not in SAFETENSORS_DTYPES:
     raise UnsupportedLeafError(
         f"--cast={name}: not a dtype safetensors holds (one of {sorted(SAFETENSORS_DTYPES)})")
-  return layout.dtype_from_name(name)
+  return disk_format.dtype_from_name(name)
 
 
 def _prepare_out(out: str) -> str:
@@ -224,7 +224,7 @@ class _LeafSource:
     self.leaf_id = leaf_id
     meta = rd.meta.leaves[leaf_id]
     self.shape = tuple(meta.shape)
-    self.dtype = dtype or layout.dtype_from_name(meta.dtype)
+    self.dtype = dtype or disk_format.dtype_from_name(meta.dtype)
     self.ndim = len(self.shape)
     self.size = int(np.prod(self.shape, dtype=np.int64))
 
@@ -275,7 +275,7 @@ def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
   out = os.path.abspath(out)
   if os.path.lexists(out):
     raise ExportError(f"{out} already exists; remove it or choose another output")
-  target = layout.dtype_from_name(cast) if cast else None
+  target = disk_format.dtype_from_name(cast) if cast else None
   with reader.CheckpointReader(item_dir) as rd:
     items = []
     owner: dict[str, str] = {}

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from fastpersist_jax import layout, reader
+from fastpersist_jax import disk_format, reader
 
 
 def _sharding_str(d: dict | None) -> str:
@@ -32,16 +32,16 @@ def _json_number(value: Any) -> Any:
 
 def describe_item(directory: str) -> dict[str, Any]:
   """The tree of one item directory as JSON-ready data: {"directory",
-  "layout", "process_count", "leaves": [{"path", "kind", "dtype", "shape",
+  "placement", "process_count", "leaves": [{"path", "kind", "dtype", "shape",
   "sharding", "bytes", "value"}], "leaf_count", "array_count", "bytes"}.
   Raises CheckpointNotFoundError or CorruptCheckpointError (bad metadata)."""
-  meta = layout.read_metadata(directory)
+  meta = disk_format.read_metadata(directory)
   leaves = []
   total = 0
   for leaf in meta.leaves:
     entry: dict[str, Any] = {"path": reader.keystr(leaf.path), "kind": leaf.kind}
     if leaf.kind in reader.ARRAY_KINDS:
-      nbytes = math.prod(leaf.shape) * layout.dtype_from_name(leaf.dtype).itemsize
+      nbytes = math.prod(leaf.shape) * disk_format.dtype_from_name(leaf.dtype).itemsize
       total += nbytes
       entry.update(dtype=leaf.dtype, shape=list(leaf.shape), sharding=leaf.sharding, bytes=nbytes)
       if leaf.prng_impl:
@@ -53,7 +53,7 @@ def describe_item(directory: str) -> dict[str, Any]:
       value = [value.real, value.imag] if isinstance(value, complex) else value
       entry.update(scalar_type=leaf.scalar_type, value=_json_number(value))
     leaves.append(entry)
-  return {"directory": directory, "layout": meta.layout, "process_count": meta.process_count,
+  return {"directory": directory, "placement": meta.placement, "process_count": meta.process_count,
           "leaves": leaves, "leaf_count": len(leaves),
           "array_count": sum(l["kind"] in reader.ARRAY_KINDS for l in leaves), "bytes": total}
 
@@ -69,7 +69,7 @@ def format_item(d: dict[str, Any]) -> str:
       value = f"= {l['value']!r}" if "value" in l else ""
       rows.append((l["path"], l["kind"], value, "", "", ""))
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-  lines = [f"{d['directory']} ({d['layout']} layout, {d['process_count']} process(es))"]
+  lines = [f"{d['directory']} ({d['placement']} placement, {d['process_count']} process(es))"]
   lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   lines.append(f"  total: {d['leaf_count']} leaves, {d['array_count']} arrays, {d['bytes']} bytes "
                f"({d['bytes'] / 2**20:.1f} MiB)")

@@ -17,7 +17,7 @@ from typing import Callable
 import crc32c
 import numpy as np
 
-from fastpersist_jax import layout, reader
+from fastpersist_jax import disk_format, reader
 from fastpersist_jax.errors import FastPersistError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -35,7 +35,7 @@ class ItemReport:
   directory: str
   process_count: int = 0
   processes_checked: list[int] = dataclasses.field(default_factory=list)
-  layout: str = "shared"
+  placement: str = "shared"
   leaves: int = 0
   shards: int = 0            # shard records whose checksum was checked
   bytes_read: int = 0
@@ -49,13 +49,13 @@ class ItemReport:
   @property
   def partial(self) -> bool:
     """A per-host checkpoint of which only some processes' files are here."""
-    return len(self.processes_checked) < self.process_count and self.layout == "per_host"
+    return len(self.processes_checked) < self.process_count and self.placement == "per_host"
 
 
 @dataclasses.dataclass
 class _Piece:
   process: int
-  rec: layout.ShardRecord
+  rec: disk_format.ShardRecord
   at: int       # offset in the window
   nbytes: int
 
@@ -69,24 +69,24 @@ class _Window:
   pieces: list[_Piece]
 
 
-def _windows(process: int, file_id: int, records: list[layout.ShardRecord],
+def _windows(process: int, file_id: int, records: list[disk_format.ShardRecord],
              limit: int) -> list[_Window]:
   """Read windows of at most `limit` bytes covering every record of one file,
   in file order; a record larger than `limit` spans several windows."""
   out: list[_Window] = []
   win: _Window | None = None
   for rec in sorted(records, key=lambda r: r.offset):
-    pos, left = rec.offset, rec.nbytes
-    if win is not None and pos - (win.start + win.length) > _MAX_GAP:
+    offset, left = rec.offset, rec.nbytes
+    if win is not None and offset - (win.start + win.length) > _MAX_GAP:
       win = None
     while left:
-      if win is None or pos - win.start >= limit:
-        win = _Window(process, file_id, pos, 0, [])
+      if win is None or offset - win.start >= limit:
+        win = _Window(process, file_id, offset, 0, [])
         out.append(win)
-      take = min(left, win.start + limit - pos)
-      win.pieces.append(_Piece(process, rec, pos - win.start, take))
-      win.length = pos + take - win.start
-      pos += take
+      take = min(left, win.start + limit - offset)
+      win.pieces.append(_Piece(process, rec, offset - win.start, take))
+      win.length = offset + take - win.start
+      offset += take
       left -= take
   return out
 
@@ -113,11 +113,11 @@ def verify_item(directory: str, engine: IOEngine, buffer: np.ndarray,
     return report
   with rd:
     report.process_count = rd.meta.process_count
-    report.layout = rd.meta.layout
+    report.placement = rd.meta.placement
     report.leaves = len(rd.meta.leaves)
     for p in rd.present_processes():
       try:
-        rd.manifests[p] = layout.read_manifest(directory, p, rd.meta)
+        rd.manifests[p] = disk_format.read_manifest(directory, p, rd.meta)
         report.processes_checked.append(p)
       except FastPersistError as e:
         damaged(str(e))
@@ -139,11 +139,11 @@ def _check_data(rd: reader.CheckpointReader, engine: IOEngine, buffer: np.ndarra
                 report: ItemReport, damaged: Callable[[str], None]) -> None:
   """Streams every data file listed by the manifests read and checks each
   record's CRC-32C."""
-  half = (buffer.nbytes // 2) // layout.SHARD_ALIGN * layout.SHARD_ALIGN
+  half = (buffer.nbytes // 2) // disk_format.SHARD_ALIGN * disk_format.SHARD_ALIGN
   halves = (buffer[:half], buffer[half:2 * half])
   windows: list[_Window] = []
   for p, m in sorted(rd.manifests.items()):
-    by_file: dict[int, list[layout.ShardRecord]] = {}
+    by_file: dict[int, list[disk_format.ShardRecord]] = {}
     for rec in m.shards:
       if rec.nbytes == 0:
         report.shards += 1
@@ -200,8 +200,8 @@ def verify(path: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
   engine = IOEngine(FastPersistOptions())
   # No larger than the data files need (two halves of a window each).
   data = max((_data_bytes(item) for item in items), default=0)
-  size = min(buffer_bytes, 2 * layout.align_up(data))
-  buffer = np.frombuffer(AlignedBuffer(max(size, 2 * layout.SHARD_ALIGN)), np.uint8)
+  size = min(buffer_bytes, 2 * disk_format.align_up(data))
+  buffer = np.frombuffer(AlignedBuffer(max(size, 2 * disk_format.SHARD_ALIGN)), np.uint8)
   return [verify_item(item, engine, buffer, on_damage) for item in items]
 
 
@@ -216,7 +216,7 @@ def _data_bytes(directory: str) -> int:
 def format_report(r: ItemReport) -> str:
   """One line: what was checked, bytes, seconds, GB/s, and the verdict."""
   gbps = r.bytes_read / r.seconds / 1e9 if r.seconds > 0 else 0.0
-  procs = (f"processes {r.processes_checked} of {r.process_count} ({r.layout} layout: the "
+  procs = (f"processes {r.processes_checked} of {r.process_count} ({r.placement} placement: the "
            "others' files are on their hosts; verified what is here)" if r.partial else
            f"{len(r.processes_checked)} of {r.process_count} manifests")
   verdict = "OK" if r.ok else f"DAMAGED ({len(r.damage)} problem(s))"

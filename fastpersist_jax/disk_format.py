@@ -1,4 +1,4 @@
-"""The on-disk layout: file names, metadata and manifests (see FORMAT.md).
+"""The on-disk format: file names, metadata and manifests (see FORMAT.md).
 
 Everything read back from disk is validated here before it is used: types,
 ranges, file names (never a path), and sizes against the real files, so a
@@ -107,7 +107,7 @@ class CheckpointMetadata:
   version: int = FORMAT_VERSION
   # "shared": one directory, every process's manifest in it. "per_host": each
   # process wrote its own directory holding what its devices need.
-  layout: str = "shared"
+  placement: str = "shared"
   # Per-host checkpoints whose replicated shards were split among the hosts:
   # an id all hosts agreed on for this save, so that a restore never combines
   # parts of different saves.
@@ -222,7 +222,7 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
       d["value"] = [leaf.value.real, leaf.value.imag] if leaf.scalar_type == "complex" else leaf.value
     leaves.append(d)
   return seal({"format": FORMAT_NAME, "version": meta.version,
-                        "process_count": meta.process_count, "layout": meta.layout,
+                        "process_count": meta.process_count, "layout": meta.placement,
                         **({"save_id": meta.save_id} if meta.save_id else {}),
                         "leaves": leaves})
 
@@ -467,13 +467,13 @@ def decode_metadata(d: Any, path: str) -> CheckpointMetadata:
     raise CorruptCheckpointError(f"{path}: leaves must be a list")
   decoded = [_decode_leaf(l, i) for i, l in enumerate(leaves)]
   _check_paths(decoded, path)
-  mode = d.get("layout", "shared")
+  mode = d.get("layout", "shared")   # the placement; its on-disk key is "layout" (FORMAT.md)
   if mode not in ("shared", "per_host"):
-    raise CorruptCheckpointError(f"{path}: unknown layout {_short(mode)}")
+    raise CorruptCheckpointError(f"{path}: unknown placement {_short(mode)}")
   save_id = d.get("save_id")
   if save_id is not None and (not isinstance(save_id, str) or not 0 < len(save_id) <= 128):
     raise CorruptCheckpointError(f"{path}: malformed save_id {_short(save_id)}")
-  return CheckpointMetadata(process_count=process_count, leaves=decoded, layout=mode,
+  return CheckpointMetadata(process_count=process_count, leaves=decoded, placement=mode,
                             save_id=save_id, version=d["version"], seal=d.get("crc32c"))
 
 
