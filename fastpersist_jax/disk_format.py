@@ -379,6 +379,44 @@ def _decode_scalar(d: Any, what: str) -> tuple[str, Any]:
   return st, value
 
 
+# Fields of an array leaf's record besides its path. Many leaves share all of
+# them (10,000 small leaves of one dtype on one device): decode_metadata
+# validates each distinct combination once (keyed by its repr, exact for JSON
+# values) and then only the path (see _decode_leaf).
+_ARRAY_FIELDS = ("kind", "dtype", "shape", "sharding", "prng_impl")
+_KNOWN_FIELDS = frozenset(("path",) + _ARRAY_FIELDS)
+
+
+def _array_fields_key(d: Any) -> str | None:
+  """The repr of an array leaf's non-path fields, or None where the record is
+  not a plain array record (it is then validated in full)."""
+  if not isinstance(d, dict) or d.get("kind") not in ARRAY_KINDS or not _KNOWN_FIELDS.issuperset(d):
+    return None
+  try:
+    return repr(tuple(d.get(f) for f in _ARRAY_FIELDS))
+  except RecursionError:
+    return None
+
+
+def _decode_leaves(leaves: list, path: str) -> list[LeafMeta]:
+  """Every leaf record of a metadata document, validated."""
+  decoded = []
+  seen: dict[str, LeafMeta] = {}
+  for i, d in enumerate(leaves):
+    key = _array_fields_key(d)
+    known = seen.get(key) if key is not None else None
+    if known is None:
+      leaf = _decode_leaf(d, i)
+      if key is not None:
+        seen[key] = leaf
+    else:
+      what = f"metadata leaf {i}"
+      leaf = LeafMeta(treepath.validate(_get(d, "path", what)), known.kind, known.dtype,
+                      known.shape, known.sharding, prng_impl=known.prng_impl)
+    decoded.append(leaf)
+  return decoded
+
+
 def _decode_leaf(d: Any, i: int) -> LeafMeta:
   what = f"metadata leaf {i}"
   path = treepath.validate(_get(d, "path", what))
@@ -465,7 +503,7 @@ def decode_metadata(d: Any, path: str) -> CheckpointMetadata:
   leaves = _get(d, "leaves", path)
   if not isinstance(leaves, list):
     raise CorruptCheckpointError(f"{path}: leaves must be a list")
-  decoded = [_decode_leaf(l, i) for i, l in enumerate(leaves)]
+  decoded = _decode_leaves(leaves, path)
   _check_paths(decoded, path)
   mode = d.get("layout", "shared")   # the placement; its on-disk key is "layout" (FORMAT.md)
   if mode not in ("shared", "per_host"):
@@ -526,6 +564,8 @@ def check_shard_tiling(shards: list[ShardRecord], files: list[tuple[str, int]] |
     by_leaf.setdefault(s.leaf, []).append(s)
     by_file.setdefault(s.file, []).append(s)
   for leaf_id, group in by_leaf.items():
+    if len(group) == 1:
+      continue  # one shard overlaps nothing
     check_grid([s.index for s in group], f"{what}: shards of leaf {leaf_id}")
     # Parts of one shard (replica-parallel writes) share its index.
     if len({(s.index, s.part) for s in group}) != len(group):
@@ -538,6 +578,89 @@ def check_shard_tiling(shards: list[ShardRecord], files: list[tuple[str, int]] |
       if b.offset < a.offset + a.nbytes:
         raise CorruptCheckpointError(
             f"{what}: shards at offsets {a.offset} and {b.offset} of {files[file_id][0]} overlap")
+
+
+def _checked_shard(s: Any, what: str, meta: CheckpointMetadata,
+                   files: list[tuple[str, int]]) -> ShardRecord:
+  """Shard record `s` (named `what` in errors), validated field by field.
+  Raises CorruptCheckpointError naming the field at fault."""
+  leaf_id = _int(_get(s, "leaf", what), f"{what} leaf", 0, len(meta.leaves) - 1)
+  leaf = meta.leaves[leaf_id]
+  if leaf.kind not in ARRAY_KINDS:
+    raise CorruptCheckpointError(f"{what}: leaf {leaf_id} holds no array data")
+  index_raw = _get(s, "index", what)
+  if not isinstance(index_raw, list) or len(index_raw) != len(leaf.shape):
+    raise CorruptCheckpointError(f"{what}: index rank does not match shape {leaf.shape}")
+  index = []
+  for r, n in zip(index_raw, leaf.shape):
+    if not isinstance(r, list) or len(r) != 2:
+      raise CorruptCheckpointError(f"{what}: malformed index {_short(index_raw)}")
+    start = _int(r[0], f"{what} index", 0, n)
+    stop = _int(r[1], f"{what} index", start, n)
+    index.append((start, stop))
+  file_id = _int(_get(s, "file", what), f"{what} file", 0, max(len(files) - 1, 0))
+  if not files:
+    raise CorruptCheckpointError(f"{what}: refers to a data file but the manifest lists none")
+  offset = _int(_get(s, "offset", what), f"{what} offset")
+  if offset % SHARD_ALIGN:
+    raise CorruptCheckpointError(f"{what}: offset {offset} is not {SHARD_ALIGN}-byte aligned")
+  nbytes = _int(_get(s, "nbytes", what), f"{what} nbytes")
+  expected = math.prod(b - a for a, b in index) * dtype_from_name(leaf.dtype).itemsize
+  part = None
+  if "part" in s:
+    raw_part = s["part"]
+    if (not isinstance(raw_part, list) or len(raw_part) != 2):
+      raise CorruptCheckpointError(f"{what}: malformed part {_short(raw_part)}")
+    start = _int(raw_part[0], f"{what} part", 0, expected)
+    stop = _int(raw_part[1], f"{what} part", start, expected)
+    part = (start, stop)
+    expected = stop - start
+  if nbytes != expected:
+    raise CorruptCheckpointError(f"{what}: nbytes {nbytes} does not match its index ({expected})")
+  if offset + nbytes > files[file_id][1]:
+    raise CorruptCheckpointError(f"{what}: extends past the end of {files[file_id][0]}")
+  crc = _int(_get(s, "crc32c", what), f"{what} crc32c", 0, 2**32 - 1)
+  return ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, part)
+
+
+def _plain_shard(s: Any, leaves: list[LeafMeta], files: list[tuple[str, int]],
+                 itemsizes: dict[str, int]) -> ShardRecord | None:
+  """The record `s` when it is a well-formed whole-shard record (no part);
+  None for anything else, which decode_manifest then validates field by field
+  (and names what is wrong). The same rules, without a function call per
+  field: 10,000 records took 85 ms the long way."""
+  if type(s) is not dict or "part" in s:  # pylint: disable=unidiomatic-typecheck
+    return None
+  try:
+    leaf_id, index_raw, file_id = s["leaf"], s["index"], s["file"]
+    offset, nbytes, crc = s["offset"], s["nbytes"], s["crc32c"]
+  except KeyError:
+    return None
+  # type() is int, not isinstance: bool is an int subclass and is refused.
+  if not (type(leaf_id) is int and 0 <= leaf_id < len(leaves) and  # pylint: disable=unidiomatic-typecheck
+          type(file_id) is int and 0 <= file_id < len(files) and  # pylint: disable=unidiomatic-typecheck
+          type(offset) is int and offset >= 0 and not offset % SHARD_ALIGN and  # pylint: disable=unidiomatic-typecheck
+          type(nbytes) is int and type(crc) is int and 0 <= crc < 2**32):  # pylint: disable=unidiomatic-typecheck
+    return None
+  leaf = leaves[leaf_id]
+  if leaf.kind not in ARRAY_KINDS or type(index_raw) is not list or len(index_raw) != len(leaf.shape):  # pylint: disable=unidiomatic-typecheck
+    return None
+  index = []
+  count = 1
+  for r, n in zip(index_raw, leaf.shape):
+    if type(r) is not list or len(r) != 2:  # pylint: disable=unidiomatic-typecheck
+      return None
+    start, stop = r
+    if type(start) is not int or type(stop) is not int or not 0 <= start <= stop <= n:  # pylint: disable=unidiomatic-typecheck
+      return None
+    index.append((start, stop))
+    count *= stop - start
+  itemsize = itemsizes.get(leaf.dtype)
+  if itemsize is None:
+    itemsize = itemsizes[leaf.dtype] = dtype_from_name(leaf.dtype).itemsize
+  if nbytes != count * itemsize or offset + nbytes > files[file_id][1]:
+    return None
+  return ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, None)
 
 
 def read_manifest(directory: str, process_index: int, meta: CheckpointMetadata) -> Manifest:
@@ -576,45 +699,13 @@ def decode_manifest(d: Any, path: str, directory: str, process_index: int,
   if not isinstance(shards_raw, list):
     raise CorruptCheckpointError(f"{path}: shards must be a list")
   shards = []
+  itemsizes: dict[str, int] = {}
   for j, s in enumerate(shards_raw):
-    what = f"{path} shard {j}"
-    leaf_id = _int(_get(s, "leaf", what), f"{what} leaf", 0, len(meta.leaves) - 1)
-    leaf = meta.leaves[leaf_id]
-    if leaf.kind not in ARRAY_KINDS:
-      raise CorruptCheckpointError(f"{what}: leaf {leaf_id} holds no array data")
-    index_raw = _get(s, "index", what)
-    if not isinstance(index_raw, list) or len(index_raw) != len(leaf.shape):
-      raise CorruptCheckpointError(f"{what}: index rank does not match shape {leaf.shape}")
-    index = []
-    for r, n in zip(index_raw, leaf.shape):
-      if not isinstance(r, list) or len(r) != 2:
-        raise CorruptCheckpointError(f"{what}: malformed index {_short(index_raw)}")
-      start = _int(r[0], f"{what} index", 0, n)
-      stop = _int(r[1], f"{what} index", start, n)
-      index.append((start, stop))
-    file_id = _int(_get(s, "file", what), f"{what} file", 0, max(len(files) - 1, 0))
-    if not files:
-      raise CorruptCheckpointError(f"{what}: refers to a data file but the manifest lists none")
-    offset = _int(_get(s, "offset", what), f"{what} offset")
-    if offset % SHARD_ALIGN:
-      raise CorruptCheckpointError(f"{what}: offset {offset} is not {SHARD_ALIGN}-byte aligned")
-    nbytes = _int(_get(s, "nbytes", what), f"{what} nbytes")
-    expected = math.prod(b - a for a, b in index) * dtype_from_name(leaf.dtype).itemsize
-    part = None
-    if "part" in s:
-      raw_part = s["part"]
-      if (not isinstance(raw_part, list) or len(raw_part) != 2):
-        raise CorruptCheckpointError(f"{what}: malformed part {_short(raw_part)}")
-      start = _int(raw_part[0], f"{what} part", 0, expected)
-      stop = _int(raw_part[1], f"{what} part", start, expected)
-      part = (start, stop)
-      expected = stop - start
-    if nbytes != expected:
-      raise CorruptCheckpointError(f"{what}: nbytes {nbytes} does not match its index ({expected})")
-    if offset + nbytes > files[file_id][1]:
-      raise CorruptCheckpointError(f"{what}: extends past the end of {files[file_id][0]}")
-    crc = _int(_get(s, "crc32c", what), f"{what} crc32c", 0, 2**32 - 1)
-    shards.append(ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, part))
+    record = _plain_shard(s, meta.leaves, files, itemsizes)
+    if record is not None:
+      shards.append(record)
+      continue
+    shards.append(_checked_shard(s, f"{path} shard {j}", meta, files))
   check_shard_tiling(shards, files, path)
   metadata_crc = d.get("metadata_crc32c")
   if metadata_crc is not None:

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fastpersist_jax import (CorruptCheckpointError, FastPersistError, FastPersistHandler,
                              FastPersistOptions, FastPersistRestore, FastPersistSave, disk_format)
 from helpers import MiB, abstract, assert_tree_bytes_equal
+from hypothesis import given, settings, strategies as st
 
 # Small staging so that a handler costs little memory; slabs of 1 MiB so that
 # a few-MiB checkpoint is staged and written as several windows.
@@ -459,3 +460,84 @@ def test_overlap_across_manifests_is_detected(mesh, tmp_path):
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+# The fast paths of decoding (a plain shard record checked without a call per
+# field; array leaf records sharing all fields but the path validated once)
+# must accept exactly what the field-by-field validation accepts.
+
+_PLAIN_SHARD = {"leaf": 0, "index": [[0, 4], [8, 16]], "file": 1, "offset": 8192, "nbytes": 128,
+                "crc32c": 5}
+_LEAVES = [disk_format.LeafMeta(path=[["d", "w"]], kind="array", dtype="float32", shape=(4, 16)),
+           disk_format.LeafMeta(path=[["d", "n"]], kind="none"),
+           disk_format.LeafMeta(path=[["d", "b"]], kind="numpy", dtype="bfloat16", shape=(3,))]
+_FILES = [("data.00000.0000.bin", 8192 + 128), ("data.00000.0001.bin", 1 << 20)]
+_FIELD_VALUES = _HOSTILE_VALUES[:60] + [
+    [[0, 4], [8, 16]], [[0, 3]], [[0, 4], [0, 16]], [[0, 5], [8, 16]], [[3, 2], [8, 16]],
+    [[0, 4], [8, 17]], [[-1, 3], [8, 16]], [[0, 4], [8, 16], [0, 1]], [[0, 4], [True, 16]],
+    [[0.0, 4], [8, 16]], [[0, 4, 1], [8, 16]], [(0, 4), [8, 16]], 2, 8320, 6, 1 << 20, 4096 * 3]
+
+
+def _full_check(record):
+  meta = disk_format.CheckpointMetadata(process_count=1, leaves=_LEAVES)
+  try:
+    return disk_format._checked_shard(record, "shard", meta, _FILES)  # pylint: disable=protected-access
+  except CorruptCheckpointError:
+    return None
+
+
+def test_plain_shard_fast_path_agrees_on_every_single_change():
+  for field in sorted(_PLAIN_SHARD) + ["part", "extra"]:
+    for value in _FIELD_VALUES:
+      for nbytes_from_index in (False, True):
+        _check_plain_shard_agrees({field: value}, nbytes_from_index)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.dictionaries(st.sampled_from(sorted(_PLAIN_SHARD) + ["part", "extra"]),
+                       st.sampled_from(_FIELD_VALUES), min_size=2, max_size=3), st.booleans())
+def test_plain_shard_fast_path_agrees_with_full_validation(changes, nbytes_from_index):
+  _check_plain_shard_agrees(changes, nbytes_from_index)
+
+
+def _check_plain_shard_agrees(changes, nbytes_from_index):
+  record = {**_PLAIN_SHARD, **changes}
+  if nbytes_from_index and "nbytes" not in changes:
+    try:   # make nbytes agree with a changed index, so that only the index is wrong
+      record["nbytes"] = int(np.prod([b - a for a, b in record["index"]])) * 4
+    except (TypeError, ValueError):
+      pass
+  for field in [k for k, v in changes.items() if v is None and k in _PLAIN_SHARD][:1]:
+    del record[field]   # a missing field, too
+  fast = disk_format._plain_shard(record, _LEAVES, _FILES, {})  # pylint: disable=protected-access
+  if "part" in record:
+    assert fast is None   # parts are always checked field by field
+  else:
+    assert fast == _full_check(record), record
+
+
+_LEAF_RECORD = {"path": [["d", "w"]], "kind": "array", "dtype": "float32", "shape": [8, 4],
+                "sharding": {"type": "single", "memory_kind": "device", "device_ids": [0]}}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.dictionaries(st.sampled_from(sorted(_LEAF_RECORD) + ["prng_impl", "value"]),
+                       st.sampled_from(_FIELD_VALUES + [[["d", "v"]], [["s", 1]]]), max_size=2))
+def test_leaf_records_validated_once_agree_with_each_validated(changes):
+  # The record is decoded after the valid record it was changed from (at
+  # another path) and after its identical twin, and must decode (or fail)
+  # as it does alone.
+  record = {**_LEAF_RECORD, **changes}
+
+  def decode(leaves):
+    doc = json.loads(disk_format.seal({"format": "fastpersist", "version": disk_format.FORMAT_VERSION,
+                            "process_count": 1, "leaves": leaves}))
+    try:
+      return disk_format.decode_metadata(doc, "meta").leaves[-1]
+    except CorruptCheckpointError:
+      return None
+
+  alone = decode([record])
+  for twin in ({**_LEAF_RECORD, "path": [["d", "twin"]]}, {**record, "path": [["d", "twin"]]}):
+    after_twin = decode([twin, record])
+    assert alone == after_twin, (record, twin, alone, after_twin)
