@@ -5,8 +5,8 @@ from fastpersist_jax.checkpointable import (FastPersistCheckpointableHandler,
 from fastpersist_jax.emergency import UnsupportedManagerError
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError, FastPersistError,
-                                    IOUringUnavailableError, PeerTimeoutError, RestoreMismatchError,
-                                    SaveError, UnsupportedLeafError)
+                                    IOUringUnavailableError, PeerTimeoutError, RestoreError,
+                                    RestoreMismatchError, SaveError, UnsupportedLeafError)
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.recovery import latest_restorable_step, restore_per_host
@@ -15,7 +15,7 @@ __all__ = [
     "CheckpointNotFoundError", "ChecksumMismatchError", "CorruptCheckpointError",
     "FastPersistCheckpointableHandler", "FastPersistError", "FastPersistHandler",
     "FastPersistOptions", "FastPersistRestore", "FastPersistSave", "IOUringUnavailableError",
-    "PeerTimeoutError", "RestoreMismatchError", "SaveError", "UnsupportedLeafError",
+    "PeerTimeoutError", "RestoreError", "RestoreMismatchError", "SaveError", "UnsupportedLeafError",
     "UnsupportedManagerError", "checkpointables_registry", "latest_restorable_step",
     "restore_per_host",
 ]

@@ -1,4 +1,5 @@
-"""Multi-process saves: every process learns whether all the others succeeded.
+"""Multi-process saves and restores: every process learns whether all the
+others succeeded.
 
 Orbax's barriers coordinate the commit, but a barrier carries no outcome: a
 process whose write failed would leave the others waiting until the barrier
@@ -6,7 +7,9 @@ times out. Through the key-value store of JAX's distributed runtime (the one
 `jax.distributed.initialize` starts, which Orbax uses too), each process
 publishes "ok" or its error once its part is durable, then reads everyone
 else's: one failure makes every process raise at once, and a process that
-died makes the rest raise after `timeout_s`, not hang.
+died makes the rest raise after `timeout_s`, not hang. Restores agree the
+same way: Orbax's restore ends in a barrier without a timeout, which a
+process whose restore raised never reaches.
 """
 
 from __future__ import annotations
@@ -56,11 +59,15 @@ def shared_value(key: str, propose, timeout_s: float) -> str:
     raise SaveError(f"process 0 did not publish {key} within {timeout_s:.0f} s") from e
 
 
-def agree(key: str, error: BaseException | None, timeout_s: float) -> None:
-  """Publishes this process's outcome under `key`, then waits for all others.
+def agree(key: str, error: BaseException | None, timeout_s: float, *,
+          operation: str = "save", failure: type[Exception] = SaveError,
+          consequence: str = "the checkpoint is not committed") -> None:
+  """Publishes this process's outcome of `operation` under `key`, then waits
+  for all others'.
 
-  Raises `error` (if set) or SaveError naming the first process that failed
-  or did not answer. Single-process runs return (or raise `error`) at once.
+  Raises `error` (if set), or `failure` naming the first other process that
+  failed or did not answer within `timeout_s` seconds, and `consequence`.
+  Single-process runs return (or raise `error`) at once.
   """
   client = _client()
   n, me = jax.process_count(), jax.process_index()
@@ -79,8 +86,7 @@ def agree(key: str, error: BaseException | None, timeout_s: float) -> None:
     try:
       outcome = client.blocking_key_value_get(f"{key}/{p}", remaining_ms)
     except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
-      raise SaveError(f"process {p} did not finish its part of the save within {timeout_s:.0f} s "
-                      f"({type(e).__name__}); the checkpoint is not committed") from e
+      raise failure(f"process {p} did not finish its part of the {operation} within "
+                    f"{timeout_s:.0f} s ({type(e).__name__}); {consequence}") from e
     if outcome != "ok":
-      raise SaveError(f"process {p} failed its part of the save ({outcome}); the checkpoint is "
-                      "not committed")
+      raise failure(f"process {p} failed its part of the {operation} ({outcome}); {consequence}")

@@ -88,6 +88,10 @@ class ShardRecord:
   # Byte range of the shard's C-order bytes this record holds, when the shard
   # was split among the processes holding replicas of it; None: all of it.
   part: tuple[int, int] | None = None
+  # CRC-32C of each Manifest.crc_chunk_bytes-long chunk of the record's bytes
+  # (the last one shorter), for records longer than one chunk; else None.
+  chunk_crc32c: tuple[int, ...] | None = None
+  chunk_bytes: int | None = None       # that chunk size, where chunk_crc32c is set
 
 
 @dataclasses.dataclass
@@ -98,6 +102,8 @@ class Manifest:
   # The "crc32c" of the fastpersist.json written by the same save (version 2):
   # a manifest is never read against another save's metadata.
   metadata_crc32c: int | None = None
+  # Chunk size of the records' chunk_crc32c (None: no record has them).
+  crc_chunk_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -234,9 +240,12 @@ def encode_manifest(m: Manifest) -> bytes:
       "files": [{"name": n, "size": s} for n, s in m.files],
       "shards": [dict({"leaf": s.leaf, "index": [list(r) for r in s.index], "file": s.file,
                        "offset": s.offset, "nbytes": s.nbytes, "crc32c": s.crc32c},
-                      **({"part": list(s.part)} if s.part is not None else {}))
+                      **({"part": list(s.part)} if s.part is not None else {}),
+                      **({"chunk_crc32c": list(s.chunk_crc32c)}
+                         if s.chunk_crc32c is not None else {}))
                  for s in m.shards],
       **({"metadata_crc32c": m.metadata_crc32c} if m.metadata_crc32c is not None else {}),
+      **({"crc_chunk_bytes": m.crc_chunk_bytes} if m.crc_chunk_bytes is not None else {}),
   })
 
 
@@ -581,9 +590,10 @@ def check_shard_tiling(shards: list[ShardRecord], files: list[tuple[str, int]] |
 
 
 def _checked_shard(s: Any, what: str, meta: CheckpointMetadata,
-                   files: list[tuple[str, int]]) -> ShardRecord:
-  """Shard record `s` (named `what` in errors), validated field by field.
-  Raises CorruptCheckpointError naming the field at fault."""
+                   files: list[tuple[str, int]], chunk_bytes: int | None) -> ShardRecord:
+  """Shard record `s` (named `what` in errors), validated field by field;
+  `chunk_bytes` is the manifest's crc_chunk_bytes. Raises
+  CorruptCheckpointError naming the field at fault."""
   leaf_id = _int(_get(s, "leaf", what), f"{what} leaf", 0, len(meta.leaves) - 1)
   leaf = meta.leaves[leaf_id]
   if leaf.kind not in ARRAY_KINDS:
@@ -620,11 +630,20 @@ def _checked_shard(s: Any, what: str, meta: CheckpointMetadata,
   if offset + nbytes > files[file_id][1]:
     raise CorruptCheckpointError(f"{what}: extends past the end of {files[file_id][0]}")
   crc = _int(_get(s, "crc32c", what), f"{what} crc32c", 0, 2**32 - 1)
-  return ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, part)
+  chunks = s.get("chunk_crc32c")
+  if chunks is not None:
+    if not chunk_bytes or nbytes <= chunk_bytes:
+      raise CorruptCheckpointError(f"{what}: chunk checksums for a record of one chunk")
+    if (not isinstance(chunks, list) or len(chunks) != -(-nbytes // chunk_bytes) or
+        not all(_is_int(c) and 0 <= c < 2**32 for c in chunks)):
+      raise CorruptCheckpointError(f"{what}: malformed chunk_crc32c {_short(chunks)}")
+    chunks = tuple(chunks)
+  return ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, part, chunks,
+                     chunk_bytes if chunks is not None else None)
 
 
 def _plain_shard(s: Any, leaves: list[LeafMeta], files: list[tuple[str, int]],
-                 itemsizes: dict[str, int]) -> ShardRecord | None:
+                 itemsizes: dict[str, int], chunk_bytes: int | None) -> ShardRecord | None:
   """The record `s` when it is a well-formed whole-shard record (no part);
   None for anything else, which decode_manifest then validates field by field
   (and names what is wrong). The same rules, without a function call per
@@ -660,7 +679,15 @@ def _plain_shard(s: Any, leaves: list[LeafMeta], files: list[tuple[str, int]],
     itemsize = itemsizes[leaf.dtype] = dtype_from_name(leaf.dtype).itemsize
   if nbytes != count * itemsize or offset + nbytes > files[file_id][1]:
     return None
-  return ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, None)
+  chunks = s.get("chunk_crc32c")
+  if chunks is not None:
+    if (not chunk_bytes or nbytes <= chunk_bytes or type(chunks) is not list or  # pylint: disable=unidiomatic-typecheck
+        len(chunks) != -(-nbytes // chunk_bytes) or
+        not all(type(c) is int and 0 <= c < 2**32 for c in chunks)):  # pylint: disable=unidiomatic-typecheck
+      return None
+    chunks = tuple(chunks)
+  return ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, None, chunks,
+                     chunk_bytes if chunks is not None else None)
 
 
 def read_manifest(directory: str, process_index: int, meta: CheckpointMetadata) -> Manifest:
@@ -698,14 +725,20 @@ def decode_manifest(d: Any, path: str, directory: str, process_index: int,
   shards_raw = _get(d, "shards", path)
   if not isinstance(shards_raw, list):
     raise CorruptCheckpointError(f"{path}: shards must be a list")
+  chunk_bytes = d.get("crc_chunk_bytes")
+  if chunk_bytes is not None:
+    chunk_bytes = _int(chunk_bytes, f"{path} crc_chunk_bytes", SHARD_ALIGN, 2**40)
+    if chunk_bytes % SHARD_ALIGN:
+      raise CorruptCheckpointError(f"{path}: crc_chunk_bytes {chunk_bytes} is not a multiple of "
+                                   f"{SHARD_ALIGN}")
   shards = []
   itemsizes: dict[str, int] = {}
   for j, s in enumerate(shards_raw):
-    record = _plain_shard(s, meta.leaves, files, itemsizes)
+    record = _plain_shard(s, meta.leaves, files, itemsizes, chunk_bytes)
     if record is not None:
       shards.append(record)
       continue
-    shards.append(_checked_shard(s, f"{path} shard {j}", meta, files))
+    shards.append(_checked_shard(s, f"{path} shard {j}", meta, files, chunk_bytes))
   check_shard_tiling(shards, files, path)
   metadata_crc = d.get("metadata_crc32c")
   if metadata_crc is not None:
@@ -714,4 +747,4 @@ def decode_manifest(d: Any, path: str, directory: str, process_index: int,
       raise CorruptCheckpointError(
           f"{path} was written by another save than {METADATA_FILE} (its metadata checksum "
           f"{metadata_crc} is not {meta.seal}): files of different checkpoints were mixed")
-  return Manifest(process_index, files, shards, metadata_crc)
+  return Manifest(process_index, files, shards, metadata_crc, chunk_bytes)

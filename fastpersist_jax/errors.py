@@ -31,6 +31,11 @@ class SaveError(FastPersistError):
   """A save failed; nothing of it was committed."""
 
 
+class RestoreError(FastPersistError):
+  """Another process failed its part of a multi-process restore (its own
+  error names the cause there); this process returns nothing either."""
+
+
 class IOUringUnavailableError(FastPersistError, RuntimeError):
   """engine="io_uring" was asked for and the kernel (or a sandbox) refuses it."""
 

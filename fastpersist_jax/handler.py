@@ -26,9 +26,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from fastpersist_jax import disk_format, redundancy
+from fastpersist_jax import coordination, disk_format, redundancy
 from fastpersist_jax.emergency import refuse_emergency_manager
-from fastpersist_jax.errors import CorruptCheckpointError
+from fastpersist_jax.errors import CorruptCheckpointError, RestoreError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.plan import check_tree, make_plan
@@ -56,6 +56,10 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       (FastPersistOptions.snapshot) and "snapshot_mode" (what it resolved
       to: "copy", "view" (host views of CPU arrays, copied in the
       background: what "auto" means on CPU) or "reference").
+    last_restore_stats: figures of this process's last restore: "bytes"
+      (bytes read from disk), "seconds", "gbps" (bytes / seconds / 1e9),
+      "resharded" (1.0 when some target shard was assembled from saved
+      shards other than its own, else 0.0).
   """
 
   def __init__(self, options: FastPersistOptions | None = None, *,
@@ -83,7 +87,9 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     # processes create handlers and save in the same order).
     self._uid = next(_HANDLER_IDS)
     self._save_count = 0
+    self._restore_count = 0
     self.last_save_stats: dict[str, float] = {}
+    self.last_restore_stats: dict[str, float] = {}
 
   @property
   def options(self) -> FastPersistOptions:
@@ -161,7 +167,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                      if jax.process_count() > 1 else None),
         commit_timeout_s=self._options.commit_timeout_s,
         background_nice=self._options.background_nice,
-        background_cpus=self._options.background_cpus)
+        background_cpus=self._options.background_cpus,
+        crc_chunk_bytes=self._options.crc_chunk_bytes)
     directory_str = os.fspath(directory)
     mode = plan.snapshot
 
@@ -233,10 +240,25 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       RestoreMismatchError: the target does not fit (names the leaf).
       CorruptCheckpointError / ChecksumMismatchError: damaged files (names
         the file, leaf, shard and offset); nothing partial is returned.
+      RestoreError: (several processes) another process's restore failed,
+        or it did not finish within commit_timeout_s; every process raises.
     """
     if args is not None:
       item = args.item
-    return Restorer(self._engine, self._options, os.fspath(directory), self._pool).restore(item)
+    self._restore_count += 1
+    error = restored = None
+    try:
+      restorer = Restorer(self._engine, self._options, os.fspath(directory), self._pool)
+      restored = restorer.restore(item)
+      self.last_restore_stats = restorer.stats
+    except Exception as e:  # pylint: disable=broad-except  (raised below, after the others know)
+      error = e
+    # Every process learns whether all restored: Orbax's restore then waits
+    # in a barrier (without a timeout) that a failed process never reaches.
+    coordination.agree(f"fastpersist/{self._uid}/restore/{self._restore_count}", error,
+                       self._options.commit_timeout_s, operation="restore", failure=RestoreError,
+                       consequence="nothing was restored")
+    return restored
 
   def metadata(self, directory: epath.Path) -> Any:
     """The saved tree as nested dicts and lists of jax.ShapeDtypeStruct

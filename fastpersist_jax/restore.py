@@ -72,6 +72,21 @@ def check_part(view: np.ndarray, rec: disk_format.ShardRecord, leaf_name: str, w
         "mismatch, the data is corrupt")
 
 
+def check_chunks(view: np.ndarray, rec: disk_format.ShardRecord, runs: list[tuple[int, int]],
+                 leaf_name: Any, where: str) -> None:
+  """Checks the chunks `runs` ([first, stop) chunk numbers) of `view` (the
+  record's bytes, those chunks read) against rec.chunk_crc32c. Raises
+  ChecksumMismatchError naming the leaf, shard, byte range and place."""
+  step = rec.chunk_bytes
+  for first, stop in runs:
+    for c in range(first, stop):
+      start, end = c * step, min((c + 1) * step, rec.nbytes)
+      if crc32c.crc32c(view[start:end]) != rec.chunk_crc32c[c]:
+        raise ChecksumMismatchError(
+            f"leaf {leaf_name}, shard {list(map(list, rec.index))} bytes [{start}, {end}) "
+            f"({where}): checksum mismatch, the data is corrupt")
+
+
 class Restorer:
   """Restores one checkpoint directory (item directory holding
   fastpersist.json). Raises CheckpointNotFoundError when there is none."""
@@ -95,6 +110,8 @@ class Restorer:
     # index, part).
     self._received: dict[tuple, np.ndarray] = {}
     self._files: dict[tuple[int, int], Any] = {}
+    # Figures of the last restore() (see FastPersistHandler.last_restore_stats).
+    self.stats: dict[str, float] = {}
 
   @property
   def manifests(self) -> dict[int, disk_format.Manifest]:
@@ -149,6 +166,9 @@ class Restorer:
                      "the devices present (%s). Pass a target with shardings to place them.",
                      len(fallback_to_numpy), fallback_to_numpy[0])
     seconds = time.perf_counter() - t0
+    self.stats = {"bytes": float(stats["bytes"]), "seconds": seconds,
+                  "gbps": stats["bytes"] / max(seconds, 1e-9) / 1e9,
+                  "resharded": float(stats["resharded"])}
     logger.info("Restored %s: %d leaves, %d bytes in %.3f s (%.3f GB/s)%s.", self._directory,
                 len(selected), stats["bytes"], seconds,
                 stats["bytes"] / max(seconds, 1e-9) / 1e9,
@@ -274,7 +294,7 @@ class Restorer:
         buffer = alloc.submit(AlignedBuffer, nbytes)
       loaded = reader.submit(self._load, batch, buffer)
       in_flight.append((batch, slab, verifier.submit(self._verify, batch, loaded)))
-      stats["bytes"] += sum(s.nbytes for _, job in batch for s in job.needed)
+      stats["bytes"] += sum(s.bytes_to_read for _, job in batch for s in job.needed)
 
     def build_oldest():
       nonlocal last_log
@@ -360,6 +380,14 @@ class Restorer:
     for _, job in batch:
       for s in job.needed:
         s.view = whole[at:at + s.nbytes]
+        if s.chunk_runs is not None:   # only the chunks a resharding restore needs
+          (process, rec), = s.parts
+          step = rec.chunk_bytes
+          for first, stop in s.chunk_runs:
+            extents.append((self._file(process, rec.file), rec.offset + first * step,
+                            s.view[first * step:min(stop * step, s.nbytes)]))
+          at += disk_format.align_up(s.nbytes)
+          continue
         for process, rec in s.parts:
           if rec.nbytes:
             start = rec.part[0] if rec.part else 0
@@ -384,6 +412,11 @@ class Restorer:
     for _, job in batch:
       name = None
       for s in job.needed:
+        if s.chunk_runs is not None:
+          (process, rec), = s.parts
+          check_chunks(s.view, rec, s.chunk_runs, treepath.LazyName(job.meta.path),
+                       self._where(process, rec))
+          continue
         for process, rec in s.parts:
           start = rec.part[0] if rec.part else 0
           view = s.view[start:start + rec.nbytes]
@@ -394,11 +427,10 @@ class Restorer:
 
 def _region(job: LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
   """The target region `index` of the leaf, from the saved shards read."""
-  shape = tuple(b - a for a, b in index)
   for s in job.needed:
-    if s.index == index:
-      return s.view.view(dtype).reshape(shape)   # exact match: no copy
-  out = np.empty(shape, dtype)
+    if s.index == index:   # exact match: no copy
+      return s.view.view(dtype).reshape(tuple(b - a for a, b in index))
+  out = np.empty(tuple(b - a for a, b in index), dtype)
   for s in job.needed:
     o = overlap(s.index, index)
     if o is None:

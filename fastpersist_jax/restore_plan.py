@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastpersist_jax import disk_format, shardings, treepath
+from fastpersist_jax import checksums, disk_format, shardings, treepath
 from fastpersist_jax.errors import CorruptCheckpointError, RestoreMismatchError
 from fastpersist_jax.plan import normalize_index
 
@@ -33,6 +33,17 @@ class SavedShard:
   parts: list[tuple[int, disk_format.ShardRecord]]   # (process, record), in byte order
   missing: str | None = None                    # why some bytes are not here
   view: np.ndarray | None = None                # all its bytes, once read
+  # Only these chunk runs [first, stop) of its record's chunk_crc32c are read
+  # (a resharding restore needing some of its rows); None: all of it.
+  chunk_runs: list[tuple[int, int]] | None = None
+
+  @property
+  def bytes_to_read(self) -> int:
+    """Bytes this restore reads of the shard."""
+    if self.chunk_runs is None:
+      return self.nbytes
+    step = self.parts[0][1].chunk_bytes
+    return sum(min(stop * step, self.nbytes) - first * step for first, stop in self.chunk_runs)
 
   def describe(self, manifests, process: int, rec: disk_format.ShardRecord) -> str:
     part = f" bytes {list(rec.part)}" if rec.part is not None else ""
@@ -361,8 +372,40 @@ def plan_leaf(leaf_id: int, meta: disk_format.LeafMeta, target: Any, saved: list
   for s in needed.values():
     if s.missing:
       raise CorruptCheckpointError(f"{s.missing} ({missing_hint})")
+    if job.resharded:
+      s.chunk_runs = _chunks_needed(s, [idx for _, idx in job.device_indices],
+                                    disk_format.dtype_from_name(meta.dtype).itemsize)
   job.needed = list(needed.values())
   return job
+
+
+def _chunks_needed(s: SavedShard, regions: list[Index], itemsize: int
+                   ) -> list[tuple[int, int]] | None:
+  """The chunk runs of saved shard `s` holding every element of `regions`
+  it overlaps, or None when that is all of them, or `s` has no chunk CRCs
+  (it is then read whole). Each overlap is taken as the row-major range
+  from its first to its last element: exact for row blocks, a superset
+  otherwise, never less."""
+  if len(s.parts) != 1:
+    return None
+  rec = s.parts[0][1]
+  if rec.part is not None or rec.chunk_crc32c is None or not rec.chunk_bytes:
+    return None
+  shape = [b - a for a, b in s.index]
+  strides = [itemsize] * len(shape)
+  for d in range(len(shape) - 2, -1, -1):
+    strides[d] = strides[d + 1] * shape[d + 1]
+  ranges = set()
+  for idx in regions:
+    o = overlap(s.index, idx)
+    if o is not None:
+      first = sum((lo - a) * st for (lo, _), (a, _), st in zip(o, s.index, strides))
+      last = sum((hi - 1 - a) * st for (_, hi), (a, _), st in zip(o, s.index, strides))
+      ranges.add((first, last + itemsize))
+  runs = checksums.chunks_covering(sorted(ranges), rec.chunk_bytes)
+  if runs == [(0, len(rec.chunk_crc32c))]:
+    return None
+  return runs
 
 
 def target_layout(leaf_id: int, meta: disk_format.LeafMeta, target: Any,

@@ -5,7 +5,7 @@ Threads, in data-flow order:
               or a background thread when the snapshot is by reference)
   writer      engine writes of windows, fdatasync, manifest     (background,
               the Orbax commit future; starts once the directory exists)
-  checksum    crc32c of every shard, window by window           (background)
+  checksum    crc32c of every shard (and its chunks), window by window (background)
 Each staged window goes to the writer and the checksummer at once, and its
 slab returns to the pool when both are done with it. The checksummer waits
 until the blocking snapshot is over (or the pool runs dry): it reads memory
@@ -25,9 +25,8 @@ import threading
 import time
 import uuid
 
-import crc32c
 
-from fastpersist_jax import coordination, disk_format, workers
+from fastpersist_jax import checksums, coordination, disk_format, workers
 from fastpersist_jax.errors import CorruptCheckpointError, SaveError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.plan import SavePlan
@@ -48,7 +47,8 @@ class SaveOperation:
   def __init__(self, engine: IOEngine, pool: StagingPool, plan: SavePlan, *,
                write_metadata: bool, copy_threads: int = 1,
                outcome_key: str | None = None, commit_timeout_s: float = 600.0,
-               background_nice: int = 0, background_cpus: tuple[int, ...] | None = None):
+               background_nice: int = 0, background_cpus: tuple[int, ...] | None = None,
+               crc_chunk_bytes: int = 0):
     self._engine = engine
     self._pool = pool
     self._plan = plan
@@ -59,7 +59,8 @@ class SaveOperation:
     self._background_nice = background_nice
     self._background_cpus = background_cpus
     self._background = workers.shared(background_nice, background_cpus)
-    self._crcs = [0] * len(plan.shards)
+    self._crc_chunk_bytes = crc_chunk_bytes
+    self._checksums = checksums.ShardChecksums([s.nbytes for s in plan.shards], crc_chunk_bytes)
     self._to_checksum: queue.Queue = queue.Queue()
     self._to_write: queue.Queue = queue.Queue()
     self._abort = threading.Event()
@@ -167,7 +168,7 @@ class SaveOperation:
           if not self._abort.is_set():
             view = self._pool.view(w.slab)
             for shard_id, at, n in w.pieces:
-              self._crcs[shard_id] = crc32c.crc32c(view[at:at + n], self._crcs[shard_id])
+              self._checksums.update(shard_id, view[at:at + n])
         finally:
           self._done_with(w)
     except BaseException as e:  # pylint: disable=broad-except
@@ -270,10 +271,13 @@ class SaveOperation:
         process_index=plan.process_index,
         files=[(disk_format.data_file_name(plan.process_index, k), size)
                for k, size in enumerate(plan.file_sizes)],
-        shards=[disk_format.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes, self._crcs[i],
-                                   s.part)
+        shards=[disk_format.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes,
+                                        self._checksums.crc(i), s.part,
+                                        self._checksums.chunk_crcs(i), self._crc_chunk_bytes)
                 for i, s in enumerate(plan.shards)],
-        metadata_crc32c=json.loads(meta_bytes)["crc32c"])
+        metadata_crc32c=json.loads(meta_bytes)["crc32c"],
+        crc_chunk_bytes=self._crc_chunk_bytes if any(
+            self._checksums.chunk_crcs(i) is not None for i in range(len(plan.shards))) else None)
     manifest_path = os.path.join(directory, disk_format.manifest_name(plan.process_index))
     manifest_bytes = disk_format.encode_manifest(manifest)
     out = {manifest_path: [(0, manifest_bytes)]}

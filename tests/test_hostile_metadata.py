@@ -475,26 +475,30 @@ _FILES = [("data.00000.0000.bin", 8192 + 128), ("data.00000.0001.bin", 1 << 20)]
 _FIELD_VALUES = _HOSTILE_VALUES[:60] + [
     [[0, 4], [8, 16]], [[0, 3]], [[0, 4], [0, 16]], [[0, 5], [8, 16]], [[3, 2], [8, 16]],
     [[0, 4], [8, 17]], [[-1, 3], [8, 16]], [[0, 4], [8, 16], [0, 1]], [[0, 4], [True, 16]],
-    [[0.0, 4], [8, 16]], [[0, 4, 1], [8, 16]], [(0, 4), [8, 16]], 2, 8320, 6, 1 << 20, 4096 * 3]
+    [[0.0, 4], [8, 16]], [[0, 4, 1], [8, 16]], [(0, 4), [8, 16]], 2, 8320, 6, 1 << 20, 4096 * 3,
+    [1, 2], [1, 2, 3], [1, 2**32], [True, 2], [-1, 2], [0, 2**32 - 1]]
+# Chunk size the checked records' chunk_crc32c lists are read with: None (the
+# manifest has none), or 64 bytes (the 128-byte record is 2 chunks).
+_CHUNK_SIZES = (None, 64)
 
 
-def _full_check(record):
+def _full_check(record, chunk_bytes):
   meta = disk_format.CheckpointMetadata(process_count=1, leaves=_LEAVES)
   try:
-    return disk_format._checked_shard(record, "shard", meta, _FILES)  # pylint: disable=protected-access
+    return disk_format._checked_shard(record, "shard", meta, _FILES, chunk_bytes)  # pylint: disable=protected-access
   except CorruptCheckpointError:
     return None
 
 
 def test_plain_shard_fast_path_agrees_on_every_single_change():
-  for field in sorted(_PLAIN_SHARD) + ["part", "extra"]:
+  for field in sorted(_PLAIN_SHARD) + ["part", "extra", "chunk_crc32c"]:
     for value in _FIELD_VALUES:
       for nbytes_from_index in (False, True):
         _check_plain_shard_agrees({field: value}, nbytes_from_index)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.dictionaries(st.sampled_from(sorted(_PLAIN_SHARD) + ["part", "extra"]),
+@given(st.dictionaries(st.sampled_from(sorted(_PLAIN_SHARD) + ["part", "extra", "chunk_crc32c"]),
                        st.sampled_from(_FIELD_VALUES), min_size=2, max_size=3), st.booleans())
 def test_plain_shard_fast_path_agrees_with_full_validation(changes, nbytes_from_index):
   _check_plain_shard_agrees(changes, nbytes_from_index)
@@ -509,11 +513,12 @@ def _check_plain_shard_agrees(changes, nbytes_from_index):
       pass
   for field in [k for k, v in changes.items() if v is None and k in _PLAIN_SHARD][:1]:
     del record[field]   # a missing field, too
-  fast = disk_format._plain_shard(record, _LEAVES, _FILES, {})  # pylint: disable=protected-access
-  if "part" in record:
-    assert fast is None   # parts are always checked field by field
-  else:
-    assert fast == _full_check(record), record
+  for chunk_bytes in _CHUNK_SIZES:
+    fast = disk_format._plain_shard(record, _LEAVES, _FILES, {}, chunk_bytes)  # pylint: disable=protected-access
+    if "part" in record:
+      assert fast is None   # parts are always checked field by field
+    else:
+      assert fast == _full_check(record, chunk_bytes), (record, chunk_bytes)
 
 
 _LEAF_RECORD = {"path": [["d", "w"]], "kind": "array", "dtype": "float32", "shape": [8, 4],

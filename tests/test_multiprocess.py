@@ -18,6 +18,9 @@ import helpers
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py")
 
 
+MiB = 1 << 20
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -64,6 +67,26 @@ def test_one_process_restores_a_two_process_checkpoint(tmp_path):
   run_processes("shared", 2, tmp_path)
   (result,) = run_processes("restore_single", 1, tmp_path, local_devices=4)
   assert result["devices"] == 4
+
+
+def test_resharding_restore_reads_only_the_chunks_its_rows_are_in(tmp_path):
+  # 4 MiB saved as 2 row blocks of 2 MiB; each process's new row blocks are
+  # the first half of each saved block: 1 MiB of each, 2 of the 4 MiB.
+  results = run_processes("reshard_rows", 2, tmp_path / "chunked", MP_CRC_CHUNK=256 * 1024)
+  assert [r["stats"]["bytes"] for r in results] == [2 * MiB, 2 * MiB], results
+  assert all(r["stats"]["resharded"] == 1.0 for r in results)
+  # Process 0 reads the damaged chunk (bytes [256 KiB, 512 KiB) of process
+  # 1's block); process 1 never reads it.
+  # Process 1's own restore succeeded, but Orbax's restore ends in a barrier
+  # process 0 never reaches: process 1 learns of the failure and raises too.
+  damaged, clean = (r["after_corruption"] for r in results)
+  assert damaged.startswith("ChecksumMismatchError") and "bytes [262144, 524288)" in damaged, damaged
+  assert "data.00001.0000.bin" in damaged, damaged
+  assert clean.startswith("RestoreError: process 0 failed its part of the restore "
+                          "(error: leaf ['x']"), clean
+  # Without chunk checksums, whole saved shards are read: all 4 MiB.
+  results = run_processes("reshard_rows", 2, tmp_path / "whole", MP_CRC_CHUNK=0)
+  assert [r["stats"]["bytes"] for r in results] == [4 * MiB, 4 * MiB], results
 
 
 def test_per_host_directories_with_replica_parallel_parts(tmp_path):
