@@ -9,13 +9,14 @@ record to MALFORMED with the exact error it must raise.
 from __future__ import annotations
 
 import json
+import sys
 
+import helpers  # first: sets XLA_FLAGS (8 CPU devices) before jax is imported
 import jax
 import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-import helpers
 from fastpersist_jax import disk_format, restore_plan, shardings
 from fastpersist_jax.errors import CorruptCheckpointError, FastPersistError
 
@@ -291,3 +292,7 @@ def test_a_numpy_leafs_sharding_record_never_crashes_a_restore(record):
   except FastPersistError:
     return   # refused as corrupt: fine
   assert [d.id for d, _ in job.device_indices] == ALL_IDS   # or rebuilt as the target says
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -375,3 +375,7 @@ def test_any_valid_encoded_path_is_accepted_and_named(path):
   assert text == ("".join(f".{k}" if kind == "a" else f"[{k!r}]" if kind == "d" else f"[{k}]"
                           for kind, k in path) or "<root>")
   assert treepath.key_of(path) == tuple(k for _, k in path)
+
+
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))
