@@ -31,10 +31,14 @@ Buffers given to write/read may have any address, length and file offset:
 O_DIRECT's rules (open(2), NOTES: file offset, length and buffer address
 multiples of the file's alignment, which statx(2) reports as
 stx_dio_offset_align / stx_dio_mem_align) are met inside the engine (ext/
-alignment.h): misaligned pieces go through page-aligned bounce memory, and a
-write at an unaligned offset through a second, buffered descriptor. Aligned
-buffers (AlignedBuffer, at offsets that are multiples of 4096) take the fast
-path: straight between the caller's memory and the disk.
+alignment.h). Extents whose memory (an AlignedBuffer), offset and length are
+multiples of the file's alignment (4096 suffices on common disks) go
+straight between the caller's memory and the disk. Otherwise reads go
+through page-aligned bounce memory for their partial first and last blocks
+(for all of the extent when its memory is misaligned); writes bounce a
+zero-padded partial last block (all of the extent when its memory is
+misaligned), and go through a second, buffered descriptor when their offset
+is unaligned or the padding would land on bytes written before.
 
 Errors of the system calls underneath (open(2), fallocate(2), ftruncate(2),
 the reads and writes io_uring_prep_read(3) / io_uring_prep_write(3) submit,
