@@ -7,8 +7,10 @@
 
 STEP_OR_ITEM_DIR: an item directory (holding fastpersist.json) or an Orbax
 step directory holding one or more items (<step>/default/, ...).
-Exit status: 0 success (verify: intact), 1 damaged or failed, 2 usage error
-(no such directory, not a checkpoint, a dtype that needs --cast).
+Exit status: 0 success (verify: intact), 1 damaged or failed (also a flag
+value that does not parse), 2 usage error (no such command or directory, not
+a checkpoint, a dtype that needs --cast, an output that exists or cannot be
+made).
 """
 
 from __future__ import annotations
@@ -33,7 +35,27 @@ COMMANDS = ("verify", "inspect", "export")
 
 
 def main(argv: list[str]) -> int:
-  """Dispatches a subcommand; returns its exit status."""
+  """Dispatches a subcommand; returns its exit status.
+
+  Args:
+    argv: what absl left after parsing the flags: [program, command,
+      operands...]; verify and inspect take one operand (STEP_OR_ITEM_DIR),
+      export two (STEP_OR_ITEM_DIR OUT).
+
+  Returns:
+    The exit status: the command's own (0 success, verify 1 for damage); 2
+    after printing "error: MESSAGE" to stderr for CheckpointNotFoundError,
+    UnsupportedLeafError and ExportError, and for an OSError on an output
+    path that cannot be used (ENOENT, ENOTDIR, EEXIST, EACCES, EROFS,
+    EISDIR); 1 after printing "error: TYPE: MESSAGE" for any other
+    FastPersistError (e.g. ChecksumMismatchError during export), or "error:
+    MESSAGE" for any other OSError (a write that failed: ENOSPC, EIO, ...).
+
+  Raises:
+    absl.app.UsageError: (exit code 2; absl prints the usage) no command, an
+      unknown command, or the wrong number of operands.
+    Any other exception propagates (a traceback; exit status 1).
+  """
   from fastpersist_jax.errors import (CheckpointNotFoundError, FastPersistError,  # pylint: disable=g-import-not-at-top
                                       UnsupportedLeafError)
   from fastpersist_jax.cli import export, inspect, verify  # pylint: disable=g-import-not-at-top
@@ -68,10 +90,15 @@ def main(argv: list[str]) -> int:
 
 
 def args_are_orbax_export(argv: list[str]) -> bool:
+  """Whether `argv` (as main takes it, flags parsed) runs export with
+  --format=orbax, whose run silences absl logging below FATAL."""
   return argv[1:2] == ["export"] and FLAGS.format == "orbax"
 
 
 def run() -> None:
+  """The program's entry point (python -m fastpersist_jax, Bazel's
+  :fastpersist): parses flags with absl and exits the process with main's
+  status (see the module docstring). Never returns: raises SystemExit."""
   app.run(main)
 
 

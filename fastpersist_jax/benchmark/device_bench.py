@@ -30,23 +30,20 @@ hold the whole tree unless --host_memory_limit_gib says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 
-from fastpersist_jax.benchmark import common
+from fastpersist_jax.benchmark import children, common, rss, stats
+from fastpersist_jax.benchmark.common import FIO_CHUNK, FIO_QUEUE_DEPTH, GiB, MiB
 
 HELP = "device-to-host snapshot GB/s and blocking ms vs jax.device_get; restore bit-exact"
 
-MiB = 1 << 20
-GiB = 1 << 30
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the device benchmark's flags to `parser`."""
   parser.add_argument("--size_gib", type=float, default=4.0, help="tree size in GiB (default 4)")
   parser.add_argument("--leaf_mib", type=float, default=64.0,
                       help="size of each large leaf in MiB (default 64)")
@@ -97,12 +94,11 @@ def _cold_restore_child(cfg: dict) -> dict:
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
   from fastpersist_jax import FastPersistHandler, FastPersistOptions, FastPersistRestore
-  from fastpersist_jax.benchmark import common
   abstract = _abstract_tree(cfg["size_bytes"], cfg["leaf_bytes"])
   jax.devices()   # the runtime is up before the clock starts
   evicted = common.evict(cfg["path"])
-  rss = common.Rss()
-  before = rss.current()
+  probe = rss.Rss()
+  before = probe.current()
   ckptr = ocp.Checkpointer(FastPersistHandler(FastPersistOptions(
       host_memory_limit=cfg["host_memory_limit"])))
   try:
@@ -111,7 +107,7 @@ def _cold_restore_child(cfg: dict) -> dict:
     seconds = time.perf_counter() - t0
   finally:
     ckptr.close()
-  peak = rss.peak() - before
+  peak = probe.peak() - before
   expected = _build_tree(cfg["size_bytes"], cfg["leaf_bytes"])
   exact = all(bool(jnp.array_equal(a, b)) and a.sharding == b.sharding
               for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(restored)))
@@ -146,6 +142,17 @@ def _pinned_reads_in_place(x) -> bool | None:
 
 
 def run(args) -> int:
+  """Runs the device benchmark with the flags of add_arguments, prints the
+  report and writes --json.
+
+  Returns:
+    The exit status: 0 when both restores were bit-exact, else 1.
+
+  Raises:
+    SystemExit: a flag value it refuses.
+    RuntimeError: the cold-restore child or fio failed (its output in the
+      message); what was written is deleted.
+  """
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
@@ -153,8 +160,7 @@ def run(args) -> int:
                                FastPersistSave)
   if args.rounds < 1 or args.size_gib <= 0 or args.leaf_mib <= 0:
     raise SystemExit("--rounds, --size_gib and --leaf_mib must be positive")
-  if not os.path.isdir(args.dir):
-    raise SystemExit(f"--dir {args.dir} is not a directory")
+  common.require_dir(args.dir)
   t = time.perf_counter()
   tree = _build_tree(int(args.size_gib * GiB), int(args.leaf_mib * MiB))
   nbytes = sum(x.nbytes for x in jax.tree.leaves(tree))
@@ -188,11 +194,11 @@ def run(args) -> int:
       t1 = time.perf_counter()
       ckptr.wait_until_finished()
       t2 = time.perf_counter()
-      stats = dict(handler.last_save_stats)
-      samples["saves"].append({"blocking_s": t1 - t0, "finished_s": t2 - t0, "stats": stats})
+      save_stats = dict(handler.last_save_stats)
+      samples["saves"].append({"blocking_s": t1 - t0, "finished_s": t2 - t0, "stats": save_stats})
       print(f"  save {r}: blocking {(t1 - t0) * 1e3:.0f} ms, snapshot "
-            f"{nbytes / stats['snapshot_s'] / 1e9:.2f} GB/s, durable {nbytes / (t2 - t0) / 1e9:.2f}"
-            f" GB/s", file=sys.stderr)
+            f"{stats.gbps(nbytes, save_stats['snapshot_s']):.2f} GB/s, durable "
+            f"{stats.gbps(nbytes, t2 - t0):.2f} GB/s", file=sys.stderr)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             tree)
     t0 = time.perf_counter()
@@ -207,36 +213,37 @@ def run(args) -> int:
     cfg = {"role": "cold_restore", "method": "cold restore", "round": 0, "path": path,
            "size_bytes": int(args.size_gib * GiB), "leaf_bytes": int(args.leaf_mib * MiB),
            "host_memory_limit": cold_limit}
-    samples["cold_restore"] = common.run_child("fastpersist_jax.benchmark.device_bench", cfg,
-                                               dict(os.environ), 3600)
-    fio = None if args.no_fio else shutil.which(args.fio)
+    samples["cold_restore"] = children.run_child("fastpersist_jax.benchmark.device_bench", cfg,
+                                                 dict(os.environ), 3600)
+    fio = common.which_fio(args.fio, args.no_fio, note=False)
     if fio:
       fio_path = os.path.join(workdir, "fio.dat")
-      fio_bytes = max(4 * MiB, nbytes // (4 * MiB) * (4 * MiB))   # whole 4 MiB requests
-      common.run_fio(fio, "write", fio_path, fio_bytes, 4 * MiB, 16)
+      fio_bytes = common.fio_file_bytes(nbytes)
+      common.run_fio(fio, "write", fio_path, fio_bytes, FIO_CHUNK, FIO_QUEUE_DEPTH)
       common.evict(fio_path)
-      seconds, _ = common.run_fio(fio, "read", fio_path, fio_bytes, 4 * MiB, 16)
+      seconds, _ = common.run_fio(fio, "read", fio_path, fio_bytes, FIO_CHUNK, FIO_QUEUE_DEPTH)
       samples["fio_read_s"] = seconds * nbytes / fio_bytes   # at that rate, for the tree's bytes
   finally:
     ckptr.close()
     shutil.rmtree(workdir, ignore_errors=True)
 
   steady = samples["saves"][1:]
-  med = statistics.median
+  med = stats.med
   summary = {
-      "device_get_gbps": nbytes / med(samples["device_get_s"]) / 1e9,
-      "snapshot_gbps": med(nbytes / s["stats"]["snapshot_s"] / 1e9 for s in steady),
+      "device_get_gbps": stats.gbps(nbytes, med(samples["device_get_s"])),
+      "snapshot_gbps": med(stats.gbps(nbytes, s["stats"]["snapshot_s"]) for s in steady),
       "blocking_ms": med(s["blocking_s"] * 1e3 for s in steady),
       "blocking_ms_first": samples["saves"][0]["blocking_s"] * 1e3,
-      "durable_gbps": med(nbytes / s["finished_s"] / 1e9 for s in steady),
-      "restore_gbps": nbytes / samples["restore_s"] / 1e9,
+      "durable_gbps": med(stats.gbps(nbytes, s["finished_s"]) for s in steady),
+      "restore_gbps": stats.gbps(nbytes, samples["restore_s"]),
       "restore_bit_exact": exact,
-      "cold_restore_gbps": nbytes / samples["cold_restore"]["seconds"] / 1e9,
+      "cold_restore_gbps": stats.gbps(nbytes, samples["cold_restore"]["seconds"]),
       "cold_restore_bit_exact": samples["cold_restore"]["bit_exact"],
       "cold_restore_peak_extra_rss_mib": samples["cold_restore"]["peak_extra_rss_bytes"] / MiB,
-      "device_put_from_pinned_gbps": (nbytes / samples["device_put_from_pinned_s"] / 1e9
+      "device_put_from_pinned_gbps": (stats.gbps(nbytes, samples["device_put_from_pinned_s"])
                                       if samples.get("device_put_from_pinned_s") else None),
-      "fio_read_gbps": nbytes / samples["fio_read_s"] / 1e9 if samples.get("fio_read_s") else None,
+      "fio_read_gbps": (stats.gbps(nbytes, samples["fio_read_s"]) if samples.get("fio_read_s")
+                        else None),
       "snapshot_mode": steady[-1]["stats"].get("snapshot_mode"),
   }
   print(f"\ndevice-to-host on {info['devices']} x {info['device_kind']}: "
@@ -260,14 +267,13 @@ def run(args) -> int:
           ("" if value is None else f" (cold restore x{summary['cold_restore_gbps'] / value:.2f})"))
   print(f"  np.asarray reads pinned_host memory in place: {info['pinned_host_read_in_place']}")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"info": info, "summary": summary, "samples": samples}, f, indent=1)
+    common.write_json(args.json, {"info": info, "summary": summary, "samples": samples})
     print(f"wrote {args.json}")
   return 0 if exact and summary["cold_restore_bit_exact"] else 1
 
 
 def _child_main(argv: list[str]) -> int:
-  return common.child_main(argv, _cold_restore_child)
+  return children.child_main(argv, _cold_restore_child)
 
 
 if __name__ == "__main__":

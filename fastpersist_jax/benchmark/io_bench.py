@@ -26,24 +26,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
-import shutil
-import statistics
-import subprocess
 import sys
 import time
 from typing import Callable
 
-from fastpersist_jax.benchmark import common
+from fastpersist_jax.benchmark import common, stats
+from fastpersist_jax.benchmark.common import GiB, MiB
 
 import numpy as np
 
 HELP = "raw write/read GB/s of the I/O engine vs buffered, O_DIRECT pwrite and fio"
-
-MiB = 1 << 20
-GiB = 1 << 30
 
 WRITE_METHODS = {
     "engine": "engine (io_uring, O_DIRECT)",
@@ -64,6 +58,7 @@ SWEEP_QUEUE_DEPTH = (4, 16, 32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the io benchmark's flags to `parser`."""
   parser.add_argument("--size_gib", type=float, default=1.0, help="data written per run (default 1)")
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
   parser.add_argument("--dir", default=".", help="directory to write in (default: the current one)")
@@ -94,6 +89,9 @@ def _fill(buf) -> None:
 # Methods: each returns seconds (and optionally details) ---------------------------
 
 class Bench:
+  """One run's data and methods: `size` bytes (whole `chunk`-byte requests)
+  from a pre-faulted source buffer, written and read back by each method.
+  Every method takes a path and returns (seconds, details)."""
 
   def __init__(self, args):
     from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
@@ -103,7 +101,7 @@ class Bench:
     self.size = max(self.chunk, int(args.size_gib * GiB) // self.chunk * self.chunk)
     self.dir = os.path.abspath(args.dir)
     self.prefix = os.path.join(self.dir, f".fastpersist_io_bench.{os.getpid()}")
-    self.fio = None if args.no_fio else shutil.which(args.fio)
+    self.fio = common.which_fio(args.fio, args.no_fio)
     self.src = AlignedBuffer(self.size)
     self.dst = AlignedBuffer(self.size)
     _fill(self.src)
@@ -230,17 +228,21 @@ class Bench:
 
 
 def _summary(samples: list[dict]) -> dict:
-  gbps = [s["gbps"] for s in samples]
-  return {"median_gbps": statistics.median(gbps), "min_gbps": min(gbps), "max_gbps": max(gbps),
-          "samples": samples}
+  median, low, high = stats.spread(s["gbps"] for s in samples)
+  return {"median_gbps": median, "min_gbps": low, "max_gbps": high, "samples": samples}
 
 
 def _timed(fn: Callable, size: int, *a, **kw) -> dict:
   seconds, details = fn(*a, **kw)
-  return {"seconds": seconds, "gbps": size / seconds / 1e9, **details}
+  return {"seconds": seconds, "gbps": stats.gbps(size, seconds), **details}
 
 
 def run_compare(b: Bench) -> dict:
+  """Writes with each method, then reads one file back with each, in
+  interleaved rounds, checking what the engine and the Python loops read.
+  Returns {"write" | "read": {method: {"median_gbps", "min_gbps",
+  "max_gbps" (GB/s, 1e9 bytes/s), "samples"}}}. Raises AssertionError when a
+  file has the wrong size or data reads back wrong."""
   args = b.args
   writes = {"engine": b.write_engine, "buffered": b.write_buffered,
             "odirect-pwrite": b.write_odirect}
@@ -284,6 +286,9 @@ def run_compare(b: Bench) -> dict:
 
 
 def run_sweep(b: Bench) -> list[dict]:
+  """The engine over SWEEP_CHUNK_MIB x SWEEP_QUEUE_DEPTH: one row per pair,
+  {"chunk_mib", "queue_depth", "write", "read"} (each as run_compare's
+  per-method summary)."""
   rows = []
   path = b.path("sweep")
   for chunk_mib in SWEEP_CHUNK_MIB:
@@ -313,6 +318,8 @@ def run_sweep(b: Bench) -> list[dict]:
 
 
 def print_report(info: dict, compare: dict, sweep: list[dict] | None) -> None:
+  """Prints the heading, the median/min/max GB/s table, the engine/fio
+  ratios and (with --sweep) the sweep grid to stdout."""
   print()
   print(f"fastpersist io benchmark: {info['size_bytes'] / GiB:.2f} GiB x {info['rounds']} rounds "
         f"in {info['dir']} ({info['fstype']} on {info['device']}), chunk {info['chunk_mib']} MiB, "
@@ -346,19 +353,17 @@ def print_report(info: dict, compare: dict, sweep: list[dict] | None) -> None:
 
 
 def run(args) -> int:
+  """Runs the io benchmark with the flags of add_arguments, prints the
+  report and writes --json. Returns the exit status, 0. Raises SystemExit
+  for a flag value it refuses or too little free space in --dir."""
   from fastpersist_jax import _ext
   if args.rounds < 1 or args.size_gib <= 0 or args.chunk_mib < 1 or args.queue_depth < 1:
     raise SystemExit("--rounds, --size_gib, --chunk_mib and --queue_depth must be positive")
-  if not os.path.isdir(args.dir):
-    raise SystemExit(f"--dir {args.dir} is not a directory")
+  common.require_dir(args.dir)
   mount = common.check_target_dir(args.dir, int(args.size_gib * GiB) + 64 * MiB)
 
   b = Bench(args)
-  fio_version = None
-  if b.fio:
-    fio_version = subprocess.run([b.fio, "--version"], capture_output=True, text=True).stdout.strip()
-  elif not args.no_fio:
-    print(f"note: {args.fio} not found; skipping fio", file=sys.stderr)
+  fio_version = common.fio_version(b.fio) if b.fio else None
   info = {
       "size_bytes": b.size, "rounds": args.rounds, "dir": b.dir, "fstype": mount["fstype"],
       "device": mount["source"], "chunk_mib": args.chunk_mib, "queue_depth": args.queue_depth,
@@ -378,7 +383,6 @@ def run(args) -> int:
     b.cleanup()
   print_report(info, compare, sweep)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"info": info, "results": compare, "sweep": sweep}, f, indent=2)
+    common.write_json(args.json, {"info": info, "results": compare, "sweep": sweep}, indent=2)
     print(f"\nwrote {args.json}")
   return 0

@@ -28,19 +28,17 @@ every sample, --plot a bar chart. Everything it writes is deleted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-from fastpersist_jax.benchmark import common, trees
+from fastpersist_jax.benchmark import children, common, rss, stats, trees
+from fastpersist_jax.benchmark.common import FIO_CHUNK, FIO_QUEUE_DEPTH, GiB, MiB
 
 HELP = "cold restore in a fresh process: FastPersist vs Orbax vs fio read, and many small leaves"
 
-MiB = 1 << 20
-GiB = 1 << 30
 METHODS = ("fastpersist", "orbax", "fio", "many")
 LABELS = {"fastpersist": "FastPersist", "orbax": "Orbax Standard", "fio": "fio read (disk limit)",
           "many": "FastPersist, many small leaves"}
@@ -48,6 +46,7 @@ DEFAULT_SEED = 20240613
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the restore benchmark's flags to `parser`."""
   parser.add_argument("--size_gib", type=float, default=1.0, help="tree size in GiB (default 1)")
   parser.add_argument("--leaves", type=int, default=242, help="number of arrays (default 242)")
   parser.add_argument("--many_leaves", type=int, default=10000,
@@ -135,8 +134,8 @@ def _restore(cfg: dict) -> dict:
                                                sharding=NamedSharding(mesh, P(*leaf["spec"])))
             for leaf in cfg["spec"]}
   evicted = common.evict(path)
-  rss = common.Rss()
-  before = rss.current()
+  probe = rss.Rss()
+  before = probe.current()
   t0 = time.perf_counter()
   ckptr = (ocp.Checkpointer(FastPersistHandler()) if method == "fastpersist" else
            ocp.StandardCheckpointer())
@@ -147,48 +146,55 @@ def _restore(cfg: dict) -> dict:
     ckptr.close()
   jax.block_until_ready(restored)
   seconds = time.perf_counter() - t0
-  peak = rss.peak() - before
+  peak = probe.peak() - before
   wrong = [name for name, x in restored.items() if _digest(x) != cfg["digests"][name]]
   if wrong:
     raise AssertionError(f"{method}: {len(wrong)} leaves restored wrong values, e.g. {wrong[:3]}")
-  return {"seconds": seconds, "gbps": cfg["bytes"] / seconds / 1e9, "peak_extra_rss_bytes": peak,
-          "evicted_with": evicted}
+  return {"seconds": seconds, "gbps": stats.gbps(cfg["bytes"], seconds),
+          "peak_extra_rss_bytes": peak, "evicted_with": evicted}
 
 
 def _child_main(argv: list[str]) -> int:
-  return common.child_main(argv, lambda cfg: _write(cfg) if cfg["role"] == "write" else _restore(cfg))
+  return children.child_main(
+      argv, lambda cfg: _write(cfg) if cfg["role"] == "write" else _restore(cfg))
 
 
 # Parent ----------------------------------------------------------------------------
 
 def summarize(samples: dict, nbytes: int) -> dict:
+  """Medians and ranges over rounds: {method: {"gbps", "min_gbps",
+  "max_gbps", "per_round_gbps" (GB/s, 1e9 bytes/s), "vs_fio", "vs_orbax"
+  (medians of per-round ratios), "peak_extra_rss_mib"}} for fastpersist,
+  orbax and fio as run, "many": {"seconds", "min_seconds", "max_seconds"},
+  and "bytes": `nbytes`, the tree's logical bytes."""
   out = {}
   for m in ("fastpersist", "orbax", "fio"):
     gbps = [s["gbps"] for s in samples.get(m, [])]
     if gbps:
-      out[m] = {"gbps": common.med(gbps), "min_gbps": min(gbps), "max_gbps": max(gbps),
-                "per_round_gbps": gbps}
+      median, low, high = stats.spread(gbps)
+      out[m] = {"gbps": median, "min_gbps": low, "max_gbps": high, "per_round_gbps": gbps}
   fio = out.get("fio", {}).get("gbps")
   for m in ("fastpersist", "orbax"):
     if m in out:
       # Per round against the same round's fio read (the disk drifts between minutes).
       rounds = [s["gbps"] / f["gbps"] for s, f in zip(samples.get(m, []), samples.get("fio", []))]
-      out[m]["vs_fio"] = common.med(rounds) if rounds else common.ratio(out[m]["gbps"], fio)
-      out[m]["peak_extra_rss_mib"] = common.med([s["peak_extra_rss_bytes"] / MiB
-                                                 for s in samples[m]])
+      out[m]["vs_fio"] = stats.med(rounds) if rounds else stats.ratio(out[m]["gbps"], fio)
+      out[m]["peak_extra_rss_mib"] = stats.med([s["peak_extra_rss_bytes"] / MiB
+                                                for s in samples[m]])
   if "fastpersist" in out and "orbax" in out:
-    out["fastpersist"]["vs_orbax"] = common.med(
+    out["fastpersist"]["vs_orbax"] = stats.med(
         [a["gbps"] / b["gbps"] for a, b in zip(samples["fastpersist"], samples["orbax"])])
   many = [s["seconds"] for s in samples.get("many", [])]
   if many:
-    out["many"] = {"seconds": common.med(many), "min_seconds": min(many),
-                   "max_seconds": max(many)}
+    median, low, high = stats.spread(many)
+    out["many"] = {"seconds": median, "min_seconds": low, "max_seconds": high}
   out["bytes"] = nbytes
   return out
 
 
 def print_report(info: dict, summary: dict) -> None:
-  fmt = lambda v, spec: "-" if v is None else format(v, spec)  # pylint: disable=unnecessary-lambda-assignment
+  """Prints the table of summarize's medians and ranges to stdout."""
+  fmt = stats.fmt
   print(f"\nCold restore in a fresh process: {summary['bytes'] / GiB:.2f} GiB in {info['leaves']} "
         f"leaves on {info['devices']} CPU devices, {info['rounds']} rounds, in {info['dir']} "
         f"({info['fstype']}); medians (range)")
@@ -197,8 +203,8 @@ def print_report(info: dict, summary: dict) -> None:
     s = summary.get(m)
     if not s:
       continue
-    print(f"  {LABELS[m]:24s} {common.fmt_gbps(s['gbps']):>6s} "
-          f"{common.fmt_gbps(s['min_gbps']) + '-' + common.fmt_gbps(s['max_gbps']):>13s} "
+    print(f"  {LABELS[m]:24s} {stats.fmt_gbps(s['gbps']):>6s} "
+          f"{stats.fmt_gbps(s['min_gbps']) + '-' + stats.fmt_gbps(s['max_gbps']):>13s} "
           f"{fmt(s.get('vs_fio'), '6.2f')} {fmt(s.get('vs_orbax'), '8.2f')} "
           f"{fmt(s.get('peak_extra_rss_mib'), '13.0f')}")
   if summary.get("many"):
@@ -208,6 +214,8 @@ def print_report(info: dict, summary: dict) -> None:
 
 
 def plot(path: str, summary: dict) -> bool:
+  """Writes a PNG bar chart of the median GB/s (with ranges) to `path`.
+  Returns False, with a note on stderr, when matplotlib is missing."""
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -229,19 +237,27 @@ def plot(path: str, summary: dict) -> bool:
 
 
 def run(args) -> int:
+  """Runs the restore benchmark with the flags of add_arguments, prints the
+  report and writes --json / --plot. Returns the exit status, 0.
+
+  Raises:
+    SystemExit: a flag value it refuses, or too little free space in --dir.
+    RuntimeError: a child process or fio failed (its output in the
+      message); what was written is deleted.
+  """
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   unknown = set(methods) - set(METHODS)
   if unknown or args.rounds < 1 or args.size_gib <= 0 or args.leaves < 3:
     raise SystemExit(f"unknown methods {sorted(unknown)}" if unknown else
                      "--rounds and --size_gib must be positive, --leaves at least 3")
-  fio = None if args.no_fio else shutil.which(args.fio)
+  fio = common.which_fio(args.fio, args.no_fio, note=False)
   if "fio" in methods and fio is None:
     methods.remove("fio")
     print("fio not found: no disk-limit figure (install fio, or pass --no_fio)", file=sys.stderr)
   if args.many_leaves <= 0 and "many" in methods:
     methods.remove("many")
-  env = common.child_env(args.devices)
-  devices = common.forced_devices(env, args.devices)
+  env = children.child_env(args.devices)
+  devices = children.forced_devices(env, args.devices)
   spec = trees.tree_spec(int(args.size_gib * GiB), args.leaves, args.seed, trees.mesh_axes(devices))
   nbytes = trees.tree_bytes(spec)
   mount = common.check_target_dir(args.dir, 3 * nbytes + 512 * MiB)
@@ -253,21 +269,22 @@ def run(args) -> int:
     base = {"spec": spec, "seed": args.seed, "bytes": nbytes, "many_leaves": args.many_leaves,
             "many_leaf_kib": args.many_leaf_kib, "round": 0}
     print(f"writing {nbytes / GiB:.2f} GiB with {', '.join(paths)} ...", flush=True)
-    written = common.run_child(module, dict(base, role="write", method="write", paths=paths), env,
+    written = children.run_child(module, dict(base, role="write", method="write", paths=paths), env,
                                args.child_timeout_s)
     fio_path = os.path.join(workdir, "fio.dat")
-    fio_bytes = max(4 * MiB, nbytes // (4 * MiB) * (4 * MiB))   # whole 4 MiB requests
+    fio_bytes = common.fio_file_bytes(nbytes)
     if "fio" in methods:
-      common.run_fio(fio, "write", fio_path, fio_bytes, 4 * MiB, 16)
+      common.run_fio(fio, "write", fio_path, fio_bytes, FIO_CHUNK, FIO_QUEUE_DEPTH)
     for rnd in range(args.rounds):
       order = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
       for m in order:
         if m == "fio":
           common.evict(fio_path)
-          seconds, detail = common.run_fio(fio, "read", fio_path, fio_bytes, 4 * MiB, 16)
-          sample = {"seconds": seconds, "gbps": fio_bytes / seconds / 1e9, **detail}
+          seconds, detail = common.run_fio(fio, "read", fio_path, fio_bytes, FIO_CHUNK,
+                                           FIO_QUEUE_DEPTH)
+          sample = {"seconds": seconds, "gbps": stats.gbps(fio_bytes, seconds), **detail}
         else:
-          sample = common.run_child(module, dict(base, role="restore", method=m, path=paths[m],
+          sample = children.run_child(module, dict(base, role="restore", method=m, path=paths[m],
                                                  digests=written["digests"], round=rnd), env,
                                     args.child_timeout_s)
         samples[m].append(sample)
@@ -282,8 +299,7 @@ def run(args) -> int:
   summary = summarize(samples, nbytes)
   print_report(info, summary)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"info": info, "summary": summary, "samples": samples}, f, indent=1)
+    common.write_json(args.json, {"info": info, "summary": summary, "samples": samples})
   if args.plot:
     plot(args.plot, summary)
   return 0

@@ -52,11 +52,15 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class ExportError(FastPersistError):
-  """The export cannot be written as asked (name clash, output exists)."""
+  """The export cannot be written as asked (name clash, output exists, an
+  unknown format, a tree Orbax refuses, safetensors not installed)."""
 
 
 def tensor_name(path: list) -> str:
-  """The safetensors name of a leaf: its key path entries joined with "."."""
+  """The safetensors (and Orbax parameter) name of a leaf: the keys of its
+  saved key path `path` ([(kind, key), ...], LeafMeta.path) joined with "."
+  (e.g. "params.layers.0.w"); "root" for the empty path of a single-leaf
+  tree."""
   return ".".join(str(key) for _, key in path) or "root"
 
 
@@ -87,8 +91,9 @@ def _suggested_cast(dtype_name: str) -> str:
 
 
 def cast_dtype(name: str) -> np.dtype:
-  """The dtype named by --cast; it must be one safetensors holds. Raises
-  UnsupportedLeafError."""
+  """The numpy dtype named by --cast (a numpy/ml_dtypes name such as "int8"
+  or "bfloat16"); it must be one safetensors holds (SAFETENSORS_DTYPES).
+  Raises UnsupportedLeafError naming the choices otherwise."""
   if name not in SAFETENSORS_DTYPES:
     raise UnsupportedLeafError(
         f"--cast={name}: not a dtype safetensors holds (one of {sorted(SAFETENSORS_DTYPES)})")
@@ -129,11 +134,26 @@ def export_safetensors(item_dir: str, out: str, max_shard_bytes: int = 0,
   `out`: model.safetensors, or (max_shard_bytes > 0 and more than one shard
   needed) model-0000i-of-0000n.safetensors files of at most max_shard_bytes
   of tensor data each (a larger tensor gets a file of its own) plus
-  model.safetensors.index.json. `cast`: dtype name for leaves whose dtype
-  safetensors lacks. Returns the paths of the files written. Raises
-  UnsupportedLeafError (a dtype safetensors lacks, no cast), ExportError
-  (name clash, `out` exists), ChecksumMismatchError / CorruptCheckpointError
-  (damaged checkpoint; nothing is left at `out`)."""
+  model.safetensors.index.json ({"metadata": {"total_size": bytes of
+  tensor data}, "weight_map": {name: file}}). `cast`: dtype name for leaves
+  whose dtype safetensors lacks (others keep theirs). Everything is written
+  into a temporary directory next to `out`, fsynced and renamed to `out`, so
+  on any failure nothing is left at `out`.
+
+  Returns:
+    The paths of the files written, under `out`.
+
+  Raises:
+    UnsupportedLeafError: a dtype safetensors lacks and no `cast`, or a
+      `cast` safetensors lacks.
+    ExportError: `out` exists, two leaves map to one name (or one to
+      "__metadata__"), the safetensors package is missing, or a file does
+      not read back with the names and metadata written.
+    CheckpointNotFoundError / CorruptCheckpointError /
+      ChecksumMismatchError: no or a damaged checkpoint at `item_dir`.
+    OSError: the output cannot be made or written (ENOENT, EACCES, ENOSPC,
+      ...).
+  """
   try:
     import safetensors  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -268,9 +288,20 @@ def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
   PyTreeCheckpointHandler) reads: arrays come back as numpy arrays, with the
   saved dtype (or `cast`, applied to every array when given). Python scalars
   and strings are written as Orbax writes them; None and empty containers as
-  empty nodes. Returns `out`. Raises ExportError (`out` exists, a zero-size
-  array, which Orbax refuses), ChecksumMismatchError / CorruptCheckpointError
-  (damaged checkpoint; Orbax commits nothing then)."""
+  empty nodes.
+
+  Returns:
+    `out` as an absolute path.
+
+  Raises:
+    ExportError: `out` exists, two leaves map to one Orbax parameter name,
+      an array has no elements, or the tree holds no leaf but empty nodes
+      (Orbax refuses the last two).
+    CheckpointNotFoundError / CorruptCheckpointError /
+      ChecksumMismatchError: no or a damaged checkpoint at `item_dir`.
+    Whatever Orbax's save raises (e.g. OSError when `out` cannot be
+    written); Orbax's temporary directory is removed, nothing is committed.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out = os.path.abspath(out)
   if os.path.lexists(out):
@@ -319,8 +350,29 @@ def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
 def main(path: str, out: str, fmt: str, max_shard_bytes: int = 0, cast: str | None = None) -> int:
   """The export command. Exports one item (an item directory, or a step
   directory holding one item) to `out`; a step directory of several items
-  is exported item by item into out/<item name>. Returns 0. Raises
-  FastPersistError subclasses (see export_safetensors / export_orbax)."""
+  is exported item by item into out/<item name>, through a temporary
+  directory renamed to `out` at the end (a failing item leaves nothing).
+  Prints "wrote PATH" for each file (safetensors) or checkpoint (orbax).
+
+  Args:
+    path: an item directory or an Orbax step directory of items.
+    out: the output path; it must not exist.
+    fmt: "safetensors" or "orbax".
+    max_shard_bytes: safetensors: bytes of tensor data per file (0: one
+      file).
+    cast: dtype name for leaves the format cannot hold (see --cast).
+
+  Returns:
+    0 (the exit status).
+
+  Raises:
+    ExportError: an unknown `fmt`, or as export_safetensors / export_orbax.
+    CheckpointNotFoundError: `path` holds no checkpoint.
+    UnsupportedLeafError, CorruptCheckpointError, ChecksumMismatchError,
+    OSError: as export_safetensors / export_orbax. __main__ turns these into
+    exit statuses 2 (usage: ExportError, CheckpointNotFoundError,
+    UnsupportedLeafError, an output path that cannot be made) or 1.
+  """
   if fmt not in FORMATS:
     raise ExportError(f"--format must be one of {FORMATS}, got {fmt!r}")
   items = reader.item_directories(path)

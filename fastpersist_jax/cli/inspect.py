@@ -31,10 +31,25 @@ def _json_number(value: Any) -> Any:
 
 
 def describe_item(directory: str) -> dict[str, Any]:
-  """The tree of one item directory as JSON-ready data: {"directory",
-  "placement", "process_count", "leaves": [{"path", "kind", "dtype", "shape",
-  "sharding", "bytes", "value"}], "leaf_count", "array_count", "bytes"}.
-  Raises CheckpointNotFoundError or CorruptCheckpointError (bad metadata)."""
+  """The tree of one item directory, from its metadata alone, as JSON-ready
+  data (strict JSON: NaN and infinities are strings).
+
+  Returns:
+    {"directory": str, "placement": "shared" | "per_host",
+     "process_count": int, "leaves": [leaf, ...] (in saved order),
+     "leaf_count": int, "array_count": int, "bytes": int (logical bytes of
+     all arrays, each global array once)}, where each leaf is
+    {"path": key path (str), "kind": str} plus, for arrays (kinds array,
+    numpy, np_scalar): "dtype" (name; "key<impl>" for typed PRNG keys),
+    "shape" (list of ints; for keys the key shape), "sharding" (the saved
+    sharding dict, or None), "bytes" (int: prod(shape) x itemsize of the
+    saved data) and, for keys, "key_data" ("<dtype>[<shape>]" of the key
+    data); for Python scalars: "scalar_type" and "value" (complex as [re, im]).
+
+  Raises:
+    CheckpointNotFoundError: no directory or no fastpersist.json there.
+    CorruptCheckpointError: the metadata does not validate.
+  """
   meta = disk_format.read_metadata(directory)
   leaves = []
   total = 0
@@ -59,7 +74,10 @@ def describe_item(directory: str) -> dict[str, Any]:
 
 
 def format_item(d: dict[str, Any]) -> str:
-  """A readable table of describe_item's result."""
+  """describe_item's result `d` as a table: a heading line, one row per leaf
+  (path, kind, dtype, shape, sharding, bytes; scalars show "= value"), and a
+  total line (leaves, arrays, bytes and MiB, 2**20 bytes). No trailing
+  newline."""
   rows = [("path", "kind", "dtype", "shape", "sharding", "bytes")]
   for l in d["leaves"]:
     if "dtype" in l:
@@ -77,8 +95,18 @@ def format_item(d: dict[str, Any]) -> str:
 
 
 def main(path: str, as_json: bool = False) -> int:
-  """The inspect command: prints every item at `path`. Returns 0. Raises
-  CheckpointNotFoundError (usage error) or CorruptCheckpointError."""
+  """The inspect command: prints every item at `path` (an item directory or
+  an Orbax step directory) as format_item tables, or with `as_json` as one
+  JSON object {"items": [describe_item(...), ...]}. Reads no data.
+
+  Returns:
+    0 (the exit status).
+
+  Raises:
+    CheckpointNotFoundError: `path` holds no checkpoint (a usage error:
+      exit 2 in __main__).
+    CorruptCheckpointError: metadata that does not validate (exit 1).
+  """
   items = [describe_item(d) for d in reader.item_directories(path)]
   if as_json:
     print(json.dumps({"items": items}, indent=1, allow_nan=False))

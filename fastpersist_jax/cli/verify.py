@@ -23,6 +23,7 @@ from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
 
 MiB = 1 << 20
+# Bytes of the reusable read buffer (--buffer_mib=256).
 DEFAULT_BUFFER_BYTES = 256 * MiB
 # A gap this large between two shards of a file starts a new read window
 # rather than reading the bytes between them.
@@ -31,7 +32,22 @@ _MAX_GAP = 1 * MiB
 
 @dataclasses.dataclass
 class ItemReport:
-  """The outcome of verifying one item directory."""
+  """The outcome of verifying one item directory.
+
+  Attributes:
+    directory: the item directory.
+    process_count: processes that saved it (from the metadata; 0 when the
+      metadata could not be read).
+    processes_checked: process indices whose manifest was read and checked.
+    placement: "shared" (one directory for all processes) or "per_host"
+      (each host's files on its own disk).
+    leaves: leaves in the saved tree.
+    shards: shard records whose CRC-32C was checked.
+    bytes_read: bytes of data files read (the read windows; may include the
+      gaps of up to 1 MiB between shards).
+    seconds: wall-clock seconds the item took.
+    damage: one message per problem found (empty: intact).
+  """
   directory: str
   process_count: int = 0
   processes_checked: list[int] = dataclasses.field(default_factory=list)
@@ -44,6 +60,7 @@ class ItemReport:
 
   @property
   def ok(self) -> bool:
+    """Whether no damage was found."""
     return not self.damage
 
   @property
@@ -95,9 +112,22 @@ def verify_item(directory: str, engine: IOEngine, buffer: np.ndarray,
                 on_damage: Callable[[str], None] | None = None) -> ItemReport:
   """Verifies one item directory: metadata, every manifest present, that the
   shards tile every array (unless per-host files are missing), and every
-  shard's CRC-32C. `buffer`: an aligned uint8 array, split in two halves for
-  reading. Damage is collected in the report (and passed to `on_damage` as
-  found), never raised."""
+  shard's CRC-32C.
+
+  Args:
+    directory: the item directory (holding fastpersist.json).
+    engine: the IOEngine that reads the data files.
+    buffer: a 1-D uint8 numpy array over page-aligned memory (an
+      AlignedBuffer) of at least 2 * 4096 bytes, split in two halves, each a
+      multiple of 4096 bytes: one is read into while the other is
+      checksummed, so read windows are at most half of it.
+    on_damage: called with each damage message as it is found.
+
+  Returns:
+    The ItemReport. Damage (unreadable or corrupt metadata, manifests or
+    data, a missing manifest, shards that do not tile an array, a checksum
+    mismatch, a read error) is collected in it, never raised.
+  """
   report = ItemReport(directory)
 
   def damaged(msg: str) -> None:
@@ -193,9 +223,24 @@ def _check_data(rd: reader.CheckpointReader, engine: IOEngine, buffer: np.ndarra
 def verify(path: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
            on_damage: Callable[[str], None] | None = None) -> list[ItemReport]:
   """Verifies an item directory, or every item of an Orbax step directory.
-  Returns one report per item. Raises CheckpointNotFoundError when `path` is
-  not a directory or holds no fastpersist checkpoint (a usage error); damage
-  is reported, not raised."""
+
+  Args:
+    path: an item directory or an Orbax step directory of items.
+    buffer_bytes: size of the read buffer in bytes; it is cut to twice the
+      largest item's data files (rounded up to 4096) and is at least 8192.
+    on_damage: called with each damage message as it is found.
+
+  Returns:
+    One ItemReport per item, in item-name order; damage is reported in them,
+    not raised.
+
+  Raises:
+    CheckpointNotFoundError: `path` is not a directory or holds no
+      fastpersist checkpoint (a usage error).
+    IOUringUnavailableError / ValueError: FASTPERSIST_ENGINE asks for
+      io_uring, which is refused / holds an unknown engine name.
+    OSError: the read buffer cannot be allocated (mmap(2)).
+  """
   items = reader.item_directories(path)
   engine = IOEngine(FastPersistOptions())
   # No larger than the data files need (two halves of a window each).
@@ -214,7 +259,9 @@ def _data_bytes(directory: str) -> int:
 
 
 def format_report(r: ItemReport) -> str:
-  """One line: what was checked, bytes, seconds, GB/s, and the verdict."""
+  """One line about `r`: leaves, shards and manifests checked, bytes read,
+  seconds, GB/s (1e9 bytes/s of bytes_read) and the verdict ("OK" or
+  "DAMAGED (n problem(s))")."""
   gbps = r.bytes_read / r.seconds / 1e9 if r.seconds > 0 else 0.0
   procs = (f"processes {r.processes_checked} of {r.process_count} ({r.placement} placement: the "
            "others' files are on their hosts; verified what is here)" if r.partial else
@@ -225,9 +272,21 @@ def format_report(r: ItemReport) -> str:
 
 
 def main(path: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> int:
-  """The verify command: prints each damaged shard as found and one summary
-  line per item. Returns the exit status: 0 intact, 1 damaged. Raises
-  CheckpointNotFoundError (usage error) when `path` holds no checkpoint."""
+  """The verify command: prints "DAMAGED: MESSAGE" for each problem as
+  found, one format_report line per item, and a total line (bytes, seconds,
+  GB/s, verdict).
+
+  Args:
+    path: an item directory or an Orbax step directory of items.
+    buffer_bytes: read buffer size in bytes (--buffer_mib << 20).
+
+  Returns:
+    The exit status: 0 every item intact, 1 any damage.
+
+  Raises:
+    As verify(): CheckpointNotFoundError (a usage error: exit 2 in
+    __main__), IOUringUnavailableError, ValueError, OSError.
+  """
   reports = verify(path, buffer_bytes, on_damage=lambda msg: print(f"DAMAGED: {msg}", flush=True))
   for r in reports:
     print(format_report(r))
