@@ -178,8 +178,11 @@ def make_plan(tree: Any, options: FastPersistOptions, *, process_index: int, pro
   key = plan_key(checked, options, process_index=process_index, process_count=process_count,
                  write_host_arrays=write_host_arrays, placement=placement)
   if key is not None:
-    with _PLAN_CACHE_LOCK:
-      plan = _PLAN_CACHE.get(key)
+    try:
+      with _PLAN_CACHE_LOCK:
+        plan = _PLAN_CACHE.get(key)
+    except Exception:  # pylint: disable=broad-except  (node data that cannot be compared)
+      plan, key = None, None
     if plan is not None:
       return plan
   plan = _build_plan(checked.flat, process_index, process_count, write_host_arrays,
