@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from fastpersist_jax import coordination, disk_format, redundancy
+from fastpersist_jax import coordination, disk_format, redundancy, sources
 from fastpersist_jax.emergency import refuse_emergency_manager
 from fastpersist_jax.errors import CorruptCheckpointError, RestoreError
 from fastpersist_jax.io_engine import IOEngine
@@ -144,33 +144,26 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       raise ValueError("pass FastPersistSave as `args=`, not as `item`")
     refuse_emergency_manager(os.fspath(directory))
     t0 = time.perf_counter()
-    tree = item
     if args is not None:
       item = args.item
-      tree = args.checked if getattr(args, "checked", None) is not None else item
-    plan = make_plan(tree, process_index=jax.process_index(), process_count=jax.process_count(),
-                     write_host_arrays=self._is_primary(),
-                     data_file_bytes=self._options.data_file_bytes,
-                     snapshot=self._options.snapshot,
-                     placement=self._placement(),
-                     replica_parallel=self._options.replica_parallel,
-                     host_redundancy=self._options.host_redundancy)
+    checked = (args.checked if args is not None and getattr(args, "checked", None) is not None
+               else check_tree(item))
+    plan = make_plan(checked, self._options, process_index=jax.process_index(),
+                     process_count=jax.process_count(), write_host_arrays=self._is_primary(),
+                     placement=self._placement())
     if plan.placement == "per_host":
       redundancy.warn_single_copies(item, redundancy=self._options.host_redundancy,
                                     replica_parallel=self._options.replica_parallel,
                                     plan_token=plan.shards)
+    shard_sources = sources.bind(plan, checked.values, self._options)
     self._save_count += 1
     op = SaveOperation(
-        self._engine, self._pool, plan, write_metadata=self._is_primary(),
-        copy_threads=self._options.resolved_copy_threads(),
+        self._engine, self._pool, shard_sources, self._options,
+        leaves=plan.leaf_metadata(checked.values), write_metadata=self._is_primary(),
         outcome_key=(f"fastpersist/{self._uid}/{self._save_count}"
-                     if jax.process_count() > 1 else None),
-        commit_timeout_s=self._options.commit_timeout_s,
-        background_nice=self._options.background_nice,
-        background_cpus=self._options.background_cpus,
-        crc_chunk_bytes=self._options.crc_chunk_bytes)
+                     if jax.process_count() > 1 else None))
     directory_str = os.fspath(directory)
-    mode = plan.snapshot
+    mode = shard_sources.snapshot
 
     async def commit():
       op.commit(directory_str)

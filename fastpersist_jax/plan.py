@@ -1,29 +1,38 @@
-"""The shard plan: which bytes this process writes, and where they go.
+"""The save plan: which bytes this process writes, and where they go.
 
-Turns a pytree into leaf metadata (for everyone) and the list of shards this
-process owns, each assigned a 4 KiB-aligned offset in one of the process's
-few large data files. Every leaf is checked here, before a byte is written.
+Pure geometry of a tree: from its structure, key paths, shardings, shapes and
+dtypes alone, the leaves' metadata and the shards (or byte ranges of them)
+this process owns, each at a 4 KiB-aligned offset in one of the process's few
+large data files. Every leaf is checked here, before a byte is written. A
+plan holds no reference to the arrays, so the plan of a tree is made once
+and reused by every later save of trees like it; sources.py binds a save's
+values to it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from fastpersist_jax import disk_format, redundancy, shardings, treepath
 from fastpersist_jax.errors import UnsupportedLeafError
+from fastpersist_jax.options import FastPersistOptions
+
+# A shard's place in its global array: [start, stop) per dimension.
+Index = tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class PlannedShard:
   """One shard this process writes: which bytes, and where they go."""
   leaf: int
-  index: tuple[tuple[int, int], ...]
+  index: Index
   nbytes: int
   file: int = 0
   offset: int = 0
@@ -34,52 +43,76 @@ class PlannedShard:
   addressable_index: int = 0  # among the leaf's addressable_arrays()
 
 
-# The snapshot a save takes (FastPersistOptions.snapshot, resolved):
-#   "copy"       every owned shard is copied into staging while blocking;
-#   "view"       host views of the CPU shards are taken while blocking (they
-#                keep the runtime from donating or freeing the buffers) and
-#                copied in the background: what "auto" means when every
-#                jax.Array is on CPU ("copy" otherwise);
-#   "reference"  nothing but references are taken while blocking.
-SNAPSHOT_MODES = ("copy", "view", "reference")
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SavePlan:
-  """A save of one tree by this process.
+  """What this process writes of a tree, and where: shared by every save of
+  trees with the same structure, key types, shardings, shapes and dtypes
+  (make_plan caches it), so it is immutable and holds no array.
 
-  `shards` (and the leaves' metadata) are shared by every plan of a tree with
-  the same structure, shardings, shapes and dtypes, and must not be changed.
-  `sources[i]` is where shard i's bytes are now: its single-device jax.Array
-  or numpy array, or with `lazy` the leaf's global jax.Array (the shard is
-  addressable_arrays()[addressable_index] of it). Staging sets it to None once the
-  bytes are copied, so nothing stays pinned by the plan.
+  Attributes:
+    leaves: every leaf's metadata, in flattening order; Python scalars'
+      values are left out (leaf_metadata fills them in for one save).
+    shards: the shards (or parts of them) this process writes, in file
+      order: grouped by leaf, in leaf order.
+    file_sizes: bytes of each of this process's data files (each ends with
+      its last shard's last byte).
+    process_index, process_count: the process this plan is for, of how many.
+    placement: "shared" (one directory) or "per_host" (each process its own).
+    replica_parallel: replicated shards are split among their holders.
+    leaf_runs: the shards as runs of one leaf each, in shard order:
+      (leaf, "array" or "host", the run's addressable indices); "host" is a
+      numpy leaf (one shard, all of it).
+    scalar_leaves: leaves that are Python scalars.
+    prng_leaves: typed PRNG key leaves (saved as their key data).
+    accelerator_leaves: jax.Array leaves in accelerator (non-CPU) memory.
   """
-  leaves: list[disk_format.LeafMeta]
-  shards: list[PlannedShard]
-  sources: list[Any]
-  file_sizes: list[int]
+  leaves: tuple[disk_format.LeafMeta, ...]
+  shards: tuple[PlannedShard, ...]
+  file_sizes: tuple[int, ...]
   process_index: int
   process_count: int
-  placement: str = "shared"
-  replica_parallel: bool = False
-  snapshot: str = "copy"     # resolved: one of SNAPSHOT_MODES
+  placement: str
+  replica_parallel: bool
+  leaf_runs: tuple[tuple[int, str, tuple[int, ...]], ...] = ()
+  scalar_leaves: tuple[int, ...] = ()
+  prng_leaves: tuple[int, ...] = ()
+  accelerator_leaves: frozenset[int] = frozenset()
 
   @property
-  def lazy(self) -> bool:
-    return self.snapshot == "reference"
+  def any_on_accelerator(self) -> bool:
+    """Whether any jax.Array leaf is in accelerator memory."""
+    return bool(self.accelerator_leaves)
 
-  @property
+  @functools.cached_property
   def total_bytes(self) -> int:
+    """Bytes of shard data this process writes (padding excluded)."""
     return sum(s.nbytes for s in self.shards)
 
-  @property
+  @functools.cached_property
   def staged_bytes(self) -> int:
     """Bytes of data files, alignment padding included: what staging holds."""
     return sum(self.file_sizes)
 
+  def leaf_metadata(self, values: Sequence[Any]) -> list[disk_format.LeafMeta]:
+    """The leaves' metadata for one save.
 
-def normalize_index(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    Args:
+      values: the save's leaves in flattening order (CheckedTree.values) of a
+        tree this plan is for.
+    Returns:
+      `leaves` with each Python scalar's value filled in (a new list; the
+      plan is not changed).
+    """
+    leaves = list(self.leaves)
+    for i in self.scalar_leaves:
+      leaves[i] = dataclasses.replace(leaves[i], value=values[i])
+    return leaves
+
+
+def normalize_index(index: tuple, shape: tuple[int, ...]) -> Index:
+  """A shard index of slices as [start, stop) per dimension.
+
+  Raises UnsupportedLeafError for a strided slice."""
   out = []
   for sl, n in zip(index, shape):
     start, stop, step = sl.indices(n)
@@ -98,16 +131,6 @@ def _check_dtype(dtype: Any, where: str) -> None:
     raise UnsupportedLeafError(f"{where}: dtype {dtype} cannot be checkpointed")
 
 
-def _host_source(x: Any, copy: bool) -> np.ndarray:
-  """A numpy leaf's bytes as saved: in native byte order (the dtype's name,
-  all the metadata records, means native bytes on disk), copied when the
-  caller may change them before they are staged."""
-  a = np.asarray(x)
-  if not a.dtype.isnative:
-    return a.astype(a.dtype.newbyteorder("="))
-  return np.array(a, copy=True) if copy else a
-
-
 # Python ints are written into the metadata as JSON numbers; Python refuses to
 # print ints of more than 4,300 digits (sys.get_int_max_str_digits).
 _MAX_SCALAR_INT_BITS = 13_000
@@ -118,12 +141,6 @@ def is_prng_key(x: Any) -> bool:
   return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _array_data(x: Any) -> Any:
-  """What is saved of a leaf: a typed key's uint32 key data (a view of the
-  same buffers, no copy), anything else as it is."""
-  return jax.random.key_data(x) if is_prng_key(x) else x
-
-
 def _scalar_type(x: Any) -> str | None:
   # bool before int: bool is an int subclass.
   for t, name in ((bool, "bool"), (int, "int"), (float, "float"), (complex, "complex"), (str, "str")):
@@ -132,72 +149,77 @@ def _scalar_type(x: Any) -> str | None:
   return None
 
 
-def make_plan(tree: Any, *, process_index: int, process_count: int,
-              write_host_arrays: bool, data_file_bytes: int,
-              snapshot: str = "copy", placement: str = "shared",
-              replica_parallel: bool = True, host_redundancy: int = 1) -> SavePlan:
-  """Plans a save of `tree` by this process.
+def make_plan(tree: Any, options: FastPersistOptions, *, process_index: int, process_count: int,
+              write_host_arrays: bool, placement: str) -> SavePlan:
+  """Plans a save of `tree` by this process (or returns the cached plan of a
+  tree like it).
 
   Args:
     tree: the pytree to save, or its CheckedTree (check_tree).
+    options: the handler's options; the plan depends on data_file_bytes
+      (a new data file is started once one would grow past it),
+      replica_parallel (split each shard replicated on several processes
+      into byte ranges, one per holder; without it, "shared" writes each
+      shard whole once and "per_host" writes on every host every shard its
+      devices hold) and host_redundancy (with "per_host" and
+      replica_parallel: how many hosts write each part, redundancy.py).
     process_index, process_count: this process in the JAX runtime.
     write_host_arrays: whether this process writes numpy arrays and numpy
       scalars (which every process holds whole); the primary does.
-    data_file_bytes: start a new data file once one would grow past this.
-    snapshot: "auto" or one of SNAPSHOT_MODES: with "view", CPU shards are
-      pinned as host views now; with "reference", only the arrays are
-      referenced (each shard is looked up when it is staged); with either,
-      numpy leaves are copied now (they are mutable in place).
     placement: "shared" (all processes write into one directory) or
       "per_host" (each process writes into its own directory).
-    replica_parallel: split each shard replicated on several processes into
-      byte ranges, one per process, so every process (and its disk) writes
-      an equal part. Without it, "shared" writes each shard whole once and
-      "per_host" writes on every host every shard its devices hold.
-    host_redundancy: with "per_host" and replica_parallel, how many hosts
-      write each part of a shard replicated across hosts (redundancy.py);
-      ignored for "shared".
+  Returns:
+    The plan, shared with every save of trees with the same structure, key
+    types, shardings, shapes and dtypes and the same arguments.
+  Raises:
+    UnsupportedLeafError: a leaf that cannot be saved, named.
   """
   checked = tree if isinstance(tree, CheckedTree) else check_tree(tree)
-  flat = checked.flat
-  values = [x for _, x in flat]
-  key = None
-  skeleton = None
-  if checked.signature is not None:
-    key = checked.signature + (process_index, process_count, write_host_arrays, data_file_bytes,
-                               placement, replica_parallel, host_redundancy)
-    with _LAYOUT_CACHE_LOCK:
-      skeleton = _SKELETON_CACHE.get(key)
-  if skeleton is None:
-    skeleton = _build_skeleton(flat, process_index, write_host_arrays, data_file_bytes,
-                                placement, replica_parallel, host_redundancy)
-    if key is not None:
-      with _LAYOUT_CACHE_LOCK:
-        if len(_SKELETON_CACHE) >= _LAYOUT_CACHE_MAX:
-          _SKELETON_CACHE.pop(next(iter(_SKELETON_CACHE)))
-        _SKELETON_CACHE[key] = skeleton
-  if snapshot == "auto":
-    snapshot = "copy" if skeleton.any_on_accelerator else "view"
-  if skeleton.prng_leaves:
-    values = list(values)
-    for i in skeleton.prng_leaves:
-      values[i] = jax.random.key_data(values[i])
-  leaves, sources = skeleton.bind(values, snapshot)
-  return SavePlan(leaves, skeleton.shards, sources, skeleton.file_sizes, process_index,
-                  process_count, placement, replica_parallel, snapshot=snapshot)
+  key = plan_key(checked, options, process_index=process_index, process_count=process_count,
+                 write_host_arrays=write_host_arrays, placement=placement)
+  if key is not None:
+    try:
+      with _PLAN_CACHE_LOCK:
+        plan = _PLAN_CACHE.get(key)
+    except Exception:  # pylint: disable=broad-except  (node data that cannot be compared)
+      plan, key = None, None
+    if plan is not None:
+      return plan
+  plan = _build_plan(checked.flat, process_index, process_count, write_host_arrays,
+                     options.data_file_bytes, placement, options.replica_parallel,
+                     options.host_redundancy)
+  if key is not None:
+    with _PLAN_CACHE_LOCK:
+      if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+      _PLAN_CACHE[key] = plan
+  return plan
+
+
+def plan_key(checked: CheckedTree, options: FastPersistOptions, *, process_index: int,
+             process_count: int, write_host_arrays: bool, placement: str) -> tuple | None:
+  """What a plan depends on, the key it is cached under: the tree's
+  signature (structure, key types, shardings, shapes, dtypes), this
+  process, and the options that shape the plan. None when the tree cannot
+  be hashed (such a plan is not cached)."""
+  if checked.signature is None:
+    return None
+  return checked.signature + (process_index, process_count, write_host_arrays, placement,
+                              options.data_file_bytes, options.replica_parallel,
+                              options.host_redundancy)
 
 
 # A training loop saves trees of the same structure, shardings, shapes and
-# dtypes again and again, so everything that depends only on those is planned
-# once: planning 2,000 shards from scratch takes ~10 ms of the blocking time,
-# and the thousands of objects it makes trigger full garbage collections.
-_SKELETON_CACHE: dict = {}
-_LAYOUT_CACHE_MAX = 8
-_LAYOUT_CACHE_LOCK = threading.Lock()
+# dtypes again and again, so their plan is made once: planning 2,000 shards
+# from scratch takes ~10 ms of the blocking time, and the thousands of
+# objects it makes trigger full garbage collections.
+_PLAN_CACHE: dict = {}
+_PLAN_CACHE_MAX = 8
+_PLAN_CACHE_LOCK = threading.Lock()
 
 
 def _signature(x: Any) -> Any:
-  """What the layout of a leaf depends on (besides its key path)."""
+  """What the plan of a leaf depends on (besides its key path)."""
   if isinstance(x, jax.Array):
     return (type(x), x.sharding, x.shape, x.dtype)
   if isinstance(x, np.ndarray):
@@ -208,55 +230,17 @@ def _signature(x: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PlanSkeleton:
-  """The plan of a tree, less what changes from one save to the next."""
-  paths: tuple[tuple, ...]
-  leaves: tuple[disk_format.LeafMeta, ...]      # scalar values filled in by bind()
-  shards: list[PlannedShard]
-  file_sizes: list[int]
-  # In shard order: (leaf id, "array" or "host", the leaf's shard addressable indices).
-  sources: tuple[tuple[int, str, tuple[int, ...]], ...]
-  scalar_leaves: tuple[int, ...]
-  array_on_accelerator: dict[int, bool]
-  prng_leaves: tuple[int, ...]             # typed keys: saved as their key data
-
-  @property
-  def any_on_accelerator(self) -> bool:
-    return any(self.array_on_accelerator.values())
-
-  def bind(self, values: list[Any], snapshot: str) -> tuple[list[disk_format.LeafMeta], list[Any]]:
-    """This save's leaf metadata and shard sources."""
-    leaves = list(self.leaves)
-    for i in self.scalar_leaves:
-      leaves[i] = dataclasses.replace(leaves[i], value=values[i])
-    sources: list[Any] = []
-    for leaf_id, kind, addressable_indices in self.sources:
-      x = values[leaf_id]
-      if kind == "host":
-        sources.append(_host_source(x, copy=snapshot != "copy"))
-        continue
-      if x.is_deleted():
-        raise UnsupportedLeafError(f"leaf {treepath.to_str(self.paths[leaf_id])}: the "
-                                   "jax.Array has been deleted (donated?)")
-      if snapshot == "reference":
-        sources.extend([x] * len(addressable_indices))
-        continue
-      per_device = addressable_arrays(x)
-      if snapshot == "view" and not self.array_on_accelerator[leaf_id]:
-        # The host view pins the buffer (see FastPersistOptions.snapshot).
-        sources.extend([np.asarray(per_device[p]) for p in addressable_indices])
-      else:
-        sources.extend([per_device[p] for p in addressable_indices])
-    return leaves, sources
-
-
-@dataclasses.dataclass(frozen=True)
 class CheckedTree:
   """A pytree flattened and checked (check_tree), with the signature its
   plan is cached under (None: node data that cannot be hashed)."""
   flat: list
   treedef: Any
   signature: tuple | None
+
+  @functools.cached_property
+  def values(self) -> list:
+    """The leaves, in flattening order."""
+    return [x for _, x in self.flat]
 
 
 def check_tree(tree: Any) -> CheckedTree:
@@ -274,15 +258,15 @@ def check_tree(tree: Any) -> CheckedTree:
                     if isinstance(k, jax.tree_util.DictKey))
   signature = (treedef, key_types, tuple(_signature(x) for _, x in flat))
   try:
-    with _LAYOUT_CACHE_LOCK:
+    with _PLAN_CACHE_LOCK:
       known = signature in _CHECKED
   except Exception:  # pylint: disable=broad-except  (pytree node data that cannot be hashed or compared)
     signature, known = None, False
   if not known:
     _check_leaves(flat)
     if signature is not None:
-      with _LAYOUT_CACHE_LOCK:
-        if len(_CHECKED) >= _LAYOUT_CACHE_MAX:
+      with _PLAN_CACHE_LOCK:
+        if len(_CHECKED) >= _PLAN_CACHE_MAX:
           _CHECKED.pop(next(iter(_CHECKED)))
         _CHECKED[signature] = True
   return CheckedTree(flat, treedef, signature)
@@ -330,16 +314,16 @@ def _unsupported_type(x: Any, where: str) -> None:
       "bool/int/float/complex/str, None)")
 
 
-def _build_skeleton(flat: list[tuple[tuple, Any]], process_index: int, write_host_arrays: bool,
-                  data_file_bytes: int, placement: str, replica_parallel: bool,
-                  host_redundancy: int = 1) -> _PlanSkeleton:
+def _build_plan(flat: list[tuple[tuple, Any]], process_index: int, process_count: int,
+                write_host_arrays: bool, data_file_bytes: int, placement: str,
+                replica_parallel: bool, host_redundancy: int) -> SavePlan:
   """Checks every leaf and plans its shards; raises UnsupportedLeafError."""
   leaves: list[disk_format.LeafMeta] = []
   shards: list[PlannedShard] = []
-  sources: list[tuple[int, str, tuple[int, ...]]] = []
+  leaf_runs: list[tuple[int, str, tuple[int, ...]]] = []
   scalar_leaves: list[int] = []
   prng_leaves: list[int] = []
-  on_accel: dict[int, bool] = {}
+  accelerator_leaves: set[int] = set()
   for leaf_id, (path, x) in enumerate(flat):
     where = f"leaf {treepath.to_str(path)}"
     try:
@@ -365,32 +349,37 @@ def _build_skeleton(flat: list[tuple[tuple, Any]], process_index: int, write_hos
         raise UnsupportedLeafError(f"{where}: the jax.Array has been deleted (donated?)")
       shape = tuple(int(n) for n in x.shape)
       leaves.append(disk_format.LeafMeta(encoded, "array", dtype=np.dtype(x.dtype).name, shape=shape,
-                                    sharding=shardings.encode(sharding), prng_impl=prng_impl))
-      on_accel[leaf_id] = next(iter(x.sharding.device_set)).platform != "cpu"
+                                         sharding=shardings.encode(sharding), prng_impl=prng_impl))
+      on_accelerator = next(iter(x.sharding.device_set)).platform != "cpu"
+      if on_accelerator:
+        accelerator_leaves.add(leaf_id)
       owned = _owned_shards(x, process_index, placement, replica_parallel, host_redundancy)
-      shards.extend(PlannedShard(leaf_id, index, nbytes, on_accelerator=on_accel[leaf_id],
+      shards.extend(PlannedShard(leaf_id, index, nbytes, on_accelerator=on_accelerator,
                                  part=part, addressable_index=addressable_index)
                     for addressable_index, index, part, nbytes in owned)
       if owned:
-        sources.append((leaf_id, "array", tuple(i for i, *_ in owned)))
+        leaf_runs.append((leaf_id, "array", tuple(i for i, *_ in owned)))
     elif isinstance(x, (np.ndarray, np.generic)):
       _check_dtype(x.dtype, where)
       kind = "numpy" if isinstance(x, np.ndarray) else "np_scalar"
       shape = tuple(int(n) for n in np.shape(x))
       leaves.append(disk_format.LeafMeta(encoded, kind, dtype=np.dtype(x.dtype).name, shape=shape))
       if write_host_arrays:
-        shards.append(PlannedShard(leaf_id, tuple((0, n) for n in shape), int(np.asarray(x).nbytes)))
-        sources.append((leaf_id, "host", (0,)))
+        index = tuple((0, n) for n in shape)
+        shards.append(PlannedShard(leaf_id, index, _nbytes(index, np.dtype(x.dtype).itemsize)))
+        leaf_runs.append((leaf_id, "host", (0,)))
     elif (st := _scalar_type(x)) is not None:
       _check_scalar(x, st, where)
-      leaves.append(disk_format.LeafMeta(encoded, "scalar", value=x, scalar_type=st))
+      # The value is the save's, not the plan's: leaf_metadata fills it in.
+      leaves.append(disk_format.LeafMeta(encoded, "scalar", scalar_type=st))
       scalar_leaves.append(leaf_id)
     else:
       _unsupported_type(x, where)
   _check_names_distinct(flat)
-  shards, file_sizes = _assign_offsets(shards, data_file_bytes)
-  return _PlanSkeleton(tuple(path for path, _ in flat), tuple(leaves), shards, file_sizes,
-                 tuple(sources), tuple(scalar_leaves), on_accel, tuple(prng_leaves))
+  placed, file_sizes = _assign_offsets(shards, data_file_bytes)
+  return SavePlan(tuple(leaves), tuple(placed), tuple(file_sizes), process_index, process_count,
+                  placement, replica_parallel, tuple(leaf_runs), tuple(scalar_leaves),
+                  tuple(prng_leaves), frozenset(accelerator_leaves))
 
 
 def _check_names_distinct(flat: list[tuple[tuple, Any]]) -> None:
@@ -415,73 +404,94 @@ _OWNED_CACHE: dict = {}
 _OWNED_CACHE_MAX = 16384
 
 # [(index among x's addressable shards, index, byte range or None, bytes)]
-Owned = list[tuple[int, tuple[tuple[int, int], ...], tuple[int, int] | None, int]]
+Owned = list[tuple[int, Index, tuple[int, int] | None, int]]
 
 
 def split_bytes(nbytes: int, parts: int) -> list[tuple[int, int]]:
-  """`parts` contiguous ranges covering [0, nbytes), boundaries 4 KiB-aligned."""
+  """`parts` contiguous [start, stop) byte ranges covering [0, nbytes), each
+  boundary a multiple of 4 KiB (the last ranges are empty when there are
+  fewer 4 KiB blocks than parts)."""
   step = disk_format.align_up(-(-nbytes // parts))
   return [(min(k * step, nbytes), min((k + 1) * step, nbytes)) for k in range(parts)]
 
 
 def _owned_shards(x: jax.Array, me: int, placement: str, replica_parallel: bool,
-                  host_redundancy: int = 1) -> Owned:
-  """The shards (or byte ranges of them) of x this process writes."""
+                  host_redundancy: int) -> Owned:
+  """The shards (or byte ranges of them) of x this process writes (cached;
+  see owned_shards)."""
   copies = host_redundancy if placement == "per_host" else 1
   key = (x.sharding, x.shape, x.dtype, me, placement, replica_parallel, copies)
   owned = _OWNED_CACHE.get(key)
   if owned is not None:
     return owned
-  first_local: dict = {}   # index -> addressable index of the first local device holding it
+  local: dict = {}   # index -> addressable index of the first local device holding it
   for i, s in enumerate(x.addressable_shards):
-    first_local.setdefault(normalize_index(s.index, x.shape), i)
-  owned = []
-  if placement == "per_host" and not replica_parallel:
-    # Each host keeps everything its own devices hold.
-    owned = [(i, index, None, _nbytes(index, x.dtype)) for index, i in first_local.items()]
-  else:
-    # Each shard once, split among the processes holding it. Per host, a
-    # shard held by this host alone is written whole; one held by several is
-    # split, and on restore the hosts swap their parts (exchange.py).
-    holders: dict = {}     # index -> processes holding a replica
+    local.setdefault(normalize_index(s.index, x.shape), i)
+  holders: dict = {}     # index -> processes holding a replica
+  if placement != "per_host" or replica_parallel:
     for device, idx in x.sharding.devices_indices_map(x.shape).items():
       holders.setdefault(normalize_index(idx, x.shape), set()).add(device.process_index)
-    for index, addressable_index in first_local.items():
-      procs = sorted(holders[index])
-      nbytes = _nbytes(index, x.dtype)
-      if not replica_parallel or len(procs) == 1:
-        if procs[0] == me:
-          owned.append((addressable_index, index, None, nbytes))
-        continue
-      # Per host, each part on `copies` hosts (redundancy.py: holder j writes
-      # parts j, ..., j+copies-1 mod R), each part its own record and crc.
-      parts = split_bytes(nbytes, len(procs))
-      for k in redundancy.parts_of_holder(len(procs), procs.index(me), copies):
-        part = parts[k]
-        if part[0] < part[1]:
-          # Recorded as a part even when it is all of a small shard: the other
-          # holders wrote nothing of it, and per-host restore swaps parts.
-          owned.append((addressable_index, index, part, part[1] - part[0]))
+  owned = owned_shards(local, holders, np.dtype(x.dtype).itemsize, me, placement=placement,
+                       replica_parallel=replica_parallel, host_redundancy=host_redundancy)
   if len(_OWNED_CACHE) >= _OWNED_CACHE_MAX:
     _OWNED_CACHE.clear()
   _OWNED_CACHE[key] = owned
   return owned
 
 
-def _nbytes(index: tuple[tuple[int, int], ...], dtype) -> int:
-  return math.prod(b - a for a, b in index) * np.dtype(dtype).itemsize
+def owned_shards(local: Mapping[Index, int], holders: Mapping[Index, Any], itemsize: int,
+                 me: int, *, placement: str, replica_parallel: bool,
+                 host_redundancy: int) -> Owned:
+  """Which of an array's shards, or byte ranges of them, process `me` writes.
 
-
-def addressable_arrays(x: jax.Array) -> list:
-  """The per-device arrays of x, in addressable-shard order.
-
-  `jax.Array._arrays` is that list, read without building a Sharding per shard
-  (addressable_data does, ~50 us each); public API where it is absent.
+  Args:
+    local: each distinct shard index this process holds -> its addressable
+      index (that of the first local device holding it), in addressable order.
+    holders: each shard index -> the processes holding a replica of it
+      (unused, may be empty, with "per_host" and not replica_parallel).
+    itemsize: bytes per element.
+    me: this process.
+    placement, replica_parallel, host_redundancy: as in FastPersistOptions
+      and make_plan.
+  Returns:
+    [(addressable index, index, byte range of the shard or None for all of
+    it, bytes written)], in `local`'s order. Each shard is written once in
+    all: whole by its only holder (or with "shared" and not replica_parallel
+    by its lowest holder); with replica_parallel, a shard held by R processes
+    is split (split_bytes) into R parts, holder j writing part j, or with
+    "per_host" parts j .. j+k-1 mod R, k = min(host_redundancy, R)
+    (redundancy.parts_of_holder). Empty parts are left out. With "per_host"
+    and not replica_parallel, every shard this process holds, whole.
   """
-  arrays = getattr(x, "_arrays", None)
-  if isinstance(arrays, list) and len(arrays) == len(x.sharding.addressable_devices):
-    return arrays
-  return [x.addressable_data(i) for i in range(len(x.sharding.addressable_devices))]
+  if placement == "per_host" and not replica_parallel:
+    # Each host keeps everything its own devices hold.
+    return [(i, index, None, _nbytes(index, itemsize)) for index, i in local.items()]
+  copies = host_redundancy if placement == "per_host" else 1
+  owned: Owned = []
+  # Each shard once, split among the processes holding it. Per host, a shard
+  # held by this host alone is written whole; one held by several is split,
+  # and on restore the hosts swap their parts (exchange.py).
+  for index, addressable_index in local.items():
+    procs = sorted(holders[index])
+    nbytes = _nbytes(index, itemsize)
+    if not replica_parallel or len(procs) == 1:
+      if procs[0] == me:
+        owned.append((addressable_index, index, None, nbytes))
+      continue
+    # Per host, each part on `copies` hosts (redundancy.py: holder j writes
+    # parts j, ..., j+copies-1 mod R), each part its own record and crc.
+    parts = split_bytes(nbytes, len(procs))
+    for k in redundancy.parts_of_holder(len(procs), procs.index(me), copies):
+      part = parts[k]
+      if part[0] < part[1]:
+        # Recorded as a part even when it is all of a small shard: the other
+        # holders wrote nothing of it, and per-host restore swaps parts.
+        owned.append((addressable_index, index, part, part[1] - part[0]))
+  return owned
+
+
+def _nbytes(index: Index, itemsize: int) -> int:
+  return math.prod(b - a for a, b in index) * itemsize
 
 
 def _assign_offsets(shards: list[PlannedShard],

@@ -29,7 +29,8 @@ import uuid
 from fastpersist_jax import checksums, coordination, disk_format, workers
 from fastpersist_jax.errors import CorruptCheckpointError, SaveError
 from fastpersist_jax.io_engine import IOEngine
-from fastpersist_jax.plan import SavePlan
+from fastpersist_jax.options import FastPersistOptions
+from fastpersist_jax.sources import ShardSources
 from fastpersist_jax.staging import StagingPool, Window, stage
 
 logger = logging.getLogger(__name__)
@@ -39,28 +40,42 @@ _END = object()
 # returning, so larger batches mean fewer drains; smaller ones return slabs to
 # the copier sooner.
 _MAX_WINDOWS_PER_WRITE = 8
+# A snapshot copied in the background uses one copy thread, leaving the
+# cores to training (a blocking one uses FastPersistOptions.copy_threads).
+_BACKGROUND_COPY_THREADS = 1
 
 
 class SaveOperation:
   """Saves one plan. `snapshot()` then `commit(directory)`, each once."""
 
-  def __init__(self, engine: IOEngine, pool: StagingPool, plan: SavePlan, *,
-               write_metadata: bool, copy_threads: int = 1,
-               outcome_key: str | None = None, commit_timeout_s: float = 600.0,
-               background_nice: int = 0, background_cpus: tuple[int, ...] | None = None,
-               crc_chunk_bytes: int = 0):
+  def __init__(self, engine: IOEngine, pool: StagingPool, sources: ShardSources,
+               options: FastPersistOptions, *, leaves: list[disk_format.LeafMeta],
+               write_metadata: bool, outcome_key: str | None):
+    """Args:
+      engine, pool: the handler's I/O engine and staging pool.
+      sources: the save's plan (sources.plan) bound to its values.
+      options: the handler's; this uses copy_threads, commit_timeout_s,
+        background_nice and background_cpus.
+      leaves: every leaf's metadata for this save (plan.leaf_metadata).
+      write_metadata: whether this process writes the checkpoint metadata.
+      outcome_key: with several processes, the key under which they agree
+        on the save's outcome (coordination.agree); None with one.
+    """
     self._engine = engine
     self._pool = pool
-    self._plan = plan
+    self._sources = sources
+    self._plan = sources.plan
+    self._leaves = leaves
     self._write_metadata = write_metadata
-    self._copy_threads = copy_threads
+    self._copy_threads = options.resolved_copy_threads()
     self._outcome_key = outcome_key
-    self._commit_timeout_s = commit_timeout_s
-    self._background_nice = background_nice
-    self._background_cpus = background_cpus
-    self._background = workers.shared(background_nice, background_cpus)
-    self._crc_chunk_bytes = crc_chunk_bytes
-    self._checksums = checksums.ShardChecksums([s.nbytes for s in plan.shards], crc_chunk_bytes)
+    self._commit_timeout_s = options.commit_timeout_s
+    self._background_nice = options.background_nice
+    self._background_cpus = options.background_cpus
+    self._background = workers.shared(self._background_nice, self._background_cpus)
+    self._crc_chunk_bytes = options.crc_chunk_bytes
+    self._checksums = checksums.ShardChecksums([s.nbytes for s in self._plan.shards],
+                                               self._crc_chunk_bytes)
     self._to_checksum: queue.Queue = queue.Queue()
     self._to_write: queue.Queue = queue.Queue()
     self._abort = threading.Event()
@@ -71,7 +86,7 @@ class SaveOperation:
     self._checksummer: workers.Task | None = None
     self._stage_entered = False
     # CPU seconds of the save's own threads (the copier's helpers aside).
-    self.stats: dict[str, float] = {"bytes": float(plan.total_bytes), "cpu_s": 0.0}
+    self.stats: dict[str, float] = {"bytes": float(self._plan.total_bytes), "cpu_s": 0.0}
     self._stats_lock = threading.Lock()
 
   # Failure handling ---------------------------------------------------------
@@ -107,7 +122,7 @@ class SaveOperation:
     self._checksummer = self._background.run(self._checksum_loop)
     if background:
       self._checksum_gate.set()   # nothing blocks on the copy: checksum as it goes
-      self._background.run(self._stage, 1, True)
+      self._background.run(self._stage, _BACKGROUND_COPY_THREADS, True)
     else:
       self._stage(self._copy_threads, False)
       self._raise_if_failed()
@@ -119,8 +134,9 @@ class SaveOperation:
     # the background.
     copier_workers = self._background if background else workers.shared()
     try:
-      self._count_cpu(stage(self._plan, self._pool, self._emit, self._abort, copy_threads,
-                            on_pool_wait=self._checksum_gate.set, workers=copier_workers))
+      self._count_cpu(stage(self._sources, self._pool, self._emit, self._abort,
+                            copy_threads=copy_threads, on_pool_wait=self._checksum_gate.set,
+                            workers=copier_workers))
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
     finally:
@@ -266,7 +282,7 @@ class SaveOperation:
       save_id = coordination.shared_value(f"{self._outcome_key}/save_id",
                                           lambda: uuid.uuid4().hex, self._commit_timeout_s)
     meta_bytes = disk_format.encode_metadata(disk_format.CheckpointMetadata(
-        plan.process_count, plan.leaves, placement=plan.placement, save_id=save_id))
+        plan.process_count, self._leaves, placement=plan.placement, save_id=save_id))
     manifest = disk_format.Manifest(
         process_index=plan.process_index,
         files=[(disk_format.data_file_name(plan.process_index, k), size)

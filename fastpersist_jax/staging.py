@@ -4,6 +4,7 @@ A data file is staged as a sequence of windows, each one slab long and
 mapped onto the file at a multiple of the slab size. Shards are copied into
 windows at their planned offsets (several small shards share a window; a
 large one spans many), and each full window becomes one large aligned write.
+Each shard's bytes come from its source, bound for the save by sources.py.
 The pool is allocated once and reused by later saves, so only the first save
 pays for page faults; a checkpoint larger than the pool is staged in rounds,
 the copy waiting for windows the writer has finished with.
@@ -16,17 +17,15 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-import jax
-
-from fastpersist_jax import _ext, treepath
+from fastpersist_jax import _ext
 from fastpersist_jax import workers as workers_lib
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
-from fastpersist_jax.plan import SavePlan, addressable_arrays
+from fastpersist_jax.sources import ShardSources
 
 logger = logging.getLogger(__name__)
 
@@ -112,98 +111,6 @@ class Window:
   # (shard position in plan.shards, offset in slab, length), in shard order
 
 
-def host_bytes(data) -> np.ndarray:
-  """The shard's bytes as a flat uint8 array (a view where possible)."""
-  try:
-    arr = np.asarray(data)
-  except Exception:  # pylint: disable=broad-except  (a deleted array, or a real failure)
-    if isinstance(data, jax.Array) and data.is_deleted():
-      raise SaveError(_DELETED) from None
-    raise
-  if not arr.flags.c_contiguous:
-    arr = np.ascontiguousarray(arr)
-  return arr.reshape(-1).view(np.uint8)
-
-
-_DELETED = ("the array was deleted (donated?) before its bytes were staged; with "
-            "snapshot='reference', arrays must stay alive until the save finishes (use "
-            "snapshot='copy' or 'auto' for arrays the training step donates)")
-
-
-class _Resolver:
-  """Shard i's single-device array (or numpy array). A lazily planned shard's
-  source is its leaf's global array; the per-device list is looked up once
-  per leaf (shards of a leaf are consecutive in a plan)."""
-
-  def __init__(self, plan: SavePlan):
-    self._plan = plan
-    self._leaf = -1
-    self._arrays: list = []
-
-  def __call__(self, i: int) -> Any:
-    source = self._plan.sources[i]
-    if not self._plan.lazy or not isinstance(source, jax.Array):
-      return source
-    shard = self._plan.shards[i]
-    if self._leaf != shard.leaf:
-      if source.is_deleted():
-        raise SaveError(_DELETED)
-      self._arrays, self._leaf = addressable_arrays(source), shard.leaf
-    return self._arrays[shard.addressable_index]
-
-
-# Device-to-host transfers run this many staging windows ahead of the copy
-# into the pool: deep enough that the copy never waits on the DMA (a 64 MiB
-# window is copied in ~5 ms, and 4 of them take ~10 ms over PCIe), small
-# enough that a save's host memory stays the pool plus 256 MiB.
-_D2H_LOOKAHEAD_SLABS = 4
-
-
-class _Transfers:
-  """Device-to-host copies of accelerator shards, started ahead of the copy
-  into staging: into pinned host memory (memory kind "pinned_host", so the
-  DMA needs no bounce), falling back to jax's own host copy. At most
-  `lookahead_bytes` are in flight, so the extra host memory a save uses stays
-  the pool plus that much instead of growing to the checkpoint's size."""
-
-  def __init__(self, plan: SavePlan, lookahead_bytes: int):
-    self._shards = plan.shards
-    self._resolve = _Resolver(plan)
-    self._lookahead = lookahead_bytes
-    self._next = 0          # first shard whose transfer is not started
-    self._in_flight = 0     # bytes started and not yet consumed
-    self._started: dict[int, Any] = {}
-
-  def take(self, consumed: int) -> Any:
-    """Shard `consumed`'s host copy (in progress); starts transfers up to
-    the lookahead."""
-    while self._next < len(self._shards) and (
-        self._next <= consumed or self._in_flight < self._lookahead):
-      s = self._shards[self._next]
-      if s.on_accelerator and s.nbytes:
-        try:
-          self._started[self._next] = _start_device_to_host(self._resolve(self._next))
-        except SaveError:
-          if self._next == consumed:
-            raise
-          break   # raised for the shard it concerns, when that one is taken
-        self._in_flight += s.nbytes
-      self._next += 1
-    self._in_flight -= self._shards[consumed].nbytes
-    return self._started.pop(consumed)
-
-
-def _start_device_to_host(x):
-  try:
-    return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
-  except Exception:  # pylint: disable=broad-except  (backend without pinned_host)
-    try:
-      x.copy_to_host_async()
-    except Exception:  # pylint: disable=broad-except  (np.asarray will copy anyway)
-      pass
-    return x
-
-
 class _Copier:
   """Runs each window's copies on its own thread, in order, then emits the
   window: the copies release the GIL, so the caller's loop prepares the next
@@ -264,22 +171,24 @@ class _Copier:
     self.raise_if_failed()
 
 
-def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
-          abort: threading.Event, copy_threads: int = 1,
+def stage(sources: ShardSources, pool: StagingPool, emit: Callable[[Window], None],
+          abort: threading.Event, *, copy_threads: int,
           on_pool_wait: Callable[[], None] | None = None,
           workers: workers_lib.Workers | None = None) -> float:
-  """Copies every planned shard into windows, emitting each window when full.
+  """Copies every planned shard (sources.plan.shards, its bytes taken from
+  `sources`) into windows, emitting each window when full.
 
   Windows are emitted in file order, and within a window pieces appear in
   shard order, so a consumer can checksum shards incrementally. Each window's
   copies run as one GIL-free batch on `copy_threads` threads, overlapping the
   preparation of the next window. `on_pool_wait` is called whenever no slab
   is free (the consumers must then free some for the copy to go on). The
-  copies run on a thread of `workers` (default: the caller's priority).
-  Returns the CPU seconds of the copy thread.
+  copies run on a thread of `workers` (None: the shared workers, at the
+  caller's priority). Every source is dropped by the time it returns or
+  raises. Returns the CPU seconds of the copy thread.
+  Raises SaveError: aborted, or a shard's array deleted (named).
   """
-  transfers = _Transfers(plan, _D2H_LOOKAHEAD_SLABS * pool.slab_bytes)
-  resolve = _Resolver(plan)
+  plan = sources.plan
   slab_bytes = pool.slab_bytes
   copier = _Copier(pool, emit, copy_threads, workers or workers_lib.shared())
   window: Window | None = None
@@ -298,13 +207,7 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
         raise SaveError("save aborted")
       if not shard.nbytes:
         continue
-      try:
-        src = host_bytes(transfers.take(shard_id) if shard.on_accelerator else resolve(shard_id))
-        if shard.part is not None:
-          src = src[shard.part[0]:shard.part[1]]
-      except SaveError as e:
-        path = treepath.to_str(plan.leaves[shard.leaf].path)
-        raise SaveError(f"leaf {path}: {e}") from None
+      src = sources.take(shard_id)
       done = 0
       while done < shard.nbytes:
         file_pos = shard.offset + done
@@ -325,7 +228,7 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
         done += n
       # The pending copies hold views of the source until their window is
       # copied; after that nothing pins it any more.
-      plan.sources[shard_id] = None
+      sources.drop(shard_id)
     flush()
     copier.finish()
   except BaseException as e:
@@ -341,7 +244,6 @@ def stage(plan: SavePlan, pool: StagingPool, emit: Callable[[Window], None],
       copier.finish()
     except BaseException:  # pylint: disable=broad-except  (the first error is the one raised)
       pass
-    for i in range(len(plan.sources)):   # nothing stays pinned by a failed save
-      plan.sources[i] = None
+    sources.drop_all()   # nothing stays pinned by a failed save
     raise
   return copier.cpu_s

@@ -133,14 +133,14 @@ def test_emergency_manager_save_is_refused_and_commits_nothing(tmp_path):
 
 
 def test_jax_per_device_arrays_accessor_is_where_it_is_used():
-  """plan.addressable_arrays reads jax.Array._arrays (the public
+  """sources.addressable_arrays reads jax.Array._arrays (the public
   addressable_data builds a Sharding per shard, ~50 us each): fail loudly if
   JAX moves it, and check it agrees with the public API."""
-  from fastpersist_jax import plan  # pylint: disable=g-import-not-at-top
+  from fastpersist_jax import sources  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((2, 4), ("a", "b"))
   x = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(mesh, P("a", "b")))
   assert isinstance(getattr(x, "_arrays", None), list)
-  fast = plan.addressable_arrays(x)
+  fast = sources.addressable_arrays(x)
   public = [x.addressable_data(i) for i in range(len(x.sharding.addressable_devices))]
   assert [a.devices() for a in fast] == [a.devices() for a in public]
   assert all(np.array_equal(a, b) for a, b in zip(fast, public))

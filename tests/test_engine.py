@@ -776,5 +776,14 @@ def test_engine_defaults_and_kind_names():
   assert (eng.kind, eng.queue_depth, eng.chunk_bytes, eng.threads) == ("threads", 16, 4 * MiB, 1)
 
 
+def test_engine_config_defaults_agree_with_the_options():
+  """ext/engine.h's EngineConfig (the binding's defaults) and
+  FastPersistOptions (options.py, which passes its own) give the same engine."""
+  eng, opts = _ext.Engine("threads"), FastPersistOptions()
+  assert (eng.queue_depth, eng.chunk_bytes, eng.threads) == (
+      opts.queue_depth, opts.chunk_bytes, opts.io_rings)
+  assert "direct: bool = True" in _ext.File.__init__.__doc__ and opts.direct_io
+
+
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))

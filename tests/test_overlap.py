@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fastpersist_jax import (FastPersistHandler, FastPersistOptions, FastPersistRestore,
                              FastPersistSave, SaveError, UnsupportedLeafError)
 from fastpersist_jax import plan as plan_lib
+from fastpersist_jax import sources as sources_lib
 from fastpersist_jax import staging
 from fastpersist_jax.io_engine import IOEngine
 
@@ -137,15 +138,21 @@ def test_deleted_array_is_refused(mesh, tmp_path):
 @pytest.mark.parametrize("on_accelerator", [False, True])
 def test_array_deleted_before_staging_fails_cleanly(mesh, snapshot, on_accelerator):
   x = jax.device_put(jnp.ones((16, 16)), NamedSharding(mesh, P("data")))
-  plan = plan_lib.make_plan({"params": {"w": x}}, process_index=0, process_count=1,
-                            write_host_arrays=True, data_file_bytes=1 << 30, snapshot=snapshot)
+  options = FastPersistOptions(snapshot=snapshot, staging_slab_bytes=1 * MiB)
+  tree = {"params": {"w": x}}
+  plan = plan_lib.make_plan(tree, options, process_index=0, process_count=1,
+                            write_host_arrays=True, placement="shared")
   if on_accelerator:
-    plan.shards = [dataclasses.replace(s, on_accelerator=True) for s in plan.shards]
+    plan = dataclasses.replace(
+        plan, shards=tuple(dataclasses.replace(s, on_accelerator=True) for s in plan.shards))
+  sources = sources_lib.bind(plan, [x], options)
   x.delete()
   pool = staging.StagingPool(IOEngine(), 1 * MiB, 4 * MiB, register=False)
   with pytest.raises(SaveError, match=r"\['params'\]\['w'\].*deleted"):
-    staging.stage(plan, pool, lambda w: pool.release(w.slab), threading.Event())
+    staging.stage(sources, pool, lambda w: pool.release(w.slab), threading.Event(),
+                  copy_threads=1)
   assert len(pool._free) == pool.max_slabs or not pool.nbytes   # no slab leaked
+  assert sources.held == 0   # nothing left pinned
 
 
 def test_accelerator_path_stages_through_pinned_host_transfers(mesh, monkeypatch):
@@ -154,10 +161,15 @@ def test_accelerator_path_stages_through_pinned_host_transfers(mesh, monkeypatch
   rng = np.random.default_rng(7)
   tree = {f"w{i}": jax.device_put(rng.standard_normal((128, 128)).astype(np.float32),
                                   NamedSharding(mesh, P("data"))) for i in range(12)}
-  plan = plan_lib.make_plan(tree, process_index=0, process_count=1, write_host_arrays=True,
-                            data_file_bytes=1 << 30, snapshot="copy")
-  expected = [np.asarray(d).tobytes() for d in plan.sources]
-  plan.shards = [dataclasses.replace(s, on_accelerator=True) for s in plan.shards]
+  options = FastPersistOptions(snapshot="copy", staging_slab_bytes=64 * 1024)
+  plan = plan_lib.make_plan(tree, options, process_index=0, process_count=1,
+                            write_host_arrays=True, placement="shared")
+  values = list(tree.values())
+  expected = [np.asarray(values[s.leaf].addressable_data(s.addressable_index)).tobytes()
+              for s in plan.shards]
+  plan = dataclasses.replace(
+      plan, shards=tuple(dataclasses.replace(s, on_accelerator=True) for s in plan.shards))
+  sources = sources_lib.bind(plan, values, options)
   pool = staging.StagingPool(IOEngine(), 64 * 1024, 128 * 1024, register=False)
   pool.ensure(plan.staged_bytes)
   got = {}
@@ -170,17 +182,17 @@ def test_accelerator_path_stages_through_pinned_host_transfers(mesh, monkeypatch
   # Transfers run a bounded distance ahead: host memory stays the pool plus
   # a few slabs, whatever the checkpoint's size.
   in_flight = []
-  real_take = staging._Transfers.take
+  real_take = sources_lib._Transfers.take
 
   def take(self, consumed):
     out = real_take(self, consumed)
     in_flight.append(self._in_flight)
     return out
-  monkeypatch.setattr(staging._Transfers, "take", take)
-  staging.stage(plan, pool, consume, threading.Event())
+  monkeypatch.setattr(sources_lib._Transfers, "take", take)
+  staging.stage(sources, pool, consume, threading.Event(), copy_threads=1)
   assert [got[i] for i in range(len(plan.shards))] == expected
-  assert all(d is None for d in plan.sources)   # nothing left pinned
-  limit = staging._D2H_LOOKAHEAD_SLABS * pool.slab_bytes
+  assert sources.held == 0   # nothing left pinned
+  limit = sources_lib._D2H_LOOKAHEAD_SLABS * pool.slab_bytes
   assert plan.staged_bytes > 2 * limit and 0 < max(in_flight) <= limit
 
 

@@ -102,11 +102,11 @@ def test_a_save_whose_manifest_its_restore_would_reject_is_not_committed(manager
     return placed, [s + 4096 for s in sizes]
 
   monkeypatch.setattr(plan, "_assign_offsets", wrong_sizes)
-  plan._SKELETON_CACHE.clear()
+  plan._PLAN_CACHE.clear()
   with pytest.raises(SaveError, match="restore would reject.*manifest says"):
     manager.save({"w": jnp.arange(10.0), "tag": np.int8(3)})
   monkeypatch.undo()
-  plan._SKELETON_CACHE.clear()
+  plan._PLAN_CACHE.clear()
   assert manager.mgr.all_steps() == []
 
 
