@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import fastpersist_jax
 from fastpersist_jax import (FastPersistCheckpointableHandler, FastPersistOptions, SaveError,
                              checkpointable, checkpointables_registry)
-from fastpersist_jax import save as save_lib
+from fastpersist_jax import checksums as checksums_lib
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +112,13 @@ def test_save_returns_after_the_snapshot_and_arrays_may_then_be_deleted(mesh, tm
   tree = _tree(mesh, seed=2)
   expected = jax.tree.map(lambda x: np.array(x) if isinstance(x, jax.Array) else x, tree)
   release, writing = threading.Event(), threading.Event()
-  real_crc = save_lib.crc32c.crc32c
+  real_crc = checksums_lib.crc32c.crc32c
 
   def held_crc(*a, **kw):   # the background checksums (and so durability) wait for `release`
     writing.set()
     release.wait(60)
     return real_crc(*a, **kw)
-  monkeypatch.setattr(save_lib.crc32c, "crc32c", held_crc)
+  monkeypatch.setattr(checksums_lib.crc32c, "crc32c", held_crc)
 
   with ocp.v1.Context(checkpointables_options=ocp.v1.options.CheckpointablesOptions(
       registry=checkpointables_registry())):
@@ -201,7 +201,7 @@ def test_tree_larger_than_the_staging_pool_in_copy_mode(mesh, tmp_path):
 def test_failed_save_raises_and_commits_nothing(mesh, tmp_path, monkeypatch):
   def broken_crc(*a, **kw):
     raise OSError("disk on fire")
-  monkeypatch.setattr(save_lib.crc32c, "crc32c", broken_crc)
+  monkeypatch.setattr(checksums_lib.crc32c, "crc32c", broken_crc)
   with ocp.v1.Context(checkpointables_options=ocp.v1.options.CheckpointablesOptions(
       registry=checkpointables_registry())):
     with pytest.raises(SaveError, match="disk on fire"):

@@ -247,17 +247,17 @@ def test_failed_saves_return_their_staging_memory_and_report_the_first_error(mes
 
 def test_background_threads_are_reused_at_lower_priority_on_the_chosen_cpus(mesh, tmp_path,
                                                                            monkeypatch):
-  from fastpersist_jax import save as save_lib
+  from fastpersist_jax import checksums as checksums_lib
   cpu = max(os.sched_getaffinity(0))
   seen = []
-  real_crc = save_lib.crc32c.crc32c
+  real_crc = checksums_lib.crc32c.crc32c
 
   def spying_crc(data, crc=0):
     tid = threading.get_native_id()
     seen.append((threading.get_ident(), os.sched_getaffinity(0),
                  os.getpriority(os.PRIO_PROCESS, tid)))
     return real_crc(data, crc)
-  monkeypatch.setattr(save_lib.crc32c, "crc32c", spying_crc)
+  monkeypatch.setattr(checksums_lib.crc32c, "crc32c", spying_crc)
   base_nice = os.getpriority(os.PRIO_PROCESS, 0)
   h = FastPersistHandler(FastPersistOptions(background_nice=3, background_cpus=(cpu,)))
   threads_before = None
