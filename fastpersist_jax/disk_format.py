@@ -452,8 +452,8 @@ def _decode_leaf(d: Any, i: int) -> LeafMeta:
         leaf.prng_impl = prng_impl
       # A key array's sharding covers the key shape, without the impl's dims.
       _check_sharding(sharding, leaf.shape[:-1] if prng_impl else leaf.shape, what)
-    elif sharding is not None and not isinstance(sharding, dict):
-      raise CorruptCheckpointError(f"{what}: malformed sharding")
+    else:   # numpy leaves: restore may still rebuild the recorded sharding for a target
+      _check_sharding(sharding, leaf.shape, what)
     leaf.sharding = sharding
   elif kind == "scalar":
     leaf.scalar_type, leaf.value = _decode_scalar(d, what)

@@ -54,27 +54,37 @@ class SavedShard:
 
 def assemble_parts(leaf_name: Any, index: Index, nbytes: int,
                     records: list[tuple[int, disk_format.ShardRecord]]) -> SavedShard:
-  """Orders a shard's parts; they must tile its bytes exactly once. The same
-  range saved twice (per-host checkpoints gathered in one directory) is fine."""
+  """Orders a shard's parts; they must not overlap. The same range saved
+  twice (per-host checkpoints gathered in one directory) is fine. Bytes no
+  part holds (anywhere: other hosts' parts of a per-host checkpoint) make
+  the shard `missing`, an error only where a target needs it (plan_leaf).
+  Raises CorruptCheckpointError where parts overlap."""
   if len(records) == 1 and records[0][1].part is None:   # the common case: saved whole, once
     return SavedShard(index, nbytes, records)
   chosen = []
+  present: list[tuple[int, int]] = []
   at = 0
   for process, rec in sorted(records, key=lambda pr: (pr[1].part or (0, nbytes), pr[0])):
     start, stop = rec.part or (0, nbytes)
-    if start == at and stop > start:
-      chosen.append((process, rec))
-      at = stop
-    elif chosen and (start, stop) == (chosen[-1][1].part or (0, nbytes)):
-      continue  # a duplicate of the part just taken
-    elif stop > start or start > at:
+    if stop == start:
+      continue   # an empty part holds nothing
+    if chosen and (start, stop) == (chosen[-1][1].part or (0, nbytes)):
+      continue   # a duplicate of the part just taken
+    if start < at:
       raise CorruptCheckpointError(
-          f"leaf {leaf_name}, shard {list(map(list, index))}: saved parts overlap or leave "
-          f"a gap at byte {at} (part {[start, stop]})")
+          f"leaf {leaf_name}, shard {list(map(list, index))}: saved parts overlap at byte "
+          f"{start} (part {[start, stop]}, bytes up to {at} already held)")
+    chosen.append((process, rec))
+    if present and present[-1][1] == start:
+      present[-1] = (present[-1][0], stop)
+    else:
+      present.append((start, stop))
+    at = stop
   missing = None
-  if at != nbytes and nbytes:
+  if present != [(0, nbytes)] and nbytes:
     # An error only if a target needs this shard (see plan_leaf).
-    missing = (f"leaf {leaf_name}, shard {list(map(list, index))}: only bytes [0, {at}) of "
+    held = ", ".join(f"[{a}, {b})" for a, b in present) or "none"
+    missing = (f"leaf {leaf_name}, shard {list(map(list, index))}: only bytes {held} of "
                f"{nbytes} are here")
   return SavedShard(index, nbytes, chosen, missing)
 

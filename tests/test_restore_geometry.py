@@ -91,20 +91,28 @@ def test_an_empty_shard_needs_no_part():
 
 
 @pytest.mark.parametrize("parts,message", [
-    ([(0, 4096), (8192, 12288)],
-     "saved parts overlap or leave a gap at byte 4096 (part [8192, 12288])"),
     ([(0, 8192), (4096, 12288)],
-     "saved parts overlap or leave a gap at byte 8192 (part [4096, 12288])"),
+     "saved parts overlap at byte 4096 (part [4096, 12288], bytes up to 8192 already held)"),
     ([(0, 4096), (0, 8192), (8192, 12288)],
-     "saved parts overlap or leave a gap at byte 4096 (part [0, 8192])"),
+     "saved parts overlap at byte 0 (part [0, 8192], bytes up to 4096 already held)"),
     ([(0, 4096), (4096, 8192), (4095, 12288)],
-     "saved parts overlap or leave a gap at byte 4096 (part [4095, 12288])"),
-], ids=["gap", "overlap", "a part spanning two", "overlap by one byte"])
-def test_parts_that_overlap_or_leave_a_gap_are_corrupt(parts, message):
+     "saved parts overlap at byte 4095 (part [4095, 12288], bytes up to 4096 already held)"),
+], ids=["overlap", "a part spanning two", "overlap by one byte"])
+def test_parts_that_overlap_are_corrupt(parts, message):
   records = [(i, _part(a, b, index=((0, 3072),))) for i, (a, b) in enumerate(parts)]
   with pytest.raises(CorruptCheckpointError) as e:
     assemble_parts(NAME, ((0, 3072),), 12288, records)
   assert str(e.value) == f"leaf ['w'], shard [[0, 3072]]: {message}"
+
+
+def test_a_gap_between_parts_is_noted_for_plan_leaf_not_raised():
+  # Other hosts' parts of a per-host checkpoint are not here: an error only
+  # where a target needs the shard (plan_leaf), with the per-host hint.
+  records = [(0, _part(0, 4096, index=((0, 3072),))), (2, _part(8192, 12288, index=((0, 3072),)))]
+  shard = assemble_parts(NAME, ((0, 3072),), 12288, records)
+  assert _ranges(shard) == [(0, (0, 4096)), (2, (8192, 12288))]
+  assert shard.missing == ("leaf ['w'], shard [[0, 3072]]: only bytes [0, 4096), [8192, 12288) "
+                           "of 12288 are here")
 
 
 def test_a_missing_last_part_is_noted_for_plan_leaf_not_raised():
@@ -114,11 +122,6 @@ def test_a_missing_last_part_is_noted_for_plan_leaf_not_raised():
   assert shard.missing == "leaf ['w'], shard [[0, 2048]]: only bytes [0, 4096) of 8192 are here"
 
 
-@pytest.mark.xfail(strict=True, raises=CorruptCheckpointError, reason=(
-    "bug: assemble_parts treats missing leading parts as corruption (raises at once, 'saved parts "
-    "overlap or leave a gap at byte 0') but missing trailing parts as 'missing' (raised by "
-    "plan_leaf only where a target needs the shard, with the per-host hint): a per-host "
-    "directory of host 1 restored on its own fails with a misleading message"))
 def test_missing_first_parts_are_noted_like_missing_last_ones():
   # Host 1's per-host directory (host_redundancy 2 of 4 holders) holds parts 1 and 2.
   parts = plan.split_bytes(16384, 4)

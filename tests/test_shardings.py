@@ -274,10 +274,6 @@ def test_a_key_arrays_sharding_is_checked_against_the_key_shape():
     disk_format.decode_metadata_bytes(too_long, "meta")
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError), reason=(
-    "bug: a numpy leaf's sharding record is not validated (disk_format._decode_leaf checks only "
-    "that it is a dict), and restore_plan._on_devices passes it to shardings.decode, which raises "
-    "a bare TypeError/ValueError on it"))
 @pytest.mark.parametrize("record", [
     {"type": "single", "device_ids": [[1]]},
     {"type": "named", "mesh_shape": [8], "axis_names": ["x", "y"], "spec": []},
