@@ -77,10 +77,15 @@ class LeafMeta:
   prng_impl: str | None = None
 
 
+# A shard's index: [start, stop) per dimension of the global array (JAX's
+# Shard.index with the slices as integer ranges). The one definition of it.
+Index = tuple[tuple[int, int], ...]
+
+
 @dataclasses.dataclass
 class ShardRecord:
   leaf: int
-  index: tuple[tuple[int, int], ...]   # [start, stop) per dimension, global
+  index: Index                         # [start, stop) per dimension, global
   file: int                            # index into Manifest.files
   offset: int
   nbytes: int
@@ -538,7 +543,7 @@ def _check_file(directory: str, name: str, size: int, what: str) -> None:
         f"{what}: data file {name} is {st.st_size} bytes, the manifest says {size} (truncated?)")
 
 
-def check_grid(indices: list[tuple[tuple[int, int], ...]], what: str) -> None:
+def check_grid(indices: list[Index], what: str) -> None:
   """Non-empty shard indices of one array must be cells of one grid (as every
   jax sharding makes them): per dimension, ranges equal or disjoint. Then
   distinct cells never overlap, so counting covered elements proves every

@@ -21,11 +21,11 @@ import jax
 import numpy as np
 
 from fastpersist_jax import disk_format, redundancy, shardings, treepath
+from fastpersist_jax.disk_format import Index
 from fastpersist_jax.errors import UnsupportedLeafError
 from fastpersist_jax.options import FastPersistOptions
 
 # A shard's place in its global array: [start, stop) per dimension.
-Index = tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,7 +404,7 @@ _OWNED_CACHE: dict = {}
 _OWNED_CACHE_MAX = 16384
 
 # [(index among x's addressable shards, index, byte range or None, bytes)]
-Owned = list[tuple[int, Index, tuple[int, int] | None, int]]
+OwnedShards = list[tuple[int, Index, tuple[int, int] | None, int]]
 
 
 def split_bytes(nbytes: int, parts: int) -> list[tuple[int, int]]:
@@ -416,7 +416,7 @@ def split_bytes(nbytes: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _owned_shards(x: jax.Array, me: int, placement: str, replica_parallel: bool,
-                  host_redundancy: int) -> Owned:
+                  host_redundancy: int) -> OwnedShards:
   """The shards (or byte ranges of them) of x this process writes (cached;
   see owned_shards)."""
   copies = host_redundancy if placement == "per_host" else 1
@@ -441,7 +441,7 @@ def _owned_shards(x: jax.Array, me: int, placement: str, replica_parallel: bool,
 
 def owned_shards(local: Mapping[Index, int], holders: Mapping[Index, Any], itemsize: int,
                  me: int, *, placement: str, replica_parallel: bool,
-                 host_redundancy: int) -> Owned:
+                 host_redundancy: int) -> OwnedShards:
   """Which of an array's shards, or byte ranges of them, process `me` writes.
 
   Args:
@@ -467,7 +467,7 @@ def owned_shards(local: Mapping[Index, int], holders: Mapping[Index, Any], items
     # Each host keeps everything its own devices hold.
     return [(i, index, None, _nbytes(index, itemsize)) for index, i in local.items()]
   copies = host_redundancy if placement == "per_host" else 1
-  owned: Owned = []
+  owned: OwnedShards = []
   # Each shard once, split among the processes holding it. Per host, a shard
   # held by this host alone is written whole; one held by several is split,
   # and on restore the hosts swap their parts (exchange.py).

@@ -24,12 +24,12 @@ import numpy as np
 from jax import tree_util
 
 from fastpersist_jax import disk_format, restore_plan
+from fastpersist_jax.disk_format import Index
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError)
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
 
-Index = tuple[tuple[int, int], ...]
 ARRAY_KINDS = ("array", "numpy", "np_scalar")
 SCRATCH_BYTES = 64 << 20
 

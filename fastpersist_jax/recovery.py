@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from fastpersist_jax import errors, exchange, disk_format, restore_plan, treepath
+from fastpersist_jax.disk_format import Index
 from fastpersist_jax.errors import CheckpointNotFoundError, CorruptCheckpointError, FastPersistError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 _CALLS = itertools.count()
 _DATA_KINDS = ("array", "numpy", "np_scalar")
 _NAMES_SHOWN = 8
-Index = tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass

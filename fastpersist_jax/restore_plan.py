@@ -18,10 +18,10 @@ import jax
 import numpy as np
 
 from fastpersist_jax import checksums, disk_format, shardings, treepath
+from fastpersist_jax.disk_format import Index
 from fastpersist_jax.errors import CorruptCheckpointError, RestoreMismatchError
 from fastpersist_jax.plan import normalize_index
 
-Index = tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass
