@@ -39,5 +39,11 @@ def fmt_gbps(v: float | None) -> str:
 
 
 def fmt(v: float | None, spec: str) -> str:
-  """format(v, spec), or "-" when `v` is None (a figure that was not measured)."""
-  return "-" if v is None else format(v, spec)
+  """format(v, spec), or "-" when `v` is None (a figure that was not
+  measured), right-aligned to the spec's width."""
+  if v is not None:
+    return format(v, spec)
+  width = spec.split(".")[0].lstrip("<>^=+- 0")
+  if not width.isdigit():
+    return "-"
+  return "-".ljust(int(width)) if spec.startswith("<") else "-".rjust(int(width))
