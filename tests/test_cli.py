@@ -180,6 +180,26 @@ def test_verify_damaged_manifest_exits_1(step_dir, tmp_path, capsys):
   assert "manifest.00000.json" in out and "nbytes" in out, out
 
 
+def test_verify_checks_chunk_checksums(tmp_path, capsys):
+  # A 64 KiB array saved with 16 KiB chunks: 4 chunk CRCs in its record.
+  values = np.arange(16384, dtype=np.float32)
+  handler = FastPersistHandler(FastPersistOptions(crc_chunk_bytes=16384))
+  with ocp.CheckpointManager(tmp_path / "c", item_handlers=handler) as mngr:
+    mngr.save(0, args=FastPersistSave({"w": jax.device_put(values)}))
+    mngr.wait_until_finished()
+  item = tmp_path / "c" / "0" / "default"
+  rc, out, _ = cli_in_process(capsys, "verify", item)
+  assert rc == 0, out
+  path = item / "manifest.00000.json"
+  d = json.loads(path.read_text())
+  assert d["crc_chunk_bytes"] == 16384 and len(d["shards"][0]["chunk_crc32c"]) == 4, d
+  d["shards"][0]["chunk_crc32c"][2] ^= 1   # a writer that recorded one chunk's CRC wrong
+  write_sealed(path, d)
+  rc, out, _ = cli_in_process(capsys, "verify", item)
+  assert rc == 1
+  assert "chunk checksum mismatch at bytes [32768, 49152)" in out and "['w']" in out, out
+
+
 def test_verify_usage_errors_exit_2(tmp_path, capsys):
   r = cli("verify", tmp_path / "missing", check_rc=2)
   assert "no directory" in r.stderr and "missing" in r.stderr

@@ -17,7 +17,7 @@ from typing import Callable
 import crc32c
 import numpy as np
 
-from fastpersist_jax import disk_format, reader
+from fastpersist_jax import checksums, disk_format, reader
 from fastpersist_jax.errors import FastPersistError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -168,7 +168,7 @@ def verify_item(directory: str, engine: IOEngine, buffer: np.ndarray,
 def _check_data(rd: reader.CheckpointReader, engine: IOEngine, buffer: np.ndarray,
                 report: ItemReport, damaged: Callable[[str], None]) -> None:
   """Streams every data file listed by the manifests read and checks each
-  record's CRC-32C."""
+  record's CRC-32C, and its chunks' where the manifest records them."""
   half = (buffer.nbytes // 2) // disk_format.SHARD_ALIGN * disk_format.SHARD_ALIGN
   halves = (buffer[:half], buffer[half:2 * half])
   windows: list[_Window] = []
@@ -189,6 +189,9 @@ def _check_data(rd: reader.CheckpointReader, engine: IOEngine, buffer: np.ndarra
     engine.read([(rd.file(w.process, w.file_id), w.start, halves[k % 2][:w.length])])
 
   crcs: dict[int, int] = {}   # id(record) -> CRC of its bytes so far
+  # Records with chunk CRCs: their chunks' CRCs, as the bytes stream by.
+  chunked = {id(rec): checksums.ShardChecksums([rec.nbytes], rec.chunk_bytes)
+             for m in rd.manifests.values() for rec in m.shards if rec.chunk_crc32c is not None}
   with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastpersist-verify") as pool:
     pending = pool.submit(load, 0) if windows else None
     for k, w in enumerate(windows):
@@ -210,6 +213,8 @@ def _check_data(rd: reader.CheckpointReader, engine: IOEngine, buffer: np.ndarra
         if prev == -1:
           continue   # part of it could not be read: already reported
         crc = crc32c.crc32c(data[piece.at:piece.at + piece.nbytes], prev)
+        if key in chunked:
+          chunked[key].update(0, data[piece.at:piece.at + piece.nbytes])
         end = piece.rec.offset + piece.rec.nbytes
         if w.start + piece.at + piece.nbytes < end:
           crcs[key] = crc   # more of this record in the next window
@@ -218,6 +223,12 @@ def _check_data(rd: reader.CheckpointReader, engine: IOEngine, buffer: np.ndarra
         report.shards += 1
         if crc != piece.rec.crc32c:
           damaged(f"{rd.directory}: {rd.describe(piece.process, piece.rec)}: checksum mismatch")
+        elif key in chunked and chunked[key].chunk_crcs(0) != piece.rec.chunk_crc32c:
+          bad = next(c for c, (a, b) in enumerate(zip(chunked[key].chunk_crcs(0),
+                                                     piece.rec.chunk_crc32c)) if a != b)
+          step = piece.rec.chunk_bytes
+          damaged(f"{rd.directory}: {rd.describe(piece.process, piece.rec)}: chunk checksum "
+                  f"mismatch at bytes [{bad * step}, {min((bad + 1) * step, piece.rec.nbytes)})")
 
 
 def verify(path: str, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
