@@ -235,6 +235,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         the file, leaf, shard and offset); nothing partial is returned.
       RestoreError: (several processes) another process's restore failed,
         or it did not finish within commit_timeout_s; every process raises.
+    With several processes, every process calls restore (as Orbax's
+    Checkpointer and CheckpointManager do): they agree on its outcome.
     """
     if args is not None:
       item = args.item
