@@ -241,6 +241,18 @@ def test_verify_reports_chunk_checksums_that_do_not_match_the_data(tmp_path):
   assert r.returncode == 1 and "OK" not in r.stdout.splitlines()[-1], (r.returncode, r.stdout)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "a resharding restore reading some chunks of a record checks them against chunk_crc32c "
+    "only, never that those agree with the record's crc32c (crc32c combine needs no data): "
+    "one re-sealed chunk CRC matching a flipped byte makes it return wrong values, where a "
+    "whole-record read (or verify) refuses the same files"))
+def test_a_partial_read_never_returns_bytes_its_record_crc_refuses(tmp_path):
+  p0, p1 = _run_two("forged_chunk", tmp_path)
+  assert p0["clean"] == "ok" and p0["bytes"] < p0["total"], p0   # a partial read
+  # Process 0 reads the chunk whose byte and chunk CRC were changed.
+  assert p0["restore"] != "ok" and "wrong values" not in p0["restore"], p0
+
+
 # The multi-process worker ---------------------------------------------------------
 
 def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
@@ -355,6 +367,39 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
     for steps in ((0, 7), (0, 0), (0, 0)):
       rounds.append(outcome(lambda s=steps[pid]: mngr.restore(s, args=FastPersistRestore(target(w)))))
     result["rounds"] = rounds
+  elif scenario == "forged_chunk":
+    # 2 saved row blocks of 32 KiB (chunks of 4 KiB), one per process;
+    # restored as 4 row blocks over devices [0, 2, 1, 3]: process 0 reads
+    # the first half of process 1's block only.
+    x = jax.make_array_from_callback(host.shape, NamedSharding(mesh, P("data")),
+                                     lambda i: host[i])
+    options = FastPersistOptions(crc_chunk_bytes=4096, commit_timeout_s=10)
+    mngr = ocp.CheckpointManager(root, item_handlers=FastPersistHandler(options))
+    mngr.save(0, args=FastPersistSave({"w": x}))
+    mngr.wait_until_finished()
+    order = [jax.devices()[i] for i in (0, 2, 1, 3)]
+    rows = NamedSharding(jax.make_mesh((4,), ("data",), devices=order), P("data"))
+    t = {"w": jax.ShapeDtypeStruct(host.shape, host.dtype, sharding=rows)}
+    handler = FastPersistHandler(options)
+    mngr = ocp.CheckpointManager(root, item_handlers=handler)
+    result["clean"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(t)))
+    result["bytes"], result["total"] = handler.last_restore_stats["bytes"], host.nbytes
+    client.wait_at_barrier("break/restored", 30_000)
+    if pid == 0:   # flip a byte of process 1's block and re-seal a chunk CRC that matches it
+      item = os.path.join(root, "0", "default")
+      with open(os.path.join(item, disk_format.manifest_name(1))) as f:
+        (rec,) = json.load(f)["shards"]
+      with open(os.path.join(item, disk_format.data_file_name(1, 0)), "r+b") as f:
+        f.seek(rec["offset"])
+        chunk = bytearray(f.read(4096))
+        chunk[100] ^= 0x40
+        f.seek(rec["offset"])
+        f.write(chunk)
+      import crc32c  # pylint: disable=g-import-not-at-top
+      _reseal_manifest(os.path.join(item, disk_format.manifest_name(1)),
+                       lambda m: m["shards"][0]["chunk_crc32c"].__setitem__(0, crc32c.crc32c(chunk)))
+    client.wait_at_barrier("break/forged", 30_000)
+    result["restore"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(t)))
   elif scenario == "late_process":
     w = saved(P("data"))
     mngr = ocp.CheckpointManager(root, item_handlers=FastPersistHandler(
