@@ -53,6 +53,7 @@ def _reseal_metadata(item: str, edit) -> None:
 
 
 def _reseal_manifest(path: str, edit) -> None:
+  """Applies `edit` to the manifest document at `path` and re-seals it."""
   with open(path) as f:
     doc = json.load(f)
   doc.pop("crc32c")
@@ -62,6 +63,7 @@ def _reseal_manifest(path: str, edit) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+  """Runs `python -m fastpersist_jax ARGS...`; its exit status and output."""
   return subprocess.run([sys.executable, "-m", "fastpersist_jax", *args], capture_output=True,
                         text=True, env=helpers.child_env(8), timeout=120, check=False)
 
@@ -247,7 +249,7 @@ def test_verify_reports_chunk_checksums_that_do_not_match_the_data(tmp_path):
     "one re-sealed chunk CRC matching a flipped byte makes it return wrong values, where a "
     "whole-record read (or verify) refuses the same files"))
 def test_a_partial_read_never_returns_bytes_its_record_crc_refuses(tmp_path):
-  p0, p1 = _run_two("forged_chunk", tmp_path)
+  p0, _ = _run_two("forged_chunk", tmp_path)
   assert p0["clean"] == "ok" and p0["bytes"] < p0["total"], p0   # a partial read
   # Process 0 reads the chunk whose byte and chunk CRC were changed.
   assert p0["restore"] != "ok" and "wrong values" not in p0["restore"], p0
