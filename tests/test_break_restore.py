@@ -1,0 +1,446 @@
+"""Restore-path bugs found by attacking it as a hostile but realistic user
+would (chunk checksums, multi-process outcome agreement, metadata
+validation). Each test asserts the behaviour the docs promise and is marked
+xfail(strict=True) until the bug is fixed: a fix makes it pass, and strict
+then fails the suite until the mark is removed.
+
+The multi-process tests run this very file as their worker
+(`python tests/test_break_restore.py --worker SCENARIO PID NPROC PORT DIR`):
+two JAX processes on localhost (CPU devices, gloo), as
+tests/test_multiprocess.py does with tests/mp_worker.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import helpers  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax is imported)
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fastpersist_jax import (FastPersistError, FastPersistHandler, FastPersistOptions,
+                             FastPersistRestore, FastPersistSave, disk_format)
+
+THIS = os.path.abspath(__file__)
+
+
+# Helpers ----------------------------------------------------------------------
+
+def _reseal_metadata(item: str, edit) -> None:
+  """Applies `edit` to the item's fastpersist.json document, re-seals it
+  (disk_format.seal) and points every manifest's metadata_crc32c at the new
+  seal (re-sealing them too): only the edit differs from a valid checkpoint."""
+  path = os.path.join(item, disk_format.METADATA_FILE)
+  with open(path) as f:
+    doc = json.load(f)
+  doc.pop("crc32c")
+  edit(doc)
+  raw = disk_format.seal(doc)
+  with open(path, "wb") as f:
+    f.write(raw)
+  seal = json.loads(raw)["crc32c"]
+  for name in os.listdir(item):
+    if name.startswith("manifest."):
+      _reseal_manifest(os.path.join(item, name), lambda m: m.update(metadata_crc32c=seal))
+
+
+def _reseal_manifest(path: str, edit) -> None:
+  """Applies `edit` to the manifest document at `path` and re-seals it."""
+  with open(path) as f:
+    doc = json.load(f)
+  doc.pop("crc32c")
+  edit(doc)
+  with open(path, "wb") as f:
+    f.write(disk_format.seal(doc))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  """Runs `python -m fastpersist_jax ARGS...`; its exit status and output."""
+  return subprocess.run([sys.executable, "-m", "fastpersist_jax", *args], capture_output=True,
+                        text=True, env=helpers.child_env(8), timeout=120, check=False)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_two(scenario: str, root, timeout: float = 120) -> list[dict | None]:
+  """Runs `scenario` of this file's worker on 2 processes (2 CPU devices
+  each); each process's last "RESULT <json>" (None if it printed none)."""
+  port = _free_port()
+  env = helpers.child_env(2)
+  procs = [subprocess.Popen([sys.executable, THIS, "--worker", scenario, str(i), "2", str(port),
+                             str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env) for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      try:
+        out, _ = p.communicate(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+      outs.append(out)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  results = []
+  for out in outs:
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    results.append(json.loads(lines[-1][len("RESULT "):]) if lines else None)
+  assert results[0] is not None, f"process 0 reported nothing:\n{outs[0][-4000:]}"
+  return results
+
+
+# Multi-process: restore outcome agreement -------------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "per-host restore with replica-parallel parts: a process that fails before the part swap "
+    "(target names a missing leaf, unreadable fastpersist.json on its host) never joins "
+    "exchange.swap_parts' allgather, which has no timeout; the others wait there until it "
+    "exits, then raise a bare JaxRuntimeError (or hit gloo's 30 s init deadline), not "
+    "RestoreError"))
+def test_per_host_failure_before_the_part_swap_fails_the_others_with_restore_error(tmp_path):
+  p0, p1 = _run_two("per_host_swap", tmp_path)
+  assert p0["warm"] == "ok", p0
+  if p1 is not None:
+    assert p1["error"].startswith("RestoreMismatchError"), p1
+  # Process 0's restore must end, within about commit_timeout_s (3 s), in a
+  # RestoreError naming process 1, while process 1 is still alive (it waits
+  # up to 7 s for process 0 to finish).
+  assert p0["error"].startswith("RestoreError") and "process 1" in p0["error"], p0
+  assert p0["seconds"] < 6, p0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "per-host restore with replica-parallel parts: Restorer.restore skips _records (and so the "
+    "part swap, a collective) when the target holds no array leaf; a process restoring only "
+    "the step leaves the others waiting for its parts in the allgather (gloo's 30 s init "
+    "deadline, then a bare JaxRuntimeError), and itself gets RestoreError"))
+def test_per_host_restore_of_no_arrays_on_one_process_still_sends_its_parts(tmp_path):
+  p0, p1 = _run_two("per_host_step_only", tmp_path)
+  assert p0["warm"] == "ok" and p0["restore"] == "ok" and p0["step"] == 3, p0
+  assert p1 is not None and p1["restore"] == "ok" and p1["step"] == 3, p1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "outcome keys are fastpersist/<handler uid>/..., the uid a per-process counter of "
+    "FastPersistHandler instances: one extra handler on one process (e.g. made on the chief "
+    "to read metadata) makes every later multi-process restore (and save) of the job fail "
+    "after commit_timeout_s, each process claiming the other did not finish"))
+def test_a_handler_made_on_one_process_only_does_not_break_multiprocess_restores(tmp_path):
+  results = _run_two("handler_ids", tmp_path)
+  for r in results:
+    assert r is not None and r["restore"] == "ok", results
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "outcome keys count handler.restore calls per process: when one process's restore fails "
+    "in Orbax before reaching the handler (a step it lacks), the counts diverge for good. The "
+    "others' restore is then paired with that process's NEXT restore and returns success "
+    "though it never restored this one; every process's last restore times out"))
+def test_restore_outcomes_are_agreed_per_restore_not_per_call_count(tmp_path):
+  p0, p1 = _run_two("restore_counts", tmp_path)
+  assert p1 is not None and p1["rounds"][0].startswith("FileNotFoundError"), p1
+  # Process 1 never restored in round 0: process 0 must not report success.
+  assert p0["rounds"][0].startswith("RestoreError"), p0
+  # Both then restore the same step: both succeed.
+  assert p0["rounds"][1:] == ["ok", "ok"] and p1["rounds"][1:] == ["ok", "ok"], (p0, p1)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "coordination.agree publishes this process's 'ok' before reading the others' and leaves "
+    "it there when it then times out and raises RestoreError: a process arriving later than "
+    "commit_timeout_s reads that 'ok', returns its restore as a success, and then waits "
+    "forever in Orbax's end-of-restore barrier, which the other never reaches"))
+def test_a_process_that_gave_up_waiting_is_not_counted_as_having_restored(tmp_path):
+  p0, p1 = _run_two("late_process", tmp_path)
+  assert p0["restore"].startswith("RestoreError"), p0   # gave up after 3 s
+  # Process 1 (5 s late) must learn that process 0 gave up and raise too.
+  assert p1 is not None and p1["restore"].startswith("RestoreError"), p1
+  assert p1["seconds"] < 5, p1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "handler.restore agrees its outcome with all jax.process_count() processes, ignoring "
+    "MultiprocessingOptions.active_processes: a restore on a subset (here process 0 alone, "
+    "numpy targets, which Orbax's StandardCheckpointHandler restores at once) fails after "
+    "commit_timeout_s claiming process 1 did not finish its part"))
+def test_a_restore_on_the_active_processes_only_does_not_wait_for_the_others(tmp_path):
+  p0, _ = _run_two("active_subset", tmp_path)
+  assert p0["restore"] == "ok", p0
+
+
+# Metadata validation ----------------------------------------------------------
+
+def _numpy_leaf_with_sharding(tmp_path, sharding: dict) -> str:
+  item = str(tmp_path / "item")
+  FastPersistHandler().save(item, args=FastPersistSave({"x": np.arange(16, dtype=np.float32)}))
+  _reseal_metadata(item, lambda doc: doc["leaves"][0].update(sharding=sharding))
+  return item
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a numpy leaf's 'sharding' is accepted as any dict, unvalidated (disk_format._decode_leaf); "
+    "restore_plan._on_devices decodes it for a target on an AbstractMesh, and "
+    "shardings.decode raises a bare TypeError / ValueError"))
+@pytest.mark.parametrize("sharding", [
+    {"type": "named", "mesh_shape": [8], "axis_names": ["a"], "spec": [None],
+     "device_ids": [[0]]},
+    {"type": "named", "mesh_shape": [8], "axis_names": ["a"], "spec": [None], "device_ids": 5},
+    {"type": "named", "mesh_shape": [-1, -8], "axis_names": ["a", "b"], "spec": [None]},
+], ids=["nested_device_ids", "int_device_ids", "negative_mesh_shape"])
+def test_a_numpy_leafs_hostile_sharding_never_crashes_restore(tmp_path, sharding):
+  item = _numpy_leaf_with_sharding(tmp_path, sharding)
+  n = len(sharding["mesh_shape"])
+  mesh = jax.sharding.AbstractMesh((8,) if n == 1 else (2, 4), ("a",) if n == 1 else ("a", "b"))
+  target = {"x": jax.ShapeDtypeStruct((16,), np.float32, sharding=NamedSharding(mesh, P()))}
+  try:
+    restored = FastPersistHandler().restore(item, args=FastPersistRestore(target))
+  except FastPersistError:
+    return   # refused, naming the leaf: fine
+  np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(16, dtype=np.float32))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "`inspect` formats a numpy leaf's unvalidated sharding dict and dies with a traceback "
+    "(TypeError: 'int' object is not iterable) instead of a table or 'error: ...'"))
+def test_inspect_never_dies_with_a_traceback_on_a_numpy_leafs_sharding(tmp_path):
+  item = _numpy_leaf_with_sharding(
+      tmp_path, {"type": "named", "mesh_shape": [8], "axis_names": ["a"], "spec": 5})
+  r = _cli("inspect", item)
+  assert "Traceback" not in r.stderr and r.returncode in (0, 1), (r.returncode, r.stderr[-2000:])
+
+
+# Chunk checksums ---------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "verify checks each record's crc32c but never its chunk_crc32c: a checkpoint whose chunk "
+    "CRCs disagree with its bytes passes verify, yet every resharding restore that reads "
+    "those chunks raises ChecksumMismatchError"))
+def test_verify_reports_chunk_checksums_that_do_not_match_the_data(tmp_path):
+  item = str(tmp_path / "item")
+  handler = FastPersistHandler(FastPersistOptions(crc_chunk_bytes=4096))
+  handler.save(item, args=FastPersistSave({"x": jax.numpy.arange(4096, dtype=jax.numpy.float32)}))
+
+  def damage(m):
+    (rec,) = m["shards"]
+    assert len(rec["chunk_crc32c"]) == 4   # 16 KiB in chunks of 4 KiB
+    rec["chunk_crc32c"][2] ^= 1
+  _reseal_manifest(os.path.join(item, disk_format.manifest_name(0)), damage)
+  r = _cli("verify", item)
+  assert r.returncode == 1 and "OK" not in r.stdout.splitlines()[-1], (r.returncode, r.stdout)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a resharding restore reading some chunks of a record checks them against chunk_crc32c "
+    "only, never that those agree with the record's crc32c (crc32c combine needs no data): "
+    "one re-sealed chunk CRC matching a flipped byte makes it return wrong values, where a "
+    "whole-record read (or verify) refuses the same files"))
+def test_a_partial_read_never_returns_bytes_its_record_crc_refuses(tmp_path):
+  p0, _ = _run_two("forged_chunk", tmp_path)
+  assert p0["clean"] == "ok" and p0["bytes"] < p0["total"], p0   # a partial read
+  # Process 0 reads the chunk whose byte and chunk CRC were changed.
+  assert p0["restore"] != "ok" and "wrong values" not in p0["restore"], p0
+
+
+# The multi-process worker ---------------------------------------------------------
+
+def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
+  """One process of a multi-process test above; prints "RESULT <json>"."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
+                             initialization_timeout=60)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from fastpersist_jax import coordination  # pylint: disable=g-import-not-at-top
+
+  client = coordination.orbax_multihost().get_jax_distributed_client()
+  mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices())
+  host = (np.arange(64 * 512, dtype=np.float32).reshape(64, 512) % 251) + 1
+  result: dict = {}
+
+  def saved(spec):
+    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda i: host[i])
+
+  def target(x):
+    return {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}
+
+  def same(restored) -> bool:
+    return all(np.array_equal(np.asarray(s.data), host[s.index])
+               for s in restored["w"].addressable_shards)
+
+  def finish() -> None:
+    # Print, then leave only once every process has printed: the first to
+    # exit (the coordinator, process 0) takes the others down with it.
+    print("RESULT " + json.dumps(result), flush=True)
+    client.key_value_set(f"break/bye/{pid}", "1")
+    for p in range(1, nproc) if pid == 0 else ():
+      try:
+        client.blocking_key_value_get(f"break/bye/{p}", 5_000)
+      except Exception:  # pylint: disable=broad-except  (a peer already gone)
+        pass
+    os._exit(0)  # pylint: disable=protected-access  (Orbax's close() would wait on a failed peer)
+
+  def outcome(fn) -> str:
+    try:
+      return "ok" if same(fn()) else "wrong values"
+    except Exception as e:  # pylint: disable=broad-except
+      return f"{type(e).__name__}: {str(e)[:300]}"
+
+  def per_host_manager():
+    # Params replicated over "data" (across the processes): each host's
+    # directory holds its parts, swapped on restore.
+    mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
+    host_dir = os.path.join(root, f"host{pid}")
+    os.makedirs(host_dir, exist_ok=True)
+    handler = FastPersistHandler(FastPersistOptions(commit_timeout_s=3),
+                                 multiprocessing_options=mp)
+    return ocp.CheckpointManager(host_dir, item_handlers=handler, options=ocp.CheckpointManagerOptions(
+        multiprocessing_options=mp, create=False,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
+
+  if scenario == "per_host_swap":
+    w = saved(P(None, "model"))
+    with per_host_manager() as mngr:
+      mngr.save(0, args=FastPersistSave({"w": w}))
+      mngr.wait_until_finished()
+      result["warm"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(target(w))))
+      t = target(w)
+      if pid == 1:   # a target leaf this checkpoint lacks: refused before the swap
+        t["extra"] = jax.ShapeDtypeStruct((4,), np.float32)
+      t0 = time.monotonic()
+      result["error"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(t)))
+      result["seconds"] = time.monotonic() - t0
+      if pid == 0:
+        client.key_value_set("break/done", "1")
+      else:   # stay alive (up to 7 s) until process 0 is done
+        try:
+          client.blocking_key_value_get("break/done", 7_000)
+        except Exception:  # pylint: disable=broad-except
+          pass
+      finish()
+  elif scenario == "per_host_step_only":
+    w = saved(P(None, "model"))
+    with per_host_manager() as mngr:
+      mngr.save(0, args=FastPersistSave({"w": w, "step": 3}))
+      mngr.wait_until_finished()
+      # (A first restore of everything starts gloo: a wait in the next one
+      # lasts until a peer leaves, not gloo's 30 s start-up deadline.)
+      result["warm"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(target(w))))
+      # Process 1 only wants the step; process 0 needs process 1's parts of w.
+      t = {"step": 0} if pid == 1 else {**target(w), "step": 0}
+      try:
+        restored = mngr.restore(0, args=FastPersistRestore(t))
+        result["step"] = restored["step"]
+        result["restore"] = "ok" if pid == 1 or same(restored) else "wrong values"
+      except Exception as e:  # pylint: disable=broad-except
+        result["restore"] = f"{type(e).__name__}: {str(e)[:300]}"
+      finish()
+  elif scenario == "handler_ids":
+    w = saved(P("data"))
+    with ocp.CheckpointManager(root, item_handlers=FastPersistHandler()) as mngr:
+      mngr.save(0, args=FastPersistSave({"w": w}))
+      mngr.wait_until_finished()
+    if pid == 0:
+      FastPersistHandler().metadata(os.path.join(root, "0", "default"))   # the chief peeks
+    handler = FastPersistHandler(FastPersistOptions(commit_timeout_s=3))
+    mngr = ocp.CheckpointManager(root, item_handlers=handler)
+    result["restore"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(target(w))))
+  elif scenario == "restore_counts":
+    w = saved(P("data"))
+    handler = FastPersistHandler(FastPersistOptions(commit_timeout_s=3))
+    mngr = ocp.CheckpointManager(root, item_handlers=handler)
+    mngr.save(0, args=FastPersistSave({"w": w}))
+    mngr.wait_until_finished()
+    rounds = []
+    # Round 0: process 1 asks for a step it does not have (Orbax raises
+    # before the handler); then both restore step 0, twice.
+    for steps in ((0, 7), (0, 0), (0, 0)):
+      rounds.append(outcome(lambda s=steps[pid]: mngr.restore(s, args=FastPersistRestore(target(w)))))
+    result["rounds"] = rounds
+  elif scenario == "forged_chunk":
+    # 2 saved row blocks of 32 KiB (chunks of 4 KiB), one per process;
+    # restored as 4 row blocks over devices [0, 2, 1, 3]: process 0 reads
+    # the first half of process 1's block only.
+    x = jax.make_array_from_callback(host.shape, NamedSharding(mesh, P("data")),
+                                     lambda i: host[i])
+    options = FastPersistOptions(crc_chunk_bytes=4096, commit_timeout_s=10)
+    mngr = ocp.CheckpointManager(root, item_handlers=FastPersistHandler(options))
+    mngr.save(0, args=FastPersistSave({"w": x}))
+    mngr.wait_until_finished()
+    order = [jax.devices()[i] for i in (0, 2, 1, 3)]
+    rows = NamedSharding(jax.make_mesh((4,), ("data",), devices=order), P("data"))
+    t = {"w": jax.ShapeDtypeStruct(host.shape, host.dtype, sharding=rows)}
+    handler = FastPersistHandler(options)
+    mngr = ocp.CheckpointManager(root, item_handlers=handler)
+    result["clean"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(t)))
+    result["bytes"], result["total"] = handler.last_restore_stats["bytes"], host.nbytes
+    client.wait_at_barrier("break/restored", 30_000)
+    if pid == 0:   # flip a byte of process 1's block and re-seal a chunk CRC that matches it
+      item = os.path.join(root, "0", "default")
+      with open(os.path.join(item, disk_format.manifest_name(1))) as f:
+        (rec,) = json.load(f)["shards"]
+      with open(os.path.join(item, disk_format.data_file_name(1, 0)), "r+b") as f:
+        f.seek(rec["offset"])
+        chunk = bytearray(f.read(4096))
+        chunk[100] ^= 0x40
+        f.seek(rec["offset"])
+        f.write(chunk)
+      import crc32c  # pylint: disable=g-import-not-at-top
+      _reseal_manifest(os.path.join(item, disk_format.manifest_name(1)),
+                       lambda m: m["shards"][0]["chunk_crc32c"].__setitem__(0, crc32c.crc32c(chunk)))
+    client.wait_at_barrier("break/forged", 30_000)
+    result["restore"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(t)))
+  elif scenario == "late_process":
+    w = saved(P("data"))
+    mngr = ocp.CheckpointManager(root, item_handlers=FastPersistHandler(
+        FastPersistOptions(commit_timeout_s=3)))
+    mngr.save(0, args=FastPersistSave({"w": w}))
+    mngr.wait_until_finished()
+    client.wait_at_barrier("break/saved", 30_000)
+    if pid == 1:
+      time.sleep(5)   # busy elsewhere: later than commit_timeout_s
+    t0 = time.monotonic()
+    result["restore"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(target(w))))
+    result["seconds"] = time.monotonic() - t0
+  elif scenario == "active_subset":
+    w = saved(P("data"))
+    with ocp.CheckpointManager(root, item_handlers=FastPersistHandler()) as mngr:
+      mngr.save(0, args=FastPersistSave({"w": w}))
+      mngr.wait_until_finished()
+    if pid == 0:   # process 0 alone reads the checkpoint into numpy
+      mp = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+      handler = FastPersistHandler(FastPersistOptions(commit_timeout_s=3),
+                                   multiprocessing_options=mp)
+      mngr = ocp.CheckpointManager(root, item_handlers=handler, options=ocp.CheckpointManagerOptions(
+          multiprocessing_options=mp, read_only=True))
+      try:
+        out = mngr.restore(0, args=FastPersistRestore({"w": np.zeros(host.shape, host.dtype)}))
+        result["restore"] = ("ok" if isinstance(out["w"], np.ndarray) and
+                             np.array_equal(out["w"], host) else "wrong values")
+      except Exception as e:  # pylint: disable=broad-except
+        result["restore"] = f"{type(e).__name__}: {str(e)[:300]}"
+      client.key_value_set("break/done", "1")
+    else:
+      client.blocking_key_value_get("break/done", 60_000)
+  else:
+    raise SystemExit(f"unknown scenario {scenario}")
+  finish()
+
+
+if __name__ == "__main__":
+  if sys.argv[1:2] == ["--worker"]:
+    _worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+  else:   # Bazel py_test runs the file itself
+    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
