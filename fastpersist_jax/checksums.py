@@ -13,6 +13,7 @@ this project's 2-core VM).
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import crc32c
@@ -64,6 +65,61 @@ class ShardChecksums:
     added."""
     chunks = self._chunks.get(record)
     return None if chunks is None else tuple(chunks)
+
+
+# Combining CRCs without the data ----------------------------------------------
+#
+# A CRC is the remainder of the message polynomial modulo the generator P, so
+# CRC(A || B) = CRC(A) * x^(8 len(B)) mod P  xor  CRC(B): the initial value and
+# final xor of CRC-32C cancel out in that sum (the reasoning behind zlib's
+# crc32_combine; see also Castagnoli's paper for P). Polynomials here are in
+# CRC-32C's reflected bit order: bit 31 is x^0.
+
+_POLY = 0x82F63B78   # CRC-32C (Castagnoli), reflected
+_X0 = 1 << 31        # the polynomial 1
+
+
+def _multiply(a: int, b: int) -> int:
+  """a * b mod P, both reflected 32-bit polynomials."""
+  product = 0
+  for bit in range(31, -1, -1):
+    if a & (1 << bit):
+      product ^= b
+    b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+  return product
+
+
+# _X_POW2[k] = x^(2^k) mod P.
+_X_POW2 = [_X0 >> 1]
+for _ in range(63):
+  _X_POW2.append(_multiply(_X_POW2[-1], _X_POW2[-1]))
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_by(nbytes: int) -> int:
+  """x^(8 nbytes) mod P: what appending `nbytes` bytes multiplies a CRC by."""
+  out, k, n = _X0, 3, nbytes
+  while n:
+    if n & 1:
+      out = _multiply(_X_POW2[k % 64], out)
+    n >>= 1
+    k += 1
+  return out
+
+
+def combine(crc_a: int, crc_b: int, len_b: int) -> int:
+  """CRC-32C of A || B from CRC-32C(A), CRC-32C(B) and len(B) in bytes."""
+  return _multiply(_shift_by(len_b), crc_a) ^ crc_b
+
+
+def chunks_combine_to(crc: int, chunk_crcs: Sequence[int], nbytes: int, chunk_bytes: int) -> bool:
+  """Whether chunk CRCs of a record of `nbytes` (chunks of `chunk_bytes`, the
+  last shorter) combine to the record's `crc`: then a reader checking chunks
+  can never accept bytes the record's CRC refuses."""
+  total = 0
+  for c, chunk_crc in enumerate(chunk_crcs):
+    total = combine(total, chunk_crc, min(chunk_bytes, nbytes - c * chunk_bytes))
+  return total == crc
 
 
 def chunk_count(nbytes: int, chunk_bytes: int) -> int:

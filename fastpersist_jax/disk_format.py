@@ -20,7 +20,7 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from fastpersist_jax import treepath
+from fastpersist_jax import checksums, treepath
 from fastpersist_jax.errors import CheckpointNotFoundError, CorruptCheckpointError
 
 FORMAT_NAME = "fastpersist"
@@ -642,6 +642,9 @@ def _checked_shard(s: Any, what: str, meta: CheckpointMetadata,
     if (not isinstance(chunks, list) or len(chunks) != -(-nbytes // chunk_bytes) or
         not all(_is_int(c) and 0 <= c < 2**32 for c in chunks)):
       raise CorruptCheckpointError(f"{what}: malformed chunk_crc32c {_short(chunks)}")
+    if not checksums.chunks_combine_to(crc, chunks, nbytes, chunk_bytes):
+      # Else a read of some chunks could accept bytes the record's CRC refuses.
+      raise CorruptCheckpointError(f"{what}: its chunk_crc32c do not combine to its crc32c")
     chunks = tuple(chunks)
   return ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, part, chunks,
                      chunk_bytes if chunks is not None else None)
@@ -688,7 +691,8 @@ def _plain_shard(s: Any, leaves: list[LeafMeta], files: list[tuple[str, int]],
   if chunks is not None:
     if (not chunk_bytes or nbytes <= chunk_bytes or type(chunks) is not list or  # pylint: disable=unidiomatic-typecheck
         len(chunks) != -(-nbytes // chunk_bytes) or
-        not all(type(c) is int and 0 <= c < 2**32 for c in chunks)):  # pylint: disable=unidiomatic-typecheck
+        not all(type(c) is int and 0 <= c < 2**32 for c in chunks) or  # pylint: disable=unidiomatic-typecheck
+        not checksums.chunks_combine_to(crc, chunks, nbytes, chunk_bytes)):
       return None
     chunks = tuple(chunks)
   return ShardRecord(leaf_id, tuple(index), file_id, offset, nbytes, crc, None, chunks,

@@ -191,10 +191,6 @@ def _numpy_leaf_with_sharding(tmp_path, sharding: dict) -> str:
   return item
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a numpy leaf's 'sharding' is accepted as any dict, unvalidated (disk_format._decode_leaf); "
-    "restore_plan._on_devices decodes it for a target on an AbstractMesh, and "
-    "shardings.decode raises a bare TypeError / ValueError"))
 @pytest.mark.parametrize("sharding", [
     {"type": "named", "mesh_shape": [8], "axis_names": ["a"], "spec": [None],
      "device_ids": [[0]]},
@@ -213,9 +209,6 @@ def test_a_numpy_leafs_hostile_sharding_never_crashes_restore(tmp_path, sharding
   np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(16, dtype=np.float32))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "`inspect` formats a numpy leaf's unvalidated sharding dict and dies with a traceback "
-    "(TypeError: 'int' object is not iterable) instead of a table or 'error: ...'"))
 def test_inspect_never_dies_with_a_traceback_on_a_numpy_leafs_sharding(tmp_path):
   item = _numpy_leaf_with_sharding(
       tmp_path, {"type": "named", "mesh_shape": [8], "axis_names": ["a"], "spec": 5})
@@ -225,10 +218,6 @@ def test_inspect_never_dies_with_a_traceback_on_a_numpy_leafs_sharding(tmp_path)
 
 # Chunk checksums ---------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "verify checks each record's crc32c but never its chunk_crc32c: a checkpoint whose chunk "
-    "CRCs disagree with its bytes passes verify, yet every resharding restore that reads "
-    "those chunks raises ChecksumMismatchError"))
 def test_verify_reports_chunk_checksums_that_do_not_match_the_data(tmp_path):
   item = str(tmp_path / "item")
   handler = FastPersistHandler(FastPersistOptions(crc_chunk_bytes=4096))
@@ -243,11 +232,6 @@ def test_verify_reports_chunk_checksums_that_do_not_match_the_data(tmp_path):
   assert r.returncode == 1 and "OK" not in r.stdout.splitlines()[-1], (r.returncode, r.stdout)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a resharding restore reading some chunks of a record checks them against chunk_crc32c "
-    "only, never that those agree with the record's crc32c (crc32c combine needs no data): "
-    "one re-sealed chunk CRC matching a flipped byte makes it return wrong values, where a "
-    "whole-record read (or verify) refuses the same files"))
 def test_a_partial_read_never_returns_bytes_its_record_crc_refuses(tmp_path):
   p0, _ = _run_two("forged_chunk", tmp_path)
   assert p0["clean"] == "ok" and p0["bytes"] < p0["total"], p0   # a partial read

@@ -38,3 +38,21 @@ def test_chunks_covering_merges_runs():
   assert checksums.chunks_covering([(8192, 12288), (0, 4096)], 4096) == [(0, 1), (2, 3)]
   assert checksums.chunks_covering([(0, 4096), (4096, 8192), (20000, 20000)], 4096) == [(0, 2)]
   assert checksums.chunks_covering([], 4096) == []
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.binary(max_size=5000), st.binary(max_size=5000))
+def test_combine_gives_the_crc_of_the_concatenation(a, b):
+  assert checksums.combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)
+
+
+def test_chunk_crcs_combine_to_the_record_crc_and_nothing_else():
+  data = np.random.default_rng(1).integers(0, 256, 3 * 4096 + 5, dtype=np.uint8)
+  sums = checksums.ShardChecksums([data.nbytes], 4096)
+  sums.update(0, data)
+  chunks = list(sums.chunk_crcs(0))
+  assert checksums.chunks_combine_to(sums.crc(0), chunks, data.nbytes, 4096)
+  for c in range(len(chunks)):
+    bad = list(chunks)
+    bad[c] ^= 1 << (c * 7 % 32)
+    assert not checksums.chunks_combine_to(sums.crc(0), bad, data.nbytes, 4096)

@@ -19,6 +19,7 @@ import safetensors
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file
 
+from fastpersist_jax import checksums
 from fastpersist_jax import (ChecksumMismatchError, CorruptCheckpointError, FastPersistHandler,
                              FastPersistOptions, FastPersistSave, disk_format)
 from fastpersist_jax.cli import export
@@ -193,7 +194,16 @@ def test_verify_checks_chunk_checksums(tmp_path, capsys):
   path = item / "manifest.00000.json"
   d = json.loads(path.read_text())
   assert d["crc_chunk_bytes"] == 16384 and len(d["shards"][0]["chunk_crc32c"]) == 4, d
+  good = list(d["shards"][0]["chunk_crc32c"])
   d["shards"][0]["chunk_crc32c"][2] ^= 1   # a writer that recorded one chunk's CRC wrong
+  write_sealed(path, d)
+  rc, out, _ = cli_in_process(capsys, "verify", item)
+  assert rc == 1 and "chunk_crc32c do not combine to its crc32c" in out, out
+  # Wrong chunk CRCs that still combine to the record's CRC (chunk 3's
+  # compensates chunk 2's): only reading the data shows them wrong.
+  d["shards"][0]["chunk_crc32c"] = good
+  d["shards"][0]["chunk_crc32c"][2] ^= 1
+  d["shards"][0]["chunk_crc32c"][3] ^= checksums.combine(1, 0, 16384)
   write_sealed(path, d)
   rc, out, _ = cli_in_process(capsys, "verify", item)
   assert rc == 1

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from fastpersist_jax import checksums
 from fastpersist_jax import (CorruptCheckpointError, FastPersistError, FastPersistHandler,
                              FastPersistOptions, FastPersistRestore, FastPersistSave, disk_format)
 from helpers import MiB, abstract, assert_tree_bytes_equal
@@ -476,7 +477,8 @@ _FIELD_VALUES = _HOSTILE_VALUES[:60] + [
     [[0, 4], [8, 16]], [[0, 3]], [[0, 4], [0, 16]], [[0, 5], [8, 16]], [[3, 2], [8, 16]],
     [[0, 4], [8, 17]], [[-1, 3], [8, 16]], [[0, 4], [8, 16], [0, 1]], [[0, 4], [True, 16]],
     [[0.0, 4], [8, 16]], [[0, 4, 1], [8, 16]], [(0, 4), [8, 16]], 2, 8320, 6, 1 << 20, 4096 * 3,
-    [1, 2], [1, 2, 3], [1, 2**32], [True, 2], [-1, 2], [0, 2**32 - 1]]
+    [1, 2], [1, 2, 3], [1, 2**32], [True, 2], [-1, 2], [0, 2**32 - 1],
+    [1, 5 ^ checksums.combine(1, 0, 64)]]   # 2 chunks of 64 bytes combining to crc32c 5
 # Chunk size the checked records' chunk_crc32c lists are read with: None (the
 # manifest has none), or 64 bytes (the 128-byte record is 2 chunks).
 _CHUNK_SIZES = (None, 64)
