@@ -1,20 +1,26 @@
 """Multi-process saves and restores: every process learns whether all the
 others succeeded.
 
-Orbax's barriers coordinate the commit, but a barrier carries no outcome: a
-process whose write failed would leave the others waiting until the barrier
-times out. Through the key-value store of JAX's distributed runtime (the one
+Orbax's barriers carry no outcome, and the one ending a restore has no
+timeout: a process whose part failed would leave the others waiting. Through
+the key-value store and barriers of JAX's distributed runtime (the ones
 `jax.distributed.initialize` starts, which Orbax uses too), each process
-publishes "ok" or its error once its part is durable, then reads everyone
-else's: one failure makes every process raise at once, and a process that
-died makes the rest raise after `timeout_s`, not hang. Restores agree the
-same way: Orbax's restore ends in a barrier without a timeout, which a
-process whose restore raised never reaches.
+publishes "ok" or its error, then meets the others at a barrier with a
+timeout, then reads their outcomes: one failure makes every process raise,
+and a process that died, or comes later than the timeout, makes the rest
+raise after `timeout_s` and itself raise on arrival (the barrier has failed
+by then), never proceed as though all had succeeded.
+
+Keys name each collective operation by its kind, its processes and its
+number among such operations in this process (`next_key`), not by handler
+instance: a handler made on one process only (say, to read metadata) does
+not shift them.
 """
 
 from __future__ import annotations
 
-import time
+import threading
+import zlib
 
 import jax
 
@@ -59,34 +65,73 @@ def shared_value(key: str, propose, timeout_s: float) -> str:
     raise SaveError(f"process 0 did not publish {key} within {timeout_s:.0f} s") from e
 
 
-def agree(key: str, error: BaseException | None, timeout_s: float, *,
-          operation: str = "save", failure: type[Exception] = SaveError,
-          consequence: str = "the checkpoint is not committed") -> None:
-  """Publishes this process's outcome of `operation` under `key`, then waits
-  for all others'.
+_SEQUENCES: dict[tuple, int] = {}
+_SEQUENCES_LOCK = threading.Lock()
 
-  Raises `error` (if set), or `failure` naming the first other process that
-  failed or did not answer within `timeout_s` seconds, and `consequence`.
-  Single-process runs return (or raise `error`) at once.
+
+def participants(active_processes=None) -> list[int]:
+  """The processes taking part in a collective operation: Orbax's
+  MultiprocessingOptions.active_processes where set, else all."""
+  if active_processes:
+    return sorted(active_processes)
+  return list(range(jax.process_count()))
+
+
+def next_key(operation: str, processes: list[int]) -> str:
+  """The key of this process's next collective `operation` (e.g. "save",
+  "restore") among `processes`: the same on each of them as long as they
+  make such operations in the same order (Orbax requires that)."""
+  group = format(zlib.crc32(",".join(map(str, processes)).encode()), "08x")
+  with _SEQUENCES_LOCK:
+    n = _SEQUENCES.get((operation, group), 0)
+    _SEQUENCES[(operation, group)] = n + 1
+  return f"fastpersist/{operation}/{group}/{n}"
+
+
+def agree(key: str, error: BaseException | None, timeout_s: float, *,
+          processes: list[int] | None = None, operation: str = "save",
+          failure: type[Exception] = SaveError,
+          consequence: str = "the checkpoint is not committed") -> None:
+  """Publishes this process's outcome of `operation` under `key`, meets the
+  other `processes` (default: all) at a barrier of at most `timeout_s`
+  seconds, then reads their outcomes.
+
+  Raises `error` (if set); else `failure` naming the first other process
+  that failed, or those that did not arrive in time, and `consequence`.
+  Returns when every process succeeded. Single-process runs return (or
+  raise `error`) at once.
   """
   client = _client()
-  n, me = jax.process_count(), jax.process_index()
-  if n == 1 or client is None:
+  procs = processes if processes is not None else participants()
+  me = jax.process_index()
+  if len(procs) <= 1 or client is None or me not in procs:
     if error is not None:
       raise error
     return
   client.key_value_set(f"{key}/{me}", "ok" if error is None else f"error: {error}"[:4000])
+  try:
+    orbax_multihost().get_barrier_sync_fn(processes=set(procs))(
+        key=f"{key}/barrier", timeout_ms=max(1, int(timeout_s * 1000)))
+  except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
+    if error is not None:
+      raise error
+    absent = [p for p in procs if p != me and _outcome(client, f"{key}/{p}") is None]
+    raise failure(f"process(es) {absent or 'of the job'} did not finish their part of the "
+                  f"{operation} within {timeout_s:.0f} s ({type(e).__name__}); "
+                  f"{consequence}") from e
   if error is not None:
     raise error
-  deadline = time.monotonic() + timeout_s
-  for p in range(n):
+  for p in procs:
     if p == me:
       continue
-    remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-    try:
-      outcome = client.blocking_key_value_get(f"{key}/{p}", remaining_ms)
-    except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
-      raise failure(f"process {p} did not finish its part of the {operation} within "
-                    f"{timeout_s:.0f} s ({type(e).__name__}); {consequence}") from e
+    outcome = _outcome(client, f"{key}/{p}")   # published before the barrier
     if outcome != "ok":
       raise failure(f"process {p} failed its part of the {operation} ({outcome}); {consequence}")
+
+
+def _outcome(client, key: str) -> str | None:
+  """The value published under `key`, or None when there is none."""
+  try:
+    return client.key_value_try_get(key)
+  except Exception:  # pylint: disable=broad-except  (not found: the runtime's own error type)
+    return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import itertools
 import logging
 import os
 import threading
@@ -37,7 +36,6 @@ from fastpersist_jax.save import SaveOperation
 from fastpersist_jax.staging import StagingPool
 
 logger = logging.getLogger(__name__)
-_HANDLER_IDS = itertools.count()
 
 
 class FastPersistHandler(ocp.AsyncCheckpointHandler):
@@ -83,11 +81,6 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     # "reference") may overlap; the pool hands each window to one save at a time.
     self._snapshot_lock = threading.Lock()
     self._in_flight: list[ocp_future.Future] = []
-    # Identify this handler's saves identically on every process (SPMD: the
-    # processes create handlers and save in the same order).
-    self._uid = next(_HANDLER_IDS)
-    self._save_count = 0
-    self._restore_count = 0
     self.last_save_stats: dict[str, float] = {}
     self.last_restore_stats: dict[str, float] = {}
 
@@ -156,11 +149,10 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                                     replica_parallel=self._options.replica_parallel,
                                     plan_token=plan.shards)
     shard_sources = sources.bind(plan, checked.values, self._options)
-    self._save_count += 1
     op = SaveOperation(
         self._engine, self._pool, shard_sources, self._options,
         leaves=plan.leaf_metadata(checked.values), write_metadata=self._is_primary(),
-        outcome_key=(f"fastpersist/{self._uid}/{self._save_count}"
+        outcome_key=(coordination.next_key("save", coordination.participants())
                      if jax.process_count() > 1 else None))
     directory_str = os.fspath(directory)
     mode = shard_sources.snapshot
@@ -240,19 +232,45 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     """
     if args is not None:
       item = args.item
-    self._restore_count += 1
-    error = restored = None
+    # Several processes agree twice: once planned (before any collective of
+    # the restore, e.g. the per-host part swap, which has no timeout), and
+    # once done (Orbax's restore then waits in a barrier without a timeout,
+    # which a failed process never reaches). They are Orbax's active
+    # processes, or all processes where the restore swaps parts among them.
+    state: dict[str, Any] = {"restorer": None, "planned": False, "key": None, "group": None}
+
+    def agree(phase: str, error: BaseException | None) -> None:
+      if state["key"] is None:
+        restorer = state["restorer"]
+        swapping = restorer.collective_processes() if restorer is not None else None
+        state["group"] = swapping or coordination.participants(self._mp.active_processes)
+        state["key"] = (coordination.next_key("restore", state["group"])
+                        if len(state["group"]) > 1 else "")
+      if not state["key"]:
+        if error is not None:
+          raise error
+        return
+      coordination.agree(f"{state['key']}/{phase}", error, self._options.commit_timeout_s,
+                         processes=state["group"], operation="restore", failure=RestoreError,
+                         consequence="nothing was restored")
+
+    def planned() -> None:
+      state["planned"] = True
+      agree("planned", None)
+
     try:
-      restorer = Restorer(self._engine, self._options, os.fspath(directory), self._pool)
-      restored = restorer.restore(item)
-      self.last_restore_stats = restorer.stats
-    except Exception as e:  # pylint: disable=broad-except  (raised below, after the others know)
-      error = e
-    # Every process learns whether all restored: Orbax's restore then waits
-    # in a barrier (without a timeout) that a failed process never reaches.
-    coordination.agree(f"fastpersist/{self._uid}/restore/{self._restore_count}", error,
-                       self._options.commit_timeout_s, operation="restore", failure=RestoreError,
-                       consequence="nothing was restored")
+      state["restorer"] = Restorer(self._engine, self._options, os.fspath(directory), self._pool,
+                                   on_planned=planned)
+      restored = state["restorer"].restore(item)
+    except Exception as e:  # pylint: disable=broad-except  (the others learn of it first)
+      if state["planned"] and isinstance(e, RestoreError):
+        raise   # the planned agreement failed: every process raises there
+      # Tell the others, at the agreement they are waiting in; agree() then
+      # raises `e` here.
+      agree("done" if state["planned"] else "planned", e)
+      raise
+    agree("done", None)
+    self.last_restore_stats = state["restorer"].stats
     return restored
 
   def metadata(self, directory: epath.Path) -> Any:

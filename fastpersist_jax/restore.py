@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import crc32c
 import jax
@@ -94,11 +94,15 @@ class Restorer:
   def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str,
                pool: StagingPool | None = None, *,
                meta: disk_format.CheckpointMetadata | None = None,
-               manifests: dict[int, disk_format.Manifest] | None = None):
+               manifests: dict[int, disk_format.Manifest] | None = None,
+               on_planned: Callable[[], None] | None = None):
     """`pool`: staging memory to read batches bound for accelerators into
     (None: fresh memory for every batch). `meta` and `manifests` (already
     read and validated, e.g. by recovery from other hosts) replace reading
-    them from `directory`."""
+    them from `directory`. `on_planned` is called once the target is
+    matched, before anything is read or swapped with other hosts (the
+    handler's processes agree there, so that a collective is never entered
+    by some of them only); an exception from it ends the restore."""
     self._engine = engine
     self._options = options
     self._directory = directory
@@ -110,6 +114,7 @@ class Restorer:
     # index, part).
     self._received: dict[tuple, np.ndarray] = {}
     self._files: dict[tuple[int, int], Any] = {}
+    self._on_planned = on_planned
     # Figures of the last restore() (see FastPersistHandler.last_restore_stats).
     self.stats: dict[str, float] = {}
 
@@ -138,7 +143,11 @@ class Restorer:
     leaves = self.meta.leaves
     selected, treedef = match_target(leaves, target, self._directory)
     wanted = {i for i, _ in selected if i is not None and leaves[i].kind in disk_format.ARRAY_KINDS}
-    shards_by_leaf = saved_shards(leaves, self._records(wanted)) if wanted else {}
+    if self._on_planned is not None:
+      self._on_planned()
+    # Hosts swapping parts all take part in the swap, whatever they restore.
+    shards_by_leaf = (saved_shards(leaves, self._records(wanted))
+                      if wanted or self._parts_are_on_peers() else {})
 
     values: list[Any] = [None] * len(selected)
     fallback_to_numpy: list[str] = []
@@ -199,16 +208,25 @@ class Restorer:
     """{(leaf, index): [(process, record), ...]} of the wanted leaves, from
     every manifest here (and, per host, from the other hosts' swapped parts)."""
     records: dict[tuple[int, Index], list] = {}
+    swap = self._parts_are_on_peers()
     for m in self.manifests.values():
       for rec in m.shards:
-        if rec.leaf in wanted:
+        # Swapping, this host sends its parts of every leaf: another host's
+        # target may want leaves this one's does not.
+        if swap or rec.leaf in wanted:
           records.setdefault((rec.leaf, rec.index), []).append((m.process_index, rec))
-    if self._parts_are_on_peers():
+    if swap:
       for process, rec, data in self._swap_parts(records):
         if rec.leaf in wanted:
           records.setdefault((rec.leaf, rec.index), []).append((process, rec))
           self._received[(process, rec.leaf, rec.index, rec.part)] = data
+      records = {k: v for k, v in records.items() if k[0] in wanted}
     return records
+
+  def collective_processes(self) -> list[int] | None:
+    """The processes this restore makes collectives with (all of them when
+    hosts swap parts), or None when it makes none."""
+    return list(range(jax.process_count())) if self._parts_are_on_peers() else None
 
   def _missing_hint(self) -> str:
     if self.meta.placement == "per_host":
