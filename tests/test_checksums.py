@@ -23,6 +23,7 @@ def test_record_and_chunk_crcs_whatever_the_pieces(sizes, chunk, data):
       n = data.draw(st.integers(1, len(rec) - at))
       sums.update(i, rec[at:at + n])
       at += n
+      assert sums.crc(i) == crc32c.crc32c(rec[:at])   # also part way through a record
   for i, rec in enumerate(records):
     assert sums.crc(i) == crc32c.crc32c(rec)
     expected = ([crc32c.crc32c(rec[c:c + chunk]) for c in range(0, len(rec), chunk)]
