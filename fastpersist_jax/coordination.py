@@ -11,14 +11,15 @@ and a process that died, or comes later than the timeout, makes the rest
 raise after `timeout_s` and itself raise on arrival (the barrier has failed
 by then), never proceed as though all had succeeded.
 
-Keys name each collective operation by its kind, its processes and its
-number among such operations in this process (`next_key`), not by handler
-instance: a handler made on one process only (say, to read metadata) does
-not shift them.
+Keys name each collective operation by its kind, its processes, the
+checkpoint and its number among such operations in this process
+(`next_key`), not by handler instance: a handler made on one process only
+(say, to read metadata) does not shift them.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import zlib
 
@@ -77,15 +78,36 @@ def participants(active_processes=None) -> list[int]:
   return list(range(jax.process_count()))
 
 
-def next_key(operation: str, processes: list[int]) -> str:
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+
+def checkpoint_name(directory: str) -> str:
+  """What names a checkpoint alike on every process: the last two
+  components of its directory (Orbax's `<step>/<item>`), without Orbax's
+  temporary-directory suffix, whatever root each process saves under (per
+  host, each has its own)."""
+  parts = [p for p in os.path.normpath(os.fspath(directory)).split(os.sep) if p][-2:]
+  return "/".join(p.split(_ORBAX_TMP_SUFFIX)[0] for p in parts)
+
+
+def next_key(operation: str, processes: list[int], directory: str) -> str:
   """The key of this process's next collective `operation` (e.g. "save",
-  "restore") among `processes`: the same on each of them as long as they
-  make such operations in the same order (Orbax requires that)."""
+  "restore") among `processes` on the checkpoint in `directory`.
+
+  Keys name the checkpoint (checkpoint_name) and count operations on it in
+  this process: the same on every process as long as they make them in the
+  same order (Orbax requires that). A process that skipped one (Orbax
+  raised before calling the handler, a save refused before it was planned)
+  shifts only the keys of that checkpoint, so processes never pair an
+  operation on one checkpoint with another's (a restore assembled from two
+  steps' shards), and later checkpoints are unaffected.
+  """
   group = format(zlib.crc32(",".join(map(str, processes)).encode()), "08x")
+  name = checkpoint_name(directory)
   with _SEQUENCES_LOCK:
-    n = _SEQUENCES.get((operation, group), 0)
-    _SEQUENCES[(operation, group)] = n + 1
-  return f"fastpersist/{operation}/{group}/{n}"
+    n = _SEQUENCES.get((operation, group, name), 0)
+    _SEQUENCES[(operation, group, name)] = n + 1
+  return f"fastpersist/{operation}/{group}/{name}/{n}"
 
 
 def agree(key: str, error: BaseException | None, timeout_s: float, *,

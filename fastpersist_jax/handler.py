@@ -152,7 +152,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     op = SaveOperation(
         self._engine, self._pool, shard_sources, self._options,
         leaves=plan.leaf_metadata(checked.values), write_metadata=self._is_primary(),
-        outcome_key=(coordination.next_key("save", coordination.participants())
+        outcome_key=(coordination.next_key("save", coordination.participants(), directory)
                      if jax.process_count() > 1 else None))
     directory_str = os.fspath(directory)
     mode = shard_sources.snapshot
@@ -244,7 +244,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         restorer = state["restorer"]
         swapping = restorer.collective_processes() if restorer is not None else None
         state["group"] = swapping or coordination.participants(self._mp.active_processes)
-        state["key"] = (coordination.next_key("restore", state["group"])
+        state["key"] = (coordination.next_key("restore", state["group"], os.fspath(directory))
                         if len(state["group"]) > 1 else "")
       if not state["key"]:
         if error is not None:

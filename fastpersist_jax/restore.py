@@ -143,6 +143,8 @@ class Restorer:
     leaves = self.meta.leaves
     selected, treedef = match_target(leaves, target, self._directory)
     wanted = {i for i, _ in selected if i is not None and leaves[i].kind in disk_format.ARRAY_KINDS}
+    if wanted or self._parts_are_on_peers():
+      self.manifests   # read and validated here, before any collective: a damaged one raises now
     if self._on_planned is not None:
       self._on_planned()
     # Hosts swapping parts all take part in the swap, whatever they restore.
