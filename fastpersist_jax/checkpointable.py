@@ -66,15 +66,18 @@ class FastPersistCheckpointableHandler:
 
   def _handler(self) -> FastPersistHandler:
     """The FastPersistHandler shared by every instance with these options
-    and the active v1 Context's primary host (created on first use)."""
-    primary_host = v1_primary_host()
-    key = (self._options, primary_host)
+    and the active v1 Context's primary host and active processes (created
+    on first use)."""
+    primary_host, active_processes = v1_multiprocessing()
+    key = (self._options, primary_host, active_processes)
     with _shared_lock:
       handler = _shared.get(key)
       if handler is None:
         handler = FastPersistHandler(
             self._options,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=primary_host))
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=primary_host,
+                active_processes=set(active_processes) if active_processes else None))
         _shared[key] = handler
       return handler
 
@@ -193,14 +196,17 @@ def checkpointables_registry(
   return registry
 
 
-def v1_primary_host() -> int | None:
-  """The active Orbax v1 Context's `multiprocessing_options.primary_host`.
+def v1_multiprocessing() -> tuple[int | None, frozenset[int] | None]:
+  """The active Orbax v1 Context's `multiprocessing_options`: (primary_host,
+  active_processes or None).
 
   Orbax v1 exposes no public accessor for the active Context; this function
   is the one use of it (tests/test_orbax_v1.py fails if Orbax moves it).
   """
   from orbax.checkpoint.experimental.v1._src.context import context as context_lib  # pylint: disable=g-import-not-at-top
-  return context_lib.get_context().multiprocessing_options.primary_host
+  options = context_lib.get_context().multiprocessing_options
+  active = getattr(options, "active_processes", None)
+  return options.primary_host, frozenset(active) if active else None
 
 
 def _all_leaves(tree: Any, is_array) -> bool:

@@ -250,13 +250,13 @@ def test_two_processes_through_the_v1_api(tmp_path):
   assert min(written) > 0.4 * sum(written), written   # both processes wrote their parts
 
 
-def test_v1_primary_host_reads_the_active_context():
+def test_v1_multiprocessing_reads_the_active_context():
   """The one read of Orbax v1's private Context accessor: fails if it moves."""
-  assert checkpointable.v1_primary_host() == 0
-  ctx = ocp.v1.Context()
-  ctx.multiprocessing_options.primary_host = None
+  assert checkpointable.v1_multiprocessing() == (0, None)
+  ctx = ocp.v1.Context(multiprocessing_options=ocp.v1.options.MultiprocessingOptions(
+      primary_host=None, active_processes={0}))
   with ctx:
-    assert checkpointable.v1_primary_host() is None
+    assert checkpointable.v1_multiprocessing() == (None, frozenset({0}))
   assert fastpersist_jax.FastPersistCheckpointableHandler is FastPersistCheckpointableHandler
 
 
