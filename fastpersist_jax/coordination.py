@@ -111,7 +111,7 @@ def next_key(operation: str, processes: list[int], directory: str) -> str:
 
 
 def agree(key: str, error: BaseException | None, timeout_s: float, *,
-          processes: list[int] | None = None, operation: str = "save",
+          processes: list[int] | None = None, operation: str = "save", checkpoint: str = "",
           failure: type[Exception] = SaveError,
           consequence: str = "the checkpoint is not committed") -> None:
   """Publishes this process's outcome of `operation` under `key`, meets the
@@ -119,7 +119,8 @@ def agree(key: str, error: BaseException | None, timeout_s: float, *,
   seconds, then reads their outcomes.
 
   Raises `error` (if set); else `failure` naming the first other process
-  that failed, or those that did not arrive in time, and `consequence`.
+  that failed, or those that did not arrive in time, `checkpoint` (its
+  name, for the message) and `consequence`.
   Returns when every process succeeded. Single-process runs return (or
   raise `error`) at once.
   """
@@ -138,9 +139,10 @@ def agree(key: str, error: BaseException | None, timeout_s: float, *,
     if error is not None:
       raise error
     absent = [p for p in procs if p != me and _outcome(client, f"{key}/{p}") is None]
-    raise failure(f"process(es) {absent or 'of the job'} did not finish their part of the "
-                  f"{operation} within {timeout_s:.0f} s ({type(e).__name__}); "
-                  f"{consequence}") from e
+    raise failure(f"process(es) {absent or 'of the job'} did not take part in the {operation} "
+                  f"of {checkpoint or 'this checkpoint'} within {timeout_s:.0f} s (gone, slow, or at another "
+                  f"checkpoint: every process must {operation} the same ones in the same order; "
+                  f"{type(e).__name__}); {consequence}") from e
   if error is not None:
     raise error
   for p in procs:

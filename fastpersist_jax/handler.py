@@ -252,6 +252,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         return
       coordination.agree(f"{state['key']}/{phase}", error, self._options.commit_timeout_s,
                          processes=state["group"], operation="restore", failure=RestoreError,
+                         checkpoint=coordination.checkpoint_name(os.fspath(directory)),
                          consequence="nothing was restored")
 
     def planned() -> None:

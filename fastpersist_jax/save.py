@@ -203,7 +203,8 @@ class SaveOperation:
     except BaseException as e:  # pylint: disable=broad-except
       error = e
     if self._outcome_key is not None:
-      coordination.agree(self._outcome_key, error, self._commit_timeout_s)
+      coordination.agree(self._outcome_key, error, self._commit_timeout_s,
+                         checkpoint=coordination.checkpoint_name(directory))
     elif error is not None:
       raise error
 

@@ -135,7 +135,9 @@ def main():
     mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
     host_dir = os.path.join(root, f"host{pid}")
     os.makedirs(host_dir, exist_ok=True)
-    with ocp.CheckpointManager(host_dir, item_handlers=FastPersistHandler(multiprocessing_options=mp),
+    options = FastPersistOptions(commit_timeout_s=float(os.environ.get("MP_TIMEOUT", "30")))
+    with ocp.CheckpointManager(host_dir, item_handlers=FastPersistHandler(
+                                   options, multiprocessing_options=mp),
                                options=ocp.CheckpointManagerOptions(
                                    multiprocessing_options=mp, create=False,
                                    # Orbax's asynchronous directory creation races with

@@ -109,10 +109,14 @@ def test_per_host_directories_with_replica_parallel_parts(tmp_path):
     FastPersistHandler().restore(tmp_path / "host0" / "0" / "default")
 
 
-def test_per_host_restore_refuses_to_mix_parts_of_different_saves(tmp_path):
-  results = run_processes("per_host_mismatch", 2, tmp_path)
-  for r in results:
-    assert r["error"] and "restoring a different save" in r["error"], r
+def test_per_host_restores_of_different_steps_all_refuse(tmp_path):
+  # Host 0 restores step 0, host 1 step 1: their agreements are keyed by the
+  # step, so neither is taken for the other's (no parts of different saves
+  # are combined); each raises once commit_timeout_s (3 s here) has passed.
+  results = run_processes("per_host_mismatch", 2, tmp_path, MP_TIMEOUT=3)
+  for pid, r in enumerate(results):
+    assert r["error"] and r["error"].startswith("RestoreError"), r
+    assert f"of {pid}/default" in r["error"], r
 
 
 def test_a_failing_process_fails_every_process_and_commits_nothing(tmp_path):
