@@ -275,6 +275,9 @@ def saved_shards(leaves: list[disk_format.LeafMeta], records: dict[tuple[int, In
   with its parts ordered; the shards of a leaf must be cells of one grid."""
   by_leaf: dict[int, list[SavedShard]] = {}
   for (leaf_id, index), recs in records.items():
+    if len(recs) == 1 and recs[0][1].part is None:   # saved whole, once: its record's size
+      by_leaf.setdefault(leaf_id, []).append(SavedShard(index, recs[0][1].nbytes, recs))
+      continue
     meta = leaves[leaf_id]
     nbytes = volume(index) * disk_format.dtype_from_name(meta.dtype).itemsize
     by_leaf.setdefault(leaf_id, []).append(

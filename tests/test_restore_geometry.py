@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from fastpersist_jax import disk_format, plan, redundancy, restore_plan, treepath
+from fastpersist_jax import disk_format, plan, redundancy, restore, restore_plan, treepath
 from fastpersist_jax.disk_format import LeafMeta, ShardRecord
 from fastpersist_jax.errors import CorruptCheckpointError, RestoreMismatchError
 from fastpersist_jax.restore_plan import SavedShard, assemble_parts, overlap, volume
@@ -558,6 +558,51 @@ def test_in_one_process_every_array_byte_has_a_single_copy(caplog):
       "steps to protect them."] * 2
   assert redundancy.single_copy_bytes({"h": np.zeros(3)}, redundancy=1,
                                       replica_parallel=False) == redundancy.SingleCopyReport()
+
+
+# Read merging (restore.merge_reads) ------------------------------------------
+
+class _File:
+  def __init__(self, path):
+    self.path = path
+
+
+_FILES = [_File("a"), _File("b")]
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 40), st.integers(1, 3 * 4096),
+                          st.integers(0, 2)), min_size=0, max_size=12))
+def test_merged_reads_put_every_byte_where_the_unmerged_ones_do(specs):
+  # Shards laid out as a save lays them out: 4096-aligned in each file, and
+  # in the buffer at 4096-aligned starts, some with a shift (another layout).
+  reads, at, used = [], 0, {0: set(), 1: set()}
+  for file_id, block, nbytes, shift in specs:
+    offset = block * 4096
+    if any(b in used[file_id] for b in range(block, block + -(-nbytes // 4096))):
+      continue   # shards never share file bytes
+    used[file_id].update(range(block, block + -(-nbytes // 4096)))
+    reads.append((_FILES[file_id], offset, at + shift * 4096, nbytes))
+    at += (shift + 1 + nbytes // 4096) * 4096
+  merged = restore.merge_reads(reads)
+  # Every byte of every read: same file, and (file offset -> buffer offset)
+  # as the read says, inside exactly one merged read.
+  for f, offset, start, n in reads:
+    covering = [m for m in merged if m[0] is f and m[1] <= offset and offset + n <= m[1] + m[3]]
+    assert len(covering) == 1, (reads, merged)
+    mf, moffset, mstart, _ = covering[0]
+    assert mstart - moffset == start - offset
+  # Merged reads only span padding: no more than 64 KiB between neighbours.
+  assert sum(m[3] for m in merged) <= sum(r[3] for r in reads) + 65536 * len(reads)
+  assert len(merged) <= len(reads)
+
+
+def test_neighbouring_reads_of_a_save_layout_become_one():
+  f = _FILES[0]
+  reads = [(f, 4096 * i, 4096 * i, 4000) for i in range(10)]
+  assert restore.merge_reads(reads) == [(f, 0, 0, 9 * 4096 + 4000)]
+  # A different gap in the buffer than in the file: not merged.
+  assert len(restore.merge_reads([(f, 0, 0, 100), (f, 4096, 8192, 100)])) == 2
 
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself
