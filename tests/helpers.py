@@ -107,3 +107,46 @@ def mesh_4x2():
   """A ("data", "model") mesh of 4 x 2 of the eight CPU devices."""
   assert jax.device_count() == 8, "tests need XLA_FLAGS=--xla_force_host_platform_device_count=8"
   return jax.make_mesh((4, 2), ("data", "model"))
+
+
+def free_port() -> int:
+  """A free TCP port on localhost (for jax.distributed's coordinator)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_scenario(script: str, scenario: str, root, nproc: int = 2, devices: int = 2,
+                 timeout: float = 120) -> list[dict | None]:
+  """Runs `script --worker SCENARIO PID NPROC PORT ROOT` as `nproc` JAX
+  processes of `devices` CPU devices each; returns each process's last
+  "RESULT <json>" (None where it printed none; a process still running
+  after `timeout` seconds is killed). Asserts that process 0 reported."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  port = free_port()
+  env = child_env(devices)
+  procs = [subprocess.Popen([sys.executable, script, "--worker", scenario, str(i), str(nproc),
+                             str(port), str(root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env) for i in range(nproc)]
+  outs = []
+  try:
+    for p in procs:
+      try:
+        out, _ = p.communicate(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+      outs.append(out)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  results = []
+  for out in outs:
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    results.append(json.loads(lines[-1][len("RESULT "):]) if lines else None)
+  assert results[0] is not None, f"process 0 reported nothing:\n{outs[0][-4000:]}"
+  return results

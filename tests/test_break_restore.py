@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -65,39 +64,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                         text=True, env=helpers.child_env(8), timeout=120, check=False)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _run_two(scenario: str, root, timeout: float = 120) -> list[dict | None]:
-  """Runs `scenario` of this file's worker on 2 processes (2 CPU devices
-  each); each process's last "RESULT <json>" (None if it printed none)."""
-  port = _free_port()
-  env = helpers.child_env(2)
-  procs = [subprocess.Popen([sys.executable, THIS, "--worker", scenario, str(i), "2", str(port),
-                             str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env) for i in range(2)]
-  outs = []
-  try:
-    for p in procs:
-      try:
-        out, _ = p.communicate(timeout=timeout)
-      except subprocess.TimeoutExpired:
-        p.kill()
-        out, _ = p.communicate()
-      outs.append(out)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  results = []
-  for out in outs:
-    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-    results.append(json.loads(lines[-1][len("RESULT "):]) if lines else None)
-  assert results[0] is not None, f"process 0 reported nothing:\n{outs[0][-4000:]}"
-  return results
+def _run_two(scenario: str, root) -> list[dict | None]:
+  """Runs `scenario` of this file's worker on 2 processes (helpers.run_scenario)."""
+  return helpers.run_scenario(THIS, scenario, root, timeout=120)
 
 
 # Multi-process: restore outcome agreement -------------------------------------

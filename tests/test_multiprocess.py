@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,15 +20,9 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mp_worker.py"
 MiB = 1 << 20
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def run_processes(scenario: str, nproc: int, root, local_devices: int = 2, timeout: float = 120,
                   **env) -> list[dict]:
-  port = _free_port()
+  port = helpers.free_port()
   child_env = helpers.child_env(local_devices, MP_LOCAL_DEVICES=str(local_devices),
                                 **{k: str(v) for k, v in env.items()})
   procs = [subprocess.Popen([sys.executable, WORKER, scenario, str(i), str(nproc), str(port),
@@ -128,7 +121,7 @@ def test_a_failing_process_fails_every_process_and_commits_nothing(tmp_path):
 
 
 def test_a_killed_process_makes_the_others_raise_within_the_timeout(tmp_path):
-  port = _free_port()
+  port = helpers.free_port()
   env = helpers.child_env(2, MP_LOCAL_DEVICES="2", MP_KILL="1", MP_TIMEOUT="10")
   procs = [subprocess.Popen([sys.executable, WORKER, "fail", str(i), "2", str(port), str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -188,3 +188,16 @@ def write_json(path: str, data: Any, indent: int = 1) -> None:
   """Writes `data` to `path` as JSON with `indent`."""
   with open(path, "w") as f:
     json.dump(data, f, indent=indent)
+
+
+def pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend, or None (with a
+  note on stderr) when matplotlib is not installed: plots are optional."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("note: matplotlib is not importable; no plot written", file=sys.stderr)
+    return None
+  return plt

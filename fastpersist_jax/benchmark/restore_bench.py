@@ -212,7 +212,7 @@ def summarize(samples: dict, nbytes: int) -> dict:
 def print_report(info: dict, summary: dict) -> None:
   """Prints the table of summarize's medians and ranges to stdout."""
   fmt = stats.fmt
-  print(f"\nCold restore in a fresh process: {summary['bytes'] / GiB:.2f} GiB in {info['leaves']} "
+  print(f"\nCold restore (a fresh process, unless noted): {summary['bytes'] / GiB:.2f} GiB in {info['leaves']} "
         f"leaves on {info['devices']} CPU devices, {info['rounds']} rounds, in {info['dir']} "
         f"({info['fstype']}); medians (range)")
   print(f"  {'':27s} {'GB/s':>6s} {'range':>13s} {'/ fio':>6s} {'/ Orbax':>8s} {'peak RSS MiB':>13s}")
@@ -233,12 +233,8 @@ def print_report(info: dict, summary: dict) -> None:
 def plot(path: str, summary: dict) -> bool:
   """Writes a PNG bar chart of the median GB/s (with ranges) to `path`.
   Returns False, with a note on stderr, when matplotlib is missing."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("--plot needs matplotlib", file=sys.stderr)
+  plt = common.pyplot()
+  if plt is None:
     return False
   names = [m for m in GBPS_METHODS if m in summary]
   fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -247,7 +243,7 @@ def plot(path: str, summary: dict) -> bool:
           [summary[m]["max_gbps"] - v for m, v in zip(names, values)]]
   ax.bar([LABELS[m] for m in names], values, yerr=errs, color=[_COLORS[m] for m in names])
   ax.set_ylabel("GB/s (median, range)")
-  ax.set_title("Cold restore in a fresh process")
+  ax.set_title("Cold restore")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   return True

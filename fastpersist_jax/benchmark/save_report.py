@@ -156,12 +156,8 @@ def plot(path: str, summary: dict, info: dict) -> bool:
   with fio's as lines, blocking ms of first and steady saves, and (when
   measured) blocking by snapshot mode. Returns False, with a note on stderr,
   when matplotlib is missing or no checkpointer ran."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("note: matplotlib is not importable; no plot written", file=sys.stderr)
+  plt = common.pyplot()
+  if plt is None:
     return False
   methods = [m for m in CHECKPOINTERS if m in summary]
   if not methods:
