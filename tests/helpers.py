@@ -150,3 +150,13 @@ def run_scenario(script: str, scenario: str, root, nproc: int = 2, devices: int 
     results.append(json.loads(lines[-1][len("RESULT "):]) if lines else None)
   assert results[0] is not None, f"process 0 reported nothing:\n{outs[0][-4000:]}"
   return results
+
+
+def init_distributed(pid: int, nproc: int, port: int):
+  """Starts this worker as process `pid` of `nproc` JAX processes on
+  localhost (gloo CPU collectives); returns the runtime's key-value client."""
+  from fastpersist_jax import coordination  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
+                             initialization_timeout=60)
+  return coordination.orbax_multihost().get_jax_distributed_client()

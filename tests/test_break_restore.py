@@ -185,13 +185,8 @@ def test_a_partial_read_never_returns_bytes_its_record_crc_refuses(tmp_path):
 
 def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
   """One process of a multi-process test above; prints "RESULT <json>"."""
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
-                             initialization_timeout=60)
+  client = helpers.init_distributed(pid, nproc, port)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from fastpersist_jax import coordination  # pylint: disable=g-import-not-at-top
-
-  client = coordination.orbax_multihost().get_jax_distributed_client()
   mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices())
   host = (np.arange(64 * 512, dtype=np.float32).reshape(64, 512) % 251) + 1
   result: dict = {}
