@@ -25,6 +25,7 @@ what a single larger shard needs, whatever the checkpoint's size.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import logging
@@ -81,18 +82,22 @@ _MERGE_GAP_BYTES = 64 * 1024
 
 
 def merge_reads(reads: list[tuple[Any, int, int, int]]) -> list[tuple[Any, int, int, int]]:
-  """`reads` ((file, file offset, buffer offset, bytes)) in file order, with
-  neighbours merged where the gap between them in the file equals the gap
-  between them in the buffer (at most _MERGE_GAP_BYTES: the zero padding
-  between shards, read into the buffer's padding between their views):
-  10,000 leaves of 4 KiB are then a few large reads instead of 10,000
-  small ones. Pure; the merged reads cover every byte of the given ones."""
+  """`reads` ((file, file offset, buffer offset, bytes); their buffer ranges
+  disjoint) in file order, with neighbours merged where the gap between
+  them in the file equals the gap between them in the buffer (at most
+  _MERGE_GAP_BYTES: the zero padding between shards) and no other read's
+  bytes lie in that gap of the buffer: 10,000 leaves of 4 KiB are then a
+  few large reads instead of 10,000 small ones. Pure; the merged reads put
+  every byte where the given ones do and write nowhere else that a given
+  read does."""
+  starts = sorted(start for _, _, start, _ in reads)
   out: list[tuple[Any, int, int, int]] = []
   for f, offset, start, n in sorted(reads, key=lambda r: (r[0].path, r[1])):
     if out:
       pf, poffset, pstart, pn = out[-1]
       gap = offset - (poffset + pn)
-      if pf is f and 0 <= gap <= _MERGE_GAP_BYTES and start - pstart == offset - poffset:
+      if (pf is f and 0 <= gap <= _MERGE_GAP_BYTES and start - pstart == offset - poffset and
+          bisect.bisect_left(starts, pstart + pn) == bisect.bisect_left(starts, start)):
         out[-1] = (pf, poffset, pstart, offset + n - poffset)
         continue
     out.append((f, offset, start, n))

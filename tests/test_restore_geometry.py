@@ -592,6 +592,13 @@ def test_merged_reads_put_every_byte_where_the_unmerged_ones_do(specs):
     assert len(covering) == 1, (reads, merged)
     mf, moffset, mstart, _ = covering[0]
     assert mstart - moffset == start - offset
+  # A merged read never writes where another read (not merged into it with
+  # the same mapping) puts its bytes: reads complete in any order.
+  for mf, moffset, mstart, mn in merged:
+    for f, offset, start, n in reads:
+      inside = f is mf and moffset <= offset and offset + n <= moffset + mn
+      disjoint = start + n <= mstart or mstart + mn <= start
+      assert inside or disjoint, ((f.path, offset, start, n), (mf.path, moffset, mstart, mn))
   # Merged reads only span padding: no more than 64 KiB between neighbours.
   assert sum(m[3] for m in merged) <= sum(r[3] for r in reads) + 65536 * len(reads)
   assert len(merged) <= len(reads)
@@ -603,6 +610,12 @@ def test_neighbouring_reads_of_a_save_layout_become_one():
   assert restore.merge_reads(reads) == [(f, 0, 0, 9 * 4096 + 4000)]
   # A different gap in the buffer than in the file: not merged.
   assert len(restore.merge_reads([(f, 0, 0, 100), (f, 4096, 8192, 100)])) == 2
+  # Another read's destination in the gap (a target whose leaf order differs
+  # from the file's): not merged, or the gap's file bytes would land on it.
+  other = _FILES[1]
+  reads = [(f, 0, 0, 4096), (other, 0, 4096, 4096), (f, 8192, 8192, 4096)]
+  assert restore.merge_reads(reads) == [(f, 0, 0, 4096), (f, 8192, 8192, 4096),
+                                        (other, 0, 4096, 4096)]
 
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself
