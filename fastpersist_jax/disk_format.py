@@ -639,7 +639,7 @@ def _checked_shard(s: Any, what: str, meta: CheckpointMetadata,
   if chunks is not None:
     if not chunk_bytes or nbytes <= chunk_bytes:
       raise CorruptCheckpointError(f"{what}: chunk checksums for a record of one chunk")
-    if (not isinstance(chunks, list) or len(chunks) != -(-nbytes // chunk_bytes) or
+    if (not isinstance(chunks, list) or len(chunks) != checksums.chunk_count(nbytes, chunk_bytes) or
         not all(_is_int(c) and 0 <= c < 2**32 for c in chunks)):
       raise CorruptCheckpointError(f"{what}: malformed chunk_crc32c {_short(chunks)}")
     if not checksums.chunks_combine_to(crc, chunks, nbytes, chunk_bytes):
@@ -690,7 +690,7 @@ def _plain_shard(s: Any, leaves: list[LeafMeta], files: list[tuple[str, int]],
   chunks = s.get("chunk_crc32c")
   if chunks is not None:
     if (not chunk_bytes or nbytes <= chunk_bytes or type(chunks) is not list or  # pylint: disable=unidiomatic-typecheck
-        len(chunks) != -(-nbytes // chunk_bytes) or
+        len(chunks) != checksums.chunk_count(nbytes, chunk_bytes) or
         not all(type(c) is int and 0 <= c < 2**32 for c in chunks) or  # pylint: disable=unidiomatic-typecheck
         not checksums.chunks_combine_to(crc, chunks, nbytes, chunk_bytes)):
       return None

@@ -45,12 +45,6 @@ class SavedShard:
     step = self.parts[0][1].chunk_bytes
     return sum(min(stop * step, self.nbytes) - first * step for first, stop in self.chunk_runs)
 
-  def describe(self, manifests, process: int, rec: disk_format.ShardRecord) -> str:
-    part = f" bytes {list(rec.part)}" if rec.part is not None else ""
-    where = (f"{manifests[process].files[rec.file][0]} @ {rec.offset}" if process in manifests
-             else "received from that host")
-    return f"shard {list(map(list, self.index))}{part} (process {process}, {where})"
-
 
 def assemble_parts(leaf_name: Any, index: Index, nbytes: int,
                     records: list[tuple[int, disk_format.ShardRecord]]) -> SavedShard:
