@@ -19,6 +19,7 @@ checkpoint and its number among such operations in this process
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import zlib
@@ -66,7 +67,12 @@ def shared_value(key: str, propose, timeout_s: float) -> str:
     raise SaveError(f"process 0 did not publish {key} within {timeout_s:.0f} s") from e
 
 
-_SEQUENCES: dict[tuple, int] = {}
+# Operations counted per (operation, group, checkpoint), the oldest
+# forgotten past _SEQUENCES_MAX (a run saving every step names a new
+# checkpoint each time); every process forgets the same ones, as they make
+# the same operations in the same order.
+_SEQUENCES: collections.OrderedDict[tuple, int] = collections.OrderedDict()
+_SEQUENCES_MAX = 4096
 _SEQUENCES_LOCK = threading.Lock()
 
 
@@ -105,8 +111,10 @@ def next_key(operation: str, processes: list[int], directory: str) -> str:
   group = format(zlib.crc32(",".join(map(str, processes)).encode()), "08x")
   name = checkpoint_name(directory)
   with _SEQUENCES_LOCK:
-    n = _SEQUENCES.get((operation, group, name), 0)
-    _SEQUENCES[(operation, group, name)] = n + 1
+    n = _SEQUENCES.pop((operation, group, name), 0)
+    _SEQUENCES[(operation, group, name)] = n + 1   # now the newest
+    while len(_SEQUENCES) > _SEQUENCES_MAX:
+      _SEQUENCES.popitem(last=False)
   return f"fastpersist/{operation}/{group}/{name}/{n}"
 
 
@@ -131,7 +139,11 @@ def agree(key: str, error: BaseException | None, timeout_s: float, *,
     if error is not None:
       raise error
     return
-  client.key_value_set(f"{key}/{me}", "ok" if error is None else f"error: {error}"[:4000])
+  # Overwritable: a checkpoint name forgotten by next_key and used again
+  # reuses its keys (barrier ids are reusable; values are read only after
+  # the barrier, which every process passes after publishing its own).
+  client.key_value_set(f"{key}/{me}", "ok" if error is None else f"error: {error}"[:4000],
+                       allow_overwrite=True)
   try:
     orbax_multihost().get_barrier_sync_fn(processes=set(procs))(
         key=f"{key}/barrier", timeout_ms=max(1, int(timeout_s * 1000)))
