@@ -69,6 +69,8 @@ def _stage_on_cpu(monkeypatch, on: bool) -> None:
   monkeypatch.setattr(restore_lib, "_STAGE_ON_CPU", on)
 
 
+# BREAK_EXAMPLES=400 searches longer (about 20 s); 6 keep the suite fast and
+# still find merge_reads without its "no other read in the gap" check.
 @settings(max_examples=int(os.environ.get("BREAK_EXAMPLES", "6")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), n=st.integers(1, 80),
