@@ -4,7 +4,7 @@ from fastpersist_jax.checkpointable import (FastPersistCheckpointableHandler,
                                             checkpointables_registry)
 from fastpersist_jax.emergency import UnsupportedManagerError
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
-                                    CorruptCheckpointError, FastPersistError,
+                                    CorruptCheckpointError, FastPersistError, InvalidOptionsError,
                                     IOUringUnavailableError, PeerTimeoutError, RestoreError,
                                     RestoreMismatchError, SaveError, UnsupportedLeafError)
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
@@ -14,8 +14,9 @@ from fastpersist_jax.recovery import latest_restorable_step, restore_per_host
 __all__ = [
     "CheckpointNotFoundError", "ChecksumMismatchError", "CorruptCheckpointError",
     "FastPersistCheckpointableHandler", "FastPersistError", "FastPersistHandler",
-    "FastPersistOptions", "FastPersistRestore", "FastPersistSave", "IOUringUnavailableError",
-    "PeerTimeoutError", "RestoreError", "RestoreMismatchError", "SaveError", "UnsupportedLeafError",
+    "FastPersistOptions", "FastPersistRestore", "FastPersistSave", "InvalidOptionsError",
+    "IOUringUnavailableError", "PeerTimeoutError", "RestoreError", "RestoreMismatchError",
+    "SaveError", "UnsupportedLeafError",
     "UnsupportedManagerError", "checkpointables_registry", "latest_restorable_step",
     "restore_per_host",
 ]

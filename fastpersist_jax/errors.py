@@ -27,6 +27,10 @@ class RestoreMismatchError(FastPersistError, ValueError):
   """The restore target does not fit what was saved (path, shape, dtype)."""
 
 
+class InvalidOptionsError(FastPersistError, ValueError):
+  """A FastPersistOptions value out of its range (names the option)."""
+
+
 class SaveError(FastPersistError):
   """A save failed; nothing of it was committed."""
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from fastpersist_jax.errors import InvalidOptionsError
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -20,7 +22,9 @@ _SNAPSHOT_MODES = ("auto", "copy", "reference")
 
 @dataclasses.dataclass(frozen=True)
 class FastPersistOptions:
-  """Options for the I/O engine, staging and on-disk layout.
+  """Options for the I/O engine, staging and on-disk layout. A value out of
+  its range raises InvalidOptionsError (a FastPersistError and ValueError)
+  naming the option.
 
   Attributes:
     engine: "io_uring", "threads" (a pwrite/pread pool), or "auto": io_uring
@@ -120,32 +124,32 @@ class FastPersistOptions:
 
   def __post_init__(self):
     if self.engine not in _ENGINE_KINDS:
-      raise ValueError(f"engine must be one of {_ENGINE_KINDS}, got {self.engine!r}")
+      raise InvalidOptionsError(f"engine must be one of {_ENGINE_KINDS}, got {self.engine!r}")
     if self.snapshot not in _SNAPSHOT_MODES:
-      raise ValueError(f"snapshot must be one of {_SNAPSHOT_MODES}, got {self.snapshot!r}")
+      raise InvalidOptionsError(f"snapshot must be one of {_SNAPSHOT_MODES}, got {self.snapshot!r}")
     for name in ("queue_depth", "chunk_bytes", "io_rings", "host_memory_limit",
                  "staging_slab_bytes", "data_file_bytes", "restore_batch_bytes"):
       if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        raise InvalidOptionsError(f"{name} must be positive, got {getattr(self, name)}")
     if self.background_cpus is not None:
       cpus = tuple(self.background_cpus)
       if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
                              for c in cpus):
-        raise ValueError(f"background_cpus must be a non-empty sequence of CPU numbers, got "
+        raise InvalidOptionsError(f"background_cpus must be a non-empty sequence of CPU numbers, got "
                          f"{self.background_cpus!r}")
       object.__setattr__(self, "background_cpus", cpus)
     if (not isinstance(self.host_redundancy, int) or isinstance(self.host_redundancy, bool)
         or self.host_redundancy < 1):
-      raise ValueError(f"host_redundancy must be an integer >= 1, got {self.host_redundancy!r}")
+      raise InvalidOptionsError(f"host_redundancy must be an integer >= 1, got {self.host_redundancy!r}")
     if self.copy_threads < 0:
-      raise ValueError(f"copy_threads must be >= 0, got {self.copy_threads}")
+      raise InvalidOptionsError(f"copy_threads must be >= 0, got {self.copy_threads}")
     if self.crc_chunk_bytes < 0 or self.crc_chunk_bytes % 4096:
-      raise ValueError(f"crc_chunk_bytes must be 0 or a positive multiple of 4096, got "
+      raise InvalidOptionsError(f"crc_chunk_bytes must be 0 or a positive multiple of 4096, got "
                        f"{self.crc_chunk_bytes}")
     if self.chunk_bytes % 4096:
-      raise ValueError(f"chunk_bytes must be a multiple of 4096, got {self.chunk_bytes}")
+      raise InvalidOptionsError(f"chunk_bytes must be a multiple of 4096, got {self.chunk_bytes}")
     if self.staging_slab_bytes % 4096:
-      raise ValueError(f"staging_slab_bytes must be a multiple of 4096, got {self.staging_slab_bytes}")
+      raise InvalidOptionsError(f"staging_slab_bytes must be a multiple of 4096, got {self.staging_slab_bytes}")
 
   def resolved_copy_threads(self) -> int:
     if self.copy_threads > 0:
@@ -158,5 +162,5 @@ class FastPersistOptions:
       return self.engine
     env = os.environ.get(ENGINE_ENV, "auto").strip() or "auto"
     if env not in _ENGINE_KINDS:
-      raise ValueError(f"{ENGINE_ENV} must be one of {_ENGINE_KINDS}, got {env!r}")
+      raise InvalidOptionsError(f"{ENGINE_ENV} must be one of {_ENGINE_KINDS}, got {env!r}")
     return env

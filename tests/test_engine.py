@@ -579,8 +579,9 @@ def test_auto_falls_back_when_io_uring_unavailable(monkeypatch, caplog):
 
 
 def test_bad_engine_env(monkeypatch):
+  from fastpersist_jax import InvalidOptionsError
   monkeypatch.setenv("FASTPERSIST_ENGINE", "spdk")
-  with pytest.raises(ValueError):
+  with pytest.raises(InvalidOptionsError, match="FASTPERSIST_ENGINE"):
     IOEngine(FastPersistOptions())
   with pytest.raises(ValueError):
     _ext.Engine("spdk")
@@ -787,3 +788,14 @@ def test_engine_config_defaults_agree_with_the_options():
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("restore_batch_bytes", 0), ("queue_depth", -1), ("crc_chunk_bytes", 4097),
+    ("staging_slab_bytes", 1000), ("host_redundancy", 0), ("snapshot", "lazy"),
+    ("background_cpus", ()), ("copy_threads", -2)])
+def test_bad_options_raise_invalid_options_error_naming_the_option(field, value):
+  from fastpersist_jax import FastPersistError, InvalidOptionsError
+  with pytest.raises(InvalidOptionsError, match=field) as e:
+    FastPersistOptions(**{field: value})
+  assert isinstance(e.value, FastPersistError) and isinstance(e.value, ValueError)
