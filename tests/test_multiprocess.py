@@ -122,7 +122,7 @@ def test_a_failing_process_fails_every_process_and_commits_nothing(tmp_path):
 
 def test_a_killed_process_makes_the_others_raise_within_the_timeout(tmp_path):
   port = helpers.free_port()
-  env = helpers.child_env(2, MP_LOCAL_DEVICES="2", MP_KILL="1", MP_TIMEOUT="10")
+  env = helpers.child_env(2, MP_LOCAL_DEVICES="2", MP_KILL="1", MP_TIMEOUT="4")
   procs = [subprocess.Popen([sys.executable, WORKER, "fail", str(i), "2", str(port), str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
            for i in range(2)]
