@@ -160,3 +160,20 @@ def init_distributed(pid: int, nproc: int, port: int):
   jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
                              initialization_timeout=60)
   return coordination.orbax_multihost().get_jax_distributed_client()
+
+
+def report_and_exit(client, result: dict, pid: int, nproc: int, prefix: str) -> None:
+  """A test worker's end: prints "RESULT <json>" of `result`, then exits
+  once every process has printed (the first to exit, the coordinator
+  process 0, takes the others down with it), without waiting for a thread
+  still in a collective or Orbax's close() on a failed peer. `prefix`
+  names the keys of this test file."""
+  import json  # pylint: disable=g-import-not-at-top
+  print("RESULT " + json.dumps(result), flush=True)
+  client.key_value_set(f"{prefix}/bye/{pid}", "1")
+  for p in range(1, nproc) if pid == 0 else ():
+    try:
+      client.blocking_key_value_get(f"{prefix}/bye/{p}", 5_000)
+    except Exception:  # pylint: disable=broad-except  (a peer already gone)
+      pass
+  os._exit(0)  # pylint: disable=protected-access

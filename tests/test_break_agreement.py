@@ -14,7 +14,6 @@ few seconds ("HANG"), so a hang fails the test quickly instead of stalling it.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -149,16 +148,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
     client.wait_at_barrier(f"break2/{name}", 60_000)
 
   def finish() -> None:
-    # Print, then leave only once every process has printed: the first to
-    # exit (the coordinator, process 0) takes the others down with it.
-    print("RESULT " + json.dumps(result), flush=True)
-    client.key_value_set(f"break2/bye/{pid}", "1")
-    for p in range(1, nproc) if pid == 0 else ():
-      try:
-        client.blocking_key_value_get(f"break2/bye/{p}", 5_000)
-      except Exception:  # pylint: disable=broad-except  (a peer already gone)
-        pass
-    os._exit(0)  # pylint: disable=protected-access  (a thread may still wait in a collective)
+    helpers.report_and_exit(client, result, pid, nproc, "break2")
 
   def bounded(fn, check=None, limit: float = 3 * TIMEOUT_S) -> str:
     """fn()'s outcome: "ok" (check(value) holds, or no check), "wrong

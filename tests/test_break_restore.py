@@ -202,16 +202,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
                for s in restored["w"].addressable_shards)
 
   def finish() -> None:
-    # Print, then leave only once every process has printed: the first to
-    # exit (the coordinator, process 0) takes the others down with it.
-    print("RESULT " + json.dumps(result), flush=True)
-    client.key_value_set(f"break/bye/{pid}", "1")
-    for p in range(1, nproc) if pid == 0 else ():
-      try:
-        client.blocking_key_value_get(f"break/bye/{p}", 5_000)
-      except Exception:  # pylint: disable=broad-except  (a peer already gone)
-        pass
-    os._exit(0)  # pylint: disable=protected-access  (Orbax's close() would wait on a failed peer)
+    helpers.report_and_exit(client, result, pid, nproc, "break")
 
   def outcome(fn) -> str:
     try:

@@ -212,15 +212,19 @@ def _check_data(rd: reader.CheckpointReader, engine: IOEngine, buffer: np.ndarra
         prev = crcs.get(key, 0)
         if prev == -1:
           continue   # part of it could not be read: already reported
-        crc = crc32c.crc32c(data[piece.at:piece.at + piece.nbytes], prev)
-        if key in chunked:
-          chunked[key].update(0, data[piece.at:piece.at + piece.nbytes])
+        piece_bytes = data[piece.at:piece.at + piece.nbytes]
+        if key in chunked:   # one pass: the record's CRC is combined from its chunks'
+          chunked[key].update(0, piece_bytes)
+        else:
+          crc = crc32c.crc32c(piece_bytes, prev)
         end = piece.rec.offset + piece.rec.nbytes
         if w.start + piece.at + piece.nbytes < end:
-          crcs[key] = crc   # more of this record in the next window
+          crcs[key] = 0 if key in chunked else crc   # more of this record in the next window
           continue
         crcs.pop(key, None)
         report.shards += 1
+        if key in chunked:
+          crc = chunked[key].crc(0)
         if crc != piece.rec.crc32c:
           damaged(f"{rd.directory}: {rd.describe(piece.process, piece.rec)}: checksum mismatch")
         elif key in chunked and chunked[key].chunk_crcs(0) != piece.rec.chunk_crc32c:
