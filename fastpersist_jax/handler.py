@@ -31,7 +31,7 @@ from fastpersist_jax.errors import CorruptCheckpointError, RestoreError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.plan import check_tree, make_plan
-from fastpersist_jax.restore import Restorer
+from fastpersist_jax.restore import Restorer, gc_paused
 from fastpersist_jax.save import SaveOperation
 from fastpersist_jax.staging import StagingPool
 
@@ -260,9 +260,10 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       agree("planned", None)
 
     try:
-      state["restorer"] = Restorer(self._engine, self._options, os.fspath(directory), self._pool,
-                                   on_planned=planned)
-      restored = state["restorer"].restore(item)
+      with gc_paused():
+        state["restorer"] = Restorer(self._engine, self._options, os.fspath(directory),
+                                     self._pool, on_planned=planned)
+        restored = state["restorer"].restore(item)
     except Exception as e:  # pylint: disable=broad-except  (the others learn of it first)
       if state["planned"] and isinstance(e, RestoreError):
         raise   # the planned agreement failed: every process raises there

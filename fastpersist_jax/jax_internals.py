@@ -15,6 +15,7 @@ tests/test_restore_build.py rather than slowing users down unnoticed.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -47,5 +48,12 @@ def array_from_host_shards(shape: tuple[int, ...], dtype: np.dtype,
   reused. Only when `fast_build_available()`; raises what jax.device_put
   raises for the same input (e.g. a dtype the backend cannot hold).
   """
-  aval = _SHAPED_ARRAY(tuple(shape), np.dtype(dtype))
-  return _BATCHED_DEVICE_PUT(aval, sharding, list(host_shards), list(devices), True)
+  return _BATCHED_DEVICE_PUT(_aval(tuple(shape), np.dtype(dtype)), sharding, list(host_shards),
+                             list(devices), True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _aval(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+  """The (immutable) abstract value of a shape and dtype: many leaves share
+  one, and building it costs more than the transfer of a small leaf."""
+  return _SHAPED_ARRAY(shape, dtype)

@@ -341,7 +341,8 @@ def _saved_sharding(meta, name, prng_impl, fallback_to_numpy):
 
 
 def plan_leaf(leaf_id: int, meta: disk_format.LeafMeta, target: Any, saved: list[SavedShard],
-              fallback_to_numpy: list[str], missing_hint: str) -> LeafJob:
+              fallback_to_numpy: list[str], missing_hint: str,
+              layouts: TargetLayouts | None = None) -> LeafJob:
   """What to read and build for one array leaf.
 
   Args:
@@ -351,10 +352,11 @@ def plan_leaf(leaf_id: int, meta: disk_format.LeafMeta, target: Any, saved: list
     fallback_to_numpy: appended to when the saved sharding cannot be rebuilt
       here (the array is then built as numpy; the caller warns once).
     missing_hint: what to add to the error when saved bytes are missing.
+    layouts: the restore's TargetLayouts (None: target_layout, uncached).
   Raises RestoreMismatchError (target does not fit) or CorruptCheckpointError
   (saved data missing for a region the target needs).
   """
-  job = target_layout(leaf_id, meta, target, fallback_to_numpy)
+  job = (layouts or target_layout)(leaf_id, meta, target, fallback_to_numpy)
   name = treepath.LazyName(meta.path)
   by_index = {s.index: s for s in saved}
   needed: dict[Index, SavedShard] = {}
@@ -453,6 +455,53 @@ def target_layout(leaf_id: int, meta: disk_format.LeafMeta, target: Any,
     device_indices = [(None, tuple((0, n) for n in meta.shape))]
   return LeafJob(leaf_id, meta, sharding, device_indices, [], dtype, prng_impl, python_type,
                  numpy_scalar=isinstance(t, np.generic))
+
+
+class TargetLayouts:
+  """target_layout for the leaves of one restore, computed once for each
+  distinct pair of saved leaf fields and target (10,000 small leaves of one
+  shape on one device: once, not 10,000 times; 0.08 s on a 2-core VM).
+
+  A saved leaf's fields are keyed by its sharding record's identity, which
+  the leaves sharing all fields share (disk_format._decode_leaves); so an
+  instance is valid only for the metadata it first saw. Targets are keyed
+  by type, shape, dtype and sharding, for jax.ShapeDtypeStruct, jax.Array
+  and None only; any other target, or a layout that fell back to numpy
+  (noted per leaf), is computed for its leaf alone.
+  """
+
+  def __init__(self):
+    self._known: dict[tuple, LeafJob] = {}
+
+  def __call__(self, leaf_id: int, meta: disk_format.LeafMeta, target: Any,
+               fallback_to_numpy: list[str]) -> LeafJob:
+    """target_layout(leaf_id, meta, target, fallback_to_numpy), from the
+    cache where an equal leaf and target were laid out already."""
+    key = _layout_key(meta, target)
+    known = self._known.get(key) if key is not None else None
+    if known is not None:
+      return LeafJob(leaf_id, meta, known.sharding, known.device_indices, [], known.dtype,
+                     known.prng_impl, known.python_type, numpy_scalar=known.numpy_scalar)
+    noted = len(fallback_to_numpy)
+    job = target_layout(leaf_id, meta, target, fallback_to_numpy)
+    if key is not None and len(fallback_to_numpy) == noted:
+      self._known[key] = job
+    return job
+
+
+def _layout_key(meta: disk_format.LeafMeta, target: Any) -> tuple | None:
+  if target is None:
+    target_key = None
+  elif type(target) is jax.ShapeDtypeStruct or isinstance(target, jax.Array):
+    target_key = (type(target), target.shape, target.dtype, target.sharding,
+                  getattr(target, "weak_type", False))
+    try:
+      hash(target_key)
+    except TypeError:   # a sharding that cannot be hashed: laid out for this leaf alone
+      return None
+  else:
+    return None
+  return (meta.kind, meta.dtype, meta.shape, meta.prng_impl, id(meta.sharding), target_key)
 
 
 @functools.lru_cache(maxsize=4096)

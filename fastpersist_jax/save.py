@@ -311,9 +311,11 @@ def _check_restorable(directory: str, manifest_path: str, manifest_bytes: bytes,
   save never commits a step its restore would reject. Raises SaveError."""
   try:
     meta = disk_format.decode_metadata(json.loads(meta_bytes),
-                                  os.path.join(directory, disk_format.METADATA_FILE))
+                                       os.path.join(directory, disk_format.METADATA_FILE),
+                                       meta_bytes)
     manifest = json.loads(manifest_bytes)
-    disk_format.decode_manifest(manifest, manifest_path, directory, manifest["process_index"], meta)
+    disk_format.decode_manifest(manifest, manifest_path, directory, manifest["process_index"], meta,
+                                manifest_bytes)
   except CorruptCheckpointError as e:
     raise SaveError(f"not committing a checkpoint its restore would reject: {e}") from e
 

@@ -548,3 +548,37 @@ def test_leaf_records_validated_once_agree_with_each_validated(changes):
   for twin in ({**_LEAF_RECORD, "path": [["d", "twin"]]}, {**record, "path": [["d", "twin"]]}):
     after_twin = decode([twin, record])
     assert alone == after_twin, (record, twin, alone, after_twin)
+
+
+def _decoded_or_error(doc, raw):
+  try:
+    return disk_format.decode_metadata(doc, "meta", raw)
+  except CorruptCheckpointError as e:
+    return type(e)
+
+
+def test_seal_checked_on_the_bytes_agrees_with_the_seal_checked_on_the_json():
+  # Restore checks a document's seal on its bytes as written (no second
+  # encoding); every single-byte change that still parses must be decided
+  # as the check on the re-encoded JSON decides it.
+  raw = disk_format.seal({"format": "fastpersist", "version": disk_format.FORMAT_VERSION,
+                          "process_count": 1, "leaves": [_LEAF_RECORD, {"path": [["d", "n"]],
+                                                                         "kind": "scalar",
+                                                                         "scalar_type": "int",
+                                                                         "value": 3}]})
+  assert _decoded_or_error(json.loads(raw), raw).leaves[1].value == 3
+  parsed = 0
+  for at in range(len(raw)):
+    for byte in {raw[at] ^ 1, raw[at] ^ 0x20, ord("1"), ord(" ")}:
+      changed = raw[:at] + bytes([byte]) + raw[at + 1:]
+      try:
+        doc = json.loads(changed)
+      except ValueError:
+        continue
+      parsed += 1
+      assert _decoded_or_error(doc, changed) == _decoded_or_error(doc, None), changed
+  assert parsed > 100
+  # The same JSON spelled otherwise (another writer's spacing): checked on
+  # the re-encoded JSON, and accepted.
+  respelled = json.dumps(json.loads(raw), indent=1).encode()
+  assert _decoded_or_error(json.loads(respelled), respelled) == _decoded_or_error(json.loads(raw), raw)

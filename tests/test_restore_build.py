@@ -12,7 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from fastpersist_jax import FastPersistHandler, FastPersistRestore, FastPersistSave, jax_internals
+from fastpersist_jax import (CheckpointNotFoundError, FastPersistHandler, FastPersistRestore,
+                             FastPersistSave, jax_internals)
 from tests import helpers
 
 
@@ -86,3 +87,65 @@ def test_builder_places_each_shard_on_its_device(mesh):
   np.testing.assert_array_equal(np.asarray(x), full)
   for shard in x.addressable_shards:
     np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+
+
+def test_restore_runs_without_cyclic_collections_and_leaves_the_collector_as_it_was(tmp_path):
+  # 3,000 small leaves allocate enough for dozens of collections (gen 0 runs
+  # every 700 allocations) were the collector running; inside the restore it
+  # must not run (one may run as the pause ends), and afterwards it must be
+  # on (or still off) as before, after a failure too.
+  import gc
+  import logging
+  tree = {f"leaf{i:05d}": jnp.full((4,), i, jnp.int32) for i in range(3000)}
+  target = helpers.abstract(tree)
+  handler = FastPersistHandler()
+  ocp.Checkpointer(handler).save(tmp_path / "ckpt", args=FastPersistSave(tree))
+  collections, enabled_at_log = [], []
+
+  class Probe(logging.Handler):
+    def emit(self, record):
+      if record.getMessage().startswith("Restored"):
+        enabled_at_log.append(gc.isenabled())
+
+  def count(phase, info):
+    if phase == "start":
+      collections.append(info["generation"])
+
+  probe = Probe(logging.INFO)
+  restore_logger = logging.getLogger("fastpersist_jax.restore")
+  level = restore_logger.level
+  restore_logger.setLevel(logging.INFO)
+  restore_logger.addHandler(probe)
+  gc.callbacks.append(count)
+  try:
+    for enabled in (True, False):
+      (gc.enable if enabled else gc.disable)()
+      collections.clear()
+      enabled_at_log.clear()
+      restored = handler.restore(tmp_path / "ckpt", args=FastPersistRestore(target))
+      assert len(collections) <= 1, collections
+      assert enabled_at_log == [False]
+      assert gc.isenabled() is enabled
+      assert [int(v[0]) for _, v in sorted(restored.items())] == list(range(3000))
+      with pytest.raises(CheckpointNotFoundError):
+        handler.restore(tmp_path / "missing", args=FastPersistRestore(target))
+      assert gc.isenabled() is enabled
+  finally:
+    gc.callbacks.remove(count)
+    restore_logger.removeHandler(probe)
+    restore_logger.setLevel(level)
+    gc.enable()
+    handler.close()
+
+
+def test_collector_pause_is_shared_by_overlapping_restores():
+  import gc
+  from fastpersist_jax import restore
+  gc.enable()
+  outer = restore.gc_paused()
+  outer.__enter__()
+  with restore.gc_paused():
+    assert not gc.isenabled()
+  assert not gc.isenabled()   # the outer restore is still running
+  outer.__exit__(None, None, None)
+  assert gc.isenabled()

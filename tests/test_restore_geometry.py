@@ -620,3 +620,64 @@ def test_neighbouring_reads_of_a_save_layout_become_one():
 
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+
+
+# TargetLayouts: a leaf's layout computed once per distinct leaf and target ------------
+
+def _layout_cases():
+  """Saved leaves (those with equal fields share their sharding record, as
+  decoded metadata does) and targets that fit some of them and not others."""
+  from fastpersist_jax import shardings
+  mesh = helpers.mesh_4x2()
+  named = shardings.encode(NamedSharding(mesh, P("data", "model")))
+  single = shardings.encode(SingleDeviceSharding(jax.devices()[3]))
+  metas = [LeafMeta([["d", f"w{i}"]], "array", dtype, shape, sharding)
+           for i, (dtype, shape, sharding) in enumerate(
+               [("float32", (8, 4), named), ("float32", (8, 4), named), ("float32", (8, 4), single),
+                ("bfloat16", (8, 4), named), ("int32", (), None), ("float32", (8, 4), None)])]
+  metas.append(LeafMeta([["d", "n"]], "numpy", "float32", (8, 4), named))
+  metas.append(_key_meta())
+  targets = [None, _target(P("data", "model")), _target(P("model")), _target(P(), dtype=jnp.bfloat16),
+             _target(P("data"), shape=(4, 8)),
+             jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=SingleDeviceSharding(jax.devices()[1])),
+             jax.ShapeDtypeStruct((8, 4), jnp.float32), jax.ShapeDtypeStruct((), jnp.int8),
+             jax.ShapeDtypeStruct((4,), restore_plan.key_dtype("threefry2x32")),
+             jnp.zeros((8, 4), jnp.float32), 3, np.float32(1.5), np.zeros((8, 4), np.float16)]
+  return metas, targets
+
+
+def _layout_or_error(layout, leaf_id, meta, target):
+  notes: list[str] = []
+  try:
+    job = layout(leaf_id, meta, target, notes)
+  except RestoreMismatchError as e:
+    return str(e), notes
+  return (job.leaf_id, job.meta, job.sharding, job.device_indices, job.needed, job.dtype,
+          job.prng_impl, job.python_type, job.numpy_scalar, job.resharded), notes
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 12)), min_size=1, max_size=30))
+def test_cached_target_layouts_equal_the_layout_of_each_leaf_alone(pairs):
+  metas, targets = _layout_cases()
+  layouts = restore_plan.TargetLayouts()
+  for leaf_id, (m, t) in enumerate(pairs):
+    cached = _layout_or_error(layouts, leaf_id, metas[m], targets[t])
+    alone = _layout_or_error(restore_plan.target_layout, leaf_id, metas[m], targets[t])
+    assert cached == alone, (metas[m], targets[t])
+
+
+def test_target_layouts_compute_each_distinct_leaf_and_target_once(monkeypatch):
+  metas, targets = _layout_cases()
+  computed = []
+  real = restore_plan.target_layout
+  monkeypatch.setattr(restore_plan, "target_layout",
+                      lambda *args: computed.append(args[0]) or real(*args))
+  layouts = restore_plan.TargetLayouts()
+  jobs = [layouts(i, metas[i % 2], targets[1], []) for i in range(100)]
+  assert computed == [0]   # w0 and w1 share their fields (and sharding record)
+  twin = LeafMeta([["d", "twin"]], "array", "float32", (8, 4), dict(metas[0].sharding))
+  layouts(100, twin, targets[1], [])   # equal fields, another record: laid out again
+  assert computed == [0, 100]
+  assert [j.leaf_id for j in jobs] == list(range(100))
+  assert len({id(j) for j in jobs}) == 100   # each leaf has its own job to fill in
