@@ -371,8 +371,7 @@ class Restorer:
     if self._pool is not None:
       batch_limit = min(batch_limit, self._pool.slab_bytes)
 
-    def submit(batch):
-      nbytes = sum(job.read_bytes for _, job in batch)
+    def submit(batch, nbytes):
       slab = None
       if nbytes <= batch_limit and self._stage(batch):
         slab = slabs.submit(self._acquire_slab, abort)
@@ -409,15 +408,16 @@ class Restorer:
       batch: list[tuple[int, LeafJob]] = []
       batch_bytes = 0
       for pos, job in jobs:
-        if batch and (batch_bytes + job.read_bytes > batch_limit or len(batch) >= _MAX_BATCH_LEAVES):
-          submit(batch)
+        job_bytes = job.read_bytes
+        if batch and (batch_bytes + job_bytes > batch_limit or len(batch) >= _MAX_BATCH_LEAVES):
+          submit(batch, batch_bytes)
           batch, batch_bytes = [], 0
           while len(in_flight) > _READ_AHEAD_BATCHES:
             build_oldest()
         batch.append((pos, job))
-        batch_bytes += job.read_bytes
+        batch_bytes += job_bytes
       if batch:
-        submit(batch)
+        submit(batch, batch_bytes)
       while in_flight:
         build_oldest()
     finally:

@@ -478,7 +478,10 @@ class TargetLayouts:
     """target_layout(leaf_id, meta, target, fallback_to_numpy), from the
     cache where an equal leaf and target were laid out already."""
     key = _layout_key(meta, target)
-    known = self._known.get(key) if key is not None else None
+    try:
+      known = self._known.get(key) if key is not None else None
+    except TypeError:   # a sharding that cannot be hashed: laid out for this leaf alone
+      key = known = None
     if known is not None:
       return LeafJob(leaf_id, meta, known.sharding, known.device_indices, [], known.dtype,
                      known.prng_impl, known.python_type, numpy_scalar=known.numpy_scalar)
@@ -495,10 +498,6 @@ def _layout_key(meta: disk_format.LeafMeta, target: Any) -> tuple | None:
   elif type(target) is jax.ShapeDtypeStruct or isinstance(target, jax.Array):
     target_key = (type(target), target.shape, target.dtype, target.sharding,
                   getattr(target, "weak_type", False))
-    try:
-      hash(target_key)
-    except TypeError:   # a sharding that cannot be hashed: laid out for this leaf alone
-      return None
   else:
     return None
   return (meta.kind, meta.dtype, meta.shape, meta.prng_impl, id(meta.sharding), target_key)

@@ -90,5 +90,12 @@ def test_bad_snapshot_mode_is_refused(tmp_path):
   assert r.returncode != 0 and "lazy" in r.stderr
 
 
+@pytest.mark.parametrize("command", ["save", "restore", "io", "device"])
+def test_a_missing_dir_is_refused_with_a_message(tmp_path, command):
+  r = _bench([command, f"--dir={tmp_path / 'absent'}"], tmp_path, timeout=120)
+  assert r.returncode == 1, r.stderr
+  assert r.stderr.strip().endswith(f"--dir {tmp_path / 'absent'} is not a directory"), r.stderr
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__] + sys.argv[1:]))

@@ -39,7 +39,8 @@ def require_dir(path: str) -> None:
 def check_target_dir(path: str, need: int) -> dict[str, str]:
   """Exits (SystemExit, status 1) unless `path` has `need` bytes free; warns
   on stderr when it is memory (tmpfs, ramfs), not a disk. Returns its mount
-  record (mount_of). Raises FileNotFoundError when `path` does not exist."""
+  record (mount_of). Exits (status 1) when `path` is not a directory."""
+  require_dir(path)
   free = shutil.disk_usage(path).free
   if free < need:
     raise SystemExit(f"{path} has {free / GiB:.1f} GiB free; need {need / GiB:.1f} GiB")
