@@ -205,6 +205,12 @@ def seal(doc: dict) -> bytes:
   return to_json_bytes({**doc, "crc32c": crc32c.crc32c(to_json_bytes(doc))})
 
 
+def seal_value(sealed: bytes) -> int:
+  """The "crc32c" that seal() wrote last into `sealed` (its own output),
+  read from the end without decoding the document."""
+  return int(sealed[sealed.rindex(b":") + 1:-1])
+
+
 def _check_seal(d: dict, what: str, raw: bytes | None = None) -> None:
   """Version 2 documents must carry a matching "crc32c" (see seal). `raw`:
   the bytes `d` was decoded from, if at hand. Bytes as seal() writes them

@@ -25,13 +25,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from fastpersist_jax import coordination, disk_format, redundancy, sources
+from fastpersist_jax import coordination, disk_format, gc_pause, redundancy, sources
 from fastpersist_jax.emergency import refuse_emergency_manager
 from fastpersist_jax.errors import CorruptCheckpointError, RestoreError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.plan import check_tree, make_plan
-from fastpersist_jax.restore import Restorer, gc_paused
+from fastpersist_jax.restore import Restorer
 from fastpersist_jax.save import SaveOperation
 from fastpersist_jax.staging import StagingPool
 
@@ -136,6 +136,12 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     if isinstance(item, ocp.args.CheckpointArgs):
       raise ValueError("pass FastPersistSave as `args=`, not as `item`")
     refuse_emergency_manager(os.fspath(directory))
+    with gc_pause.paused():   # the blocking part only (see gc_pause)
+      return self._start_save(directory, item, args)
+
+  def _start_save(self, directory: epath.Path, item: Any,
+                  args: Optional["FastPersistSave"]) -> List[ocp_future.Future]:
+    """async_save's work: plans, snapshots, and starts the commit."""
     t0 = time.perf_counter()
     if args is not None:
       item = args.item
@@ -201,8 +207,11 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     directory = os.fspath(directory)
     if not self._is_primary() or not os.path.exists(os.path.join(directory, disk_format.METADATA_FILE)):
       return
-    meta = disk_format.read_metadata(directory)
-    expected = [jax.process_index()] if meta.placement == "per_host" else range(meta.process_count)
+    # This handler saved it: its placement and process count are this
+    # process's (decoding the metadata again would cost a 10,000-leaf save
+    # 0.1 s; the save validated what it wrote before writing it).
+    expected = ([jax.process_index()] if self._placement() == "per_host"
+                else range(jax.process_count()))
     missing = [p for p in expected
                if not os.path.exists(os.path.join(directory, disk_format.manifest_name(p)))]
     if missing:
@@ -260,7 +269,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       agree("planned", None)
 
     try:
-      with gc_paused():
+      with gc_pause.paused():
         state["restorer"] = Restorer(self._engine, self._options, os.fspath(directory),
                                      self._pool, on_planned=planned)
         restored = state["restorer"].restore(item)
@@ -357,7 +366,8 @@ class FastPersistSave(ocp.args.CheckpointArgs):
   checked: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
   def __post_init__(self):
-    self.checked = check_tree(self.item)
+    with gc_pause.paused():   # the caller's thread, part of the save's blocking time
+      self.checked = check_tree(self.item)
 
 
 @ocp.args.register_with_handler(FastPersistHandler, for_restore=True)

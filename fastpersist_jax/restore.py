@@ -28,8 +28,6 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import contextlib
-import gc
 import logging
 import os
 import threading
@@ -66,37 +64,6 @@ _STAGE_ON_CPU = False
 _MAX_BATCH_LEAVES = 1024
 # A restore longer than this logs its progress every this many seconds.
 _PROGRESS_EVERY_S = 5.0
-
-
-_gc_lock = threading.Lock()
-_gc_pauses = 0          # restores running with the cyclic collector paused
-_gc_was_enabled = False
-
-
-@contextlib.contextmanager
-def gc_paused():
-  """Pauses Python's cyclic garbage collector while a restore runs (nested
-  and concurrent restores share one pause; it is restored as it was).
-
-  A restore allocates several objects per leaf (decoded records, plans,
-  arrays), and each allocation threshold crossed runs a collection that
-  traverses every tracked object of the process, jax's included: for
-  10,000 leaves of 4 KiB that was 0.2 s of a 0.7 s restore (2-core VM).
-  Reference counting still frees what the restore drops; the few cycles it
-  may leave (an exception's traceback) are collected after the pause."""
-  global _gc_pauses, _gc_was_enabled
-  with _gc_lock:
-    if _gc_pauses == 0:
-      _gc_was_enabled = gc.isenabled()
-      gc.disable()
-    _gc_pauses += 1
-  try:
-    yield
-  finally:
-    with _gc_lock:
-      _gc_pauses -= 1
-      if _gc_pauses == 0 and _gc_was_enabled:
-        gc.enable()
 
 
 def check_part(view: np.ndarray, rec: disk_format.ShardRecord, leaf_name: str, where: str) -> None:

@@ -26,7 +26,7 @@ import time
 import uuid
 
 
-from fastpersist_jax import checksums, coordination, disk_format, workers
+from fastpersist_jax import checksums, coordination, disk_format, gc_pause, workers
 from fastpersist_jax.errors import CorruptCheckpointError, SaveError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
@@ -282,25 +282,26 @@ class SaveOperation:
       # saves are never combined.
       save_id = coordination.shared_value(f"{self._outcome_key}/save_id",
                                           lambda: uuid.uuid4().hex, self._commit_timeout_s)
-    meta_bytes = disk_format.encode_metadata(disk_format.CheckpointMetadata(
-        plan.process_count, self._leaves, placement=plan.placement, save_id=save_id))
-    manifest = disk_format.Manifest(
-        process_index=plan.process_index,
-        files=[(disk_format.data_file_name(plan.process_index, k), size)
-               for k, size in enumerate(plan.file_sizes)],
-        shards=[disk_format.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes,
-                                        self._checksums.crc(i), s.part,
-                                        self._checksums.chunk_crcs(i), self._crc_chunk_bytes)
-                for i, s in enumerate(plan.shards)],
-        metadata_crc32c=json.loads(meta_bytes)["crc32c"],
-        crc_chunk_bytes=self._crc_chunk_bytes if any(
-            self._checksums.chunk_crcs(i) is not None for i in range(len(plan.shards))) else None)
-    manifest_path = os.path.join(directory, disk_format.manifest_name(plan.process_index))
-    manifest_bytes = disk_format.encode_manifest(manifest)
-    out = {manifest_path: [(0, manifest_bytes)]}
-    if self._write_metadata:
-      out[os.path.join(directory, disk_format.METADATA_FILE)] = [(0, meta_bytes)]
-    _check_restorable(directory, manifest_path, manifest_bytes, meta_bytes)
+    with gc_pause.paused():   # encoding and checking: a burst of allocations, no waits
+      meta_bytes = disk_format.encode_metadata(disk_format.CheckpointMetadata(
+          plan.process_count, self._leaves, placement=plan.placement, save_id=save_id))
+      manifest = disk_format.Manifest(
+          process_index=plan.process_index,
+          files=[(disk_format.data_file_name(plan.process_index, k), size)
+                 for k, size in enumerate(plan.file_sizes)],
+          shards=[disk_format.ShardRecord(s.leaf, s.index, s.file, s.offset, s.nbytes,
+                                          self._checksums.crc(i), s.part,
+                                          self._checksums.chunk_crcs(i), self._crc_chunk_bytes)
+                  for i, s in enumerate(plan.shards)],
+          metadata_crc32c=disk_format.seal_value(meta_bytes),
+          crc_chunk_bytes=self._crc_chunk_bytes if any(
+              self._checksums.chunk_crcs(i) is not None for i in range(len(plan.shards))) else None)
+      manifest_path = os.path.join(directory, disk_format.manifest_name(plan.process_index))
+      manifest_bytes = disk_format.encode_manifest(manifest)
+      out = {manifest_path: [(0, manifest_bytes)]}
+      if self._write_metadata:
+        out[os.path.join(directory, disk_format.METADATA_FILE)] = [(0, meta_bytes)]
+      _check_restorable(directory, manifest_path, manifest_bytes, meta_bytes)
     self._engine.write_files(out)
 
 

@@ -351,5 +351,48 @@ def test_missing_and_truncated_manifest(handler, saved):
     handler.restore(d.parent / "does-not-exist")
 
 
+
+def test_finalize_refuses_a_step_whose_manifest_is_missing(tmp_path, handler):
+  handler.save(tmp_path / "step", args=FastPersistSave({"w": jnp.arange(8.0)}))
+  handler.finalize(tmp_path / "step")   # complete: nothing to say
+  os.remove(tmp_path / "step" / disk_format.manifest_name(0))
+  with pytest.raises(CorruptCheckpointError, match=r"manifests of processes \[0\] are missing"):
+    handler.finalize(tmp_path / "step")
+
+
+def test_save_pauses_the_collector_only_for_its_bursts_of_work(tmp_path, handler, monkeypatch):
+  # The tree check, the plan and the manifests' encoding and check run with
+  # the cyclic collector paused (see gc_pause); the collector is left as it
+  # was found, after a save that fails too.
+  import gc
+  from fastpersist_jax import handler as handler_module, save as save_module
+  seen = {}
+
+  def probe(module, name):
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+      seen.setdefault(name, set()).add(gc.isenabled())
+      return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapped)
+
+  probe(handler_module, "check_tree")
+  probe(handler_module, "make_plan")
+  probe(save_module, "_check_restorable")
+  tree = {f"w{i}": jnp.full((4,), i) for i in range(50)}
+  try:
+    for enabled in (True, False):
+      (gc.enable if enabled else gc.disable)()
+      seen.clear()
+      handler.save(tmp_path / f"ok{enabled}", args=FastPersistSave(tree))
+      assert seen == {"check_tree": {False}, "make_plan": {False}, "_check_restorable": {False}}
+      assert gc.isenabled() is enabled
+      with pytest.raises(UnsupportedLeafError):
+        handler.save(tmp_path / f"bad{enabled}", args=FastPersistSave({"f": lambda: 0}))
+      assert gc.isenabled() is enabled
+  finally:
+    gc.enable()
+
+
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))

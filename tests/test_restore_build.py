@@ -138,14 +138,14 @@ def test_restore_runs_without_cyclic_collections_and_leaves_the_collector_as_it_
     handler.close()
 
 
-def test_collector_pause_is_shared_by_overlapping_restores():
+def test_collector_pause_is_shared_by_overlapping_calls():
   import gc
-  from fastpersist_jax import restore
+  from fastpersist_jax import gc_pause
   gc.enable()
-  outer = restore.gc_paused()
+  outer = gc_pause.paused()
   outer.__enter__()
-  with restore.gc_paused():
+  with gc_pause.paused():
     assert not gc.isenabled()
-  assert not gc.isenabled()   # the outer restore is still running
+  assert not gc.isenabled()   # the outer call is still running
   outer.__exit__(None, None, None)
   assert gc.isenabled()
