@@ -365,14 +365,14 @@ def test_save_pauses_the_collector_only_for_its_bursts_of_work(tmp_path, handler
   # the cyclic collector paused (see gc_pause); the collector is left as it
   # was found, after a save that fails too.
   import gc
-  from fastpersist_jax import handler as handler_module, save as save_module
+  from fastpersist_jax import gc_pause, handler as handler_module, save as save_module
   seen = {}
 
   def probe(module, name):
     real = getattr(module, name)
 
     def wrapped(*args, **kwargs):
-      seen.setdefault(name, set()).add(gc.isenabled())
+      seen.setdefault(name, set()).add(gc_pause.is_paused())
       return real(*args, **kwargs)
     monkeypatch.setattr(module, name, wrapped)
 
@@ -385,11 +385,12 @@ def test_save_pauses_the_collector_only_for_its_bursts_of_work(tmp_path, handler
       (gc.enable if enabled else gc.disable)()
       seen.clear()
       handler.save(tmp_path / f"ok{enabled}", args=FastPersistSave(tree))
-      assert seen == {"check_tree": {False}, "make_plan": {False}, "_check_restorable": {False}}
+      assert seen == {"check_tree": {True}, "make_plan": {True}, "_check_restorable": {True}}
       assert gc.isenabled() is enabled
       with pytest.raises(UnsupportedLeafError):
         handler.save(tmp_path / f"bad{enabled}", args=FastPersistSave({"f": lambda: 0}))
       assert gc.isenabled() is enabled
+      assert not gc_pause.is_paused()
   finally:
     gc.enable()
 

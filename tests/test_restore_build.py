@@ -96,16 +96,17 @@ def test_restore_runs_without_cyclic_collections_and_leaves_the_collector_as_it_
   # on (or still off) as before, after a failure too.
   import gc
   import logging
+  from fastpersist_jax import gc_pause
   tree = {f"leaf{i:05d}": jnp.full((4,), i, jnp.int32) for i in range(3000)}
   target = helpers.abstract(tree)
   handler = FastPersistHandler()
   ocp.Checkpointer(handler).save(tmp_path / "ckpt", args=FastPersistSave(tree))
-  collections, enabled_at_log = [], []
+  collections, paused_at_log = [], []
 
   class Probe(logging.Handler):
     def emit(self, record):
       if record.getMessage().startswith("Restored"):
-        enabled_at_log.append(gc.isenabled())
+        paused_at_log.append(gc_pause.is_paused())
 
   def count(phase, info):
     if phase == "start":
@@ -121,10 +122,10 @@ def test_restore_runs_without_cyclic_collections_and_leaves_the_collector_as_it_
     for enabled in (True, False):
       (gc.enable if enabled else gc.disable)()
       collections.clear()
-      enabled_at_log.clear()
+      paused_at_log.clear()
       restored = handler.restore(tmp_path / "ckpt", args=FastPersistRestore(target))
       assert len(collections) <= 1, collections
-      assert enabled_at_log == [False]
+      assert paused_at_log == [True]
       assert gc.isenabled() is enabled
       assert [int(v[0]) for _, v in sorted(restored.items())] == list(range(3000))
       with pytest.raises(CheckpointNotFoundError):
@@ -141,11 +142,12 @@ def test_restore_runs_without_cyclic_collections_and_leaves_the_collector_as_it_
 def test_collector_pause_is_shared_by_overlapping_calls():
   import gc
   from fastpersist_jax import gc_pause
-  gc.enable()
+  thresholds = gc.get_threshold()
   outer = gc_pause.paused()
   outer.__enter__()
   with gc_pause.paused():
-    assert not gc.isenabled()
-  assert not gc.isenabled()   # the outer call is still running
+    assert gc.get_threshold()[0] == 0 and gc_pause.is_paused()
+  assert gc.get_threshold()[0] == 0   # the outer call is still running
   outer.__exit__(None, None, None)
+  assert gc.get_threshold() == thresholds and not gc_pause.is_paused()
   assert gc.isenabled()
