@@ -113,8 +113,9 @@ def test_a_restore_that_fails_in_orbax_on_one_process_costs_a_bounded_wait_never
 
 def test_a_process_that_gave_up_waiting_is_not_counted_as_having_restored(tmp_path):
   p0, p1 = _run_two("late_process", tmp_path)
-  assert p0["restore"].startswith("RestoreError"), p0   # gave up after 3 s
-  # Process 1 (5 s late) must learn that process 0 gave up and raise too.
+  assert p0["restore"].startswith("RestoreError"), p0   # gave up after 1 s
+  # Process 1 (starting only once process 0 has given up) must learn that
+  # process 0 gave up and raise too.
   assert p1 is not None and p1["restore"].startswith("RestoreError"), p1
   assert p1["seconds"] < 5, p1
 
@@ -316,16 +317,22 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
     result["restore"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(t)))
   elif scenario == "late_process":
     w = saved(P("data"))
-    mngr = ocp.CheckpointManager(root, item_handlers=FastPersistHandler(
-        FastPersistOptions(commit_timeout_s=3)))
-    mngr.save(0, args=FastPersistSave({"w": w}))
-    mngr.wait_until_finished()
+    with ocp.CheckpointManager(root, item_handlers=FastPersistHandler(
+        FastPersistOptions(commit_timeout_s=3))) as mngr:
+      mngr.save(0, args=FastPersistSave({"w": w}))
+      mngr.wait_until_finished()
     client.wait_at_barrier("break/saved", 30_000)
-    if pid == 1:
-      time.sleep(5)   # busy elsewhere: later than commit_timeout_s
+    # Process 0's restore must time out (process 1 starts only after it has
+    # given up, by the sequence below, not by a race): a short wait will do.
+    mngr = ocp.CheckpointManager(root, item_handlers=FastPersistHandler(
+        FastPersistOptions(commit_timeout_s=1)))
+    if pid == 1:   # busy elsewhere until process 0 has given up (after commit_timeout_s)
+      client.blocking_key_value_get("break/gave_up", 60_000)
     t0 = time.monotonic()
     result["restore"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(target(w))))
     result["seconds"] = time.monotonic() - t0
+    if pid == 0:
+      client.key_value_set("break/gave_up", "1")
   elif scenario == "active_subset":
     w = saved(P("data"))
     with ocp.CheckpointManager(root, item_handlers=FastPersistHandler()) as mngr:
