@@ -21,10 +21,21 @@ TINY = ["--d_model=32", "--layers=1", "--heads=2", "--vocab=64", "--seq_len=16",
         "--lr_warmup=2", "--lr_decay=6"]
 
 
-def start(ckpt_dir, metrics, *flags):
-  """Starts examples/train.py; `finish` waits for it and returns (metrics, stdout)."""
+def start(ckpt_dir, metrics, *flags, compile_cache=None, cache_writes=False):
+  """Starts examples/train.py; `finish` waits for it and returns (metrics, stdout).
+
+  `compile_cache`: a directory for JAX's persistent compilation cache; the
+  run writes what it compiles there if `cache_writes`, else only reads it
+  (then start it only once the writer has ended: the cache's files are
+  written without a lock). The executables are the ones the run would
+  compile itself: only the compile time differs."""
   cmd = [sys.executable, TRAIN, f"--ckpt_dir={ckpt_dir}", f"--metrics_out={metrics}", *TINY, *flags]
-  env = helpers.child_env(8, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  cache = {}
+  if compile_cache is not None:
+    cache = {"JAX_COMPILATION_CACHE_DIR": os.fspath(compile_cache),
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0" if cache_writes else "1000000"}
+  env = helpers.child_env(8, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), **cache)
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   return proc, metrics, flags
@@ -52,9 +63,11 @@ def finish(run):
 def test_resume_is_bit_identical(tmp_path, handler):
   ckpt = tmp_path / "ckpt"
   # The uninterrupted reference (keeping every checkpoint) and the first part
-  # of the interrupted run, side by side.
+  # of the interrupted run, side by side. The reference leaves what it
+  # compiled in a cache for the resumed runs (which start after it ends).
+  cache = tmp_path / "jax_cache"
   ref_run = start(tmp_path / "ref", tmp_path / "ref.json", f"--steps={N}", f"--handler={handler}",
-                  f"--max_to_keep={N}")
+                  f"--max_to_keep={N}", compile_cache=cache, cache_writes=True)
   first_run = start(ckpt, tmp_path / "first.json", f"--steps={K}", f"--handler={handler}")
   ref, ref_out = finish(ref_run)
   first, _ = finish(first_run)
@@ -94,9 +107,9 @@ def test_resume_is_bit_identical(tmp_path, handler):
   rollback.mkdir()
   shutil.copytree(tmp_path / "ref" / str(J), rollback / str(J))
   runs = {K: start(ckpt, tmp_path / "resumed.json", f"--steps={N}", f"--handler={handler}",
-                   "--resume"),
+                   "--resume", compile_cache=cache),
           J: start(rollback, tmp_path / "rollback.json", f"--steps={N}", f"--handler={handler}",
-                   "--resume")}
+                   "--resume", compile_cache=cache)}
   for step, run in runs.items():
     resumed, out = finish(run)
     assert f"restored step {step}" in out
