@@ -65,6 +65,24 @@ def two_process_runs(tmp_path_factory):
   return root, helpers.run_batch(TWO_PROCESS_BATCH, 2, root)
 
 
+# The four-process scenarios, in one launch: test_multiprocess's shared and
+# per-host ones, then test_host_redundancy's host-loss scenario (last: it
+# ends with a process that never joins).
+FOUR_PROCESS_BATCH = [
+    ("shared", "shared", {}),
+    ("per_host", "per_host", {}),
+    ("redundancy", "redundancy", {}),
+]
+
+
+@pytest.fixture(scope="session")
+def four_process_runs(tmp_path_factory):
+  """FOUR_PROCESS_BATCH run once on 4 processes of 2 CPU devices each
+  (helpers.run_batch's answer); read a scenario's results with
+  helpers.batch_results(runs, label)."""
+  return helpers.run_batch(FOUR_PROCESS_BATCH, 4, tmp_path_factory.mktemp("four_process"))
+
+
 @pytest.fixture
 def two_process_checkpoint(two_process_runs, tmp_path):
   """A copy, in tmp_path/"mp", of the root of the "shared" scenario of

@@ -15,7 +15,7 @@ import pytest
 import helpers
 
 WORKER = helpers.MP_WORKER
-run_processes = helpers.run_processes   # (test_host_redundancy and test_orbax_v1 import it here)
+run_processes = helpers.run_processes
 
 MiB = 1 << 20
 
@@ -131,16 +131,8 @@ def test_a_killed_process_makes_the_others_raise_within_the_timeout(tmp_path):
   assert not (tmp_path / "0").exists()   # nothing committed, only Orbax's temporary directory
 
 
-@pytest.fixture(scope="module")
-def four_process_runs(tmp_path_factory):
-  """The shared-directory and per-host scenarios in one launch of 4
-  processes (helpers.run_batch)."""
-  return helpers.run_batch([("shared", "shared", {}), ("per_host", "per_host", {})], 4,
-                           tmp_path_factory.mktemp("four_processes"))
-
-
 @pytest.mark.slow
-def test_four_processes_shared_directory(four_process_runs):
+def test_four_processes_shared_directory(four_process_runs):   # (conftest.FOUR_PROCESS_BATCH)
   results = helpers.batch_results(four_process_runs, "shared")
   written = [r["bytes_written"] for r in results]
   assert min(written) > 0.15 * sum(written), written
