@@ -62,15 +62,35 @@ def finish(run):
 ])
 def test_resume_is_bit_identical(tmp_path, handler):
   ckpt = tmp_path / "ckpt"
-  # The uninterrupted reference (keeping every checkpoint) and the first part
-  # of the interrupted run, side by side. The reference leaves what it
-  # compiled in a cache for the resumed runs (which start after it ends).
+  # The uninterrupted reference (keeping every checkpoint) first: it leaves
+  # what it compiled in a cache for the other runs, which start after it.
   cache = tmp_path / "jax_cache"
-  ref_run = start(tmp_path / "ref", tmp_path / "ref.json", f"--steps={N}", f"--handler={handler}",
-                  f"--max_to_keep={N}", compile_cache=cache, cache_writes=True)
-  first_run = start(ckpt, tmp_path / "first.json", f"--steps={K}", f"--handler={handler}")
-  ref, ref_out = finish(ref_run)
-  first, _ = finish(first_run)
+  ref, ref_out = finish(start(tmp_path / "ref", tmp_path / "ref.json", f"--steps={N}",
+                              f"--handler={handler}", f"--max_to_keep={N}", compile_cache=cache,
+                              cache_writes=True))
+  # Then, side by side, the first part of the interrupted run and (b) below.
+  rollback = tmp_path / "rollback"
+  rollback.mkdir()
+  shutil.copytree(tmp_path / "ref" / str(J), rollback / str(J))
+  rollback_run = start(rollback, tmp_path / "rollback.json", f"--steps={N}",
+                       f"--handler={handler}", "--resume", compile_cache=cache)
+  try:
+    first, _ = finish(start(ckpt, tmp_path / "first.json", f"--steps={K}",
+                            f"--handler={handler}", compile_cache=cache))
+    assert (ckpt / str(K)).is_dir()   # (checked before the resume below goes on from it)
+  except BaseException:
+    rollback_run[0].kill()
+    rollback_run[0].communicate()
+    raise
+  resumed_run = start(ckpt, tmp_path / "resumed.json", f"--steps={N}", f"--handler={handler}",
+                      "--resume", compile_cache=cache)
+  try:
+    runs = [(K, finish(resumed_run)), (J, finish(rollback_run))]
+  finally:
+    for proc, _, _ in (resumed_run, rollback_run):
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
   assert "== summary ==" in ref_out
   for row in ("step ms, no save", f"step ms, saving ({handler})", "step ms, saving nothing (floor)",
@@ -97,21 +117,12 @@ def test_resume_is_bit_identical(tmp_path, handler):
   assert summary["saves"] == len(saved)
   assert sorted(int(p.name) for p in (tmp_path / "ref").iterdir() if p.name.isdigit()) == saved
   assert first["losses"] == {str(s): ref["losses"][str(s)] for s in range(1, K + 1)}
-  assert (ckpt / str(K)).is_dir()
   assert ref["losses"][str(N)] != ref["losses"]["1"]  # it trained
 
-  # Resume (a) the run stopped at K and (b) a copy of the reference's
+  # Resumed: (a) the run stopped at K and (b) a copy of the reference's
   # checkpoint J, which was saved while steps J+1.. ran and donated the very
   # buffers it was saved from: it must hold the state of step J exactly.
-  rollback = tmp_path / "rollback"
-  rollback.mkdir()
-  shutil.copytree(tmp_path / "ref" / str(J), rollback / str(J))
-  runs = {K: start(ckpt, tmp_path / "resumed.json", f"--steps={N}", f"--handler={handler}",
-                   "--resume", compile_cache=cache),
-          J: start(rollback, tmp_path / "rollback.json", f"--steps={N}", f"--handler={handler}",
-                   "--resume", compile_cache=cache)}
-  for step, run in runs.items():
-    resumed, out = finish(run)
+  for step, (resumed, out) in runs:
     assert f"restored step {step}" in out
     assert resumed["summary"]["first_step"] == step + 1
     # float.hex strings: equal only if the floats are bit-identical.
