@@ -15,8 +15,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench(args, tmp_path, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+def _bench(args, tmp_path, timeout=600, **extra_env):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", **extra_env)
   return subprocess.run([sys.executable, "-m", "fastpersist_jax.benchmark", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -84,12 +84,18 @@ def test_io_benchmark_runs(tmp_path):
   assert json.loads(out.read_text())
 
 
-def test_device_benchmark_runs_and_restores_bit_exact(tmp_path):
+def test_device_benchmark_runs_and_restores_bit_exact(tmp_path, tmp_path_factory):
   # Meant for an accelerator host; on CPU devices the same path runs.
   out = tmp_path / "device.json"
+  # The tree is made by one jitted function per leaf, in the benchmark and
+  # again in its cold-restore child (which runs after it, alone): JAX's
+  # compilation cache compiles each distinct one once.
+  cache = {"JAX_COMPILATION_CACHE_DIR": os.fspath(tmp_path_factory.mktemp("jax_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   # fio (where installed) runs too: this is the one test of the fio path.
   r = _bench(["device", "--size_gib=0.004", "--leaf_mib=1", "--rounds=1", f"--dir={tmp_path}",
-              f"--json={out}"], tmp_path)
+              f"--json={out}"], tmp_path, **cache)
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads(out.read_text())["summary"]
   assert summary["restore_bit_exact"] is True
