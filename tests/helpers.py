@@ -204,7 +204,8 @@ def run_batch(scenarios: list[tuple[str, str, dict]], nproc: int, root, local_de
   """One launch of tests/mp_worker.py running `scenarios` ([label,
   scenario, {MP_* setting: value}]) in turn in the same `nproc` processes,
   each in root/label; launch_workers' answer (results keyed by label).
-  Only for scenarios that succeed: a failure ends the batch."""
+  Only for scenarios that catch and report what they expect to fail: one
+  that raises ends the batch (and, through the others, every later one)."""
   import json  # pylint: disable=g-import-not-at-top
   batch = [[label, name, {k: str(v) for k, v in settings.items()}]
            for label, name, settings in scenarios]
