@@ -41,6 +41,60 @@ def fs_type(path: str | os.PathLike) -> str:
   return kind
 
 
+# The two-process scenarios of tests/mp_worker.py that succeed, run in one
+# launch (helpers.run_batch) for every test that checks them: label,
+# scenario, settings. The last one ends in a deliberately failed restore.
+TWO_PROCESS_BATCH = [
+    ("shared", "shared", {}),                                  # replica-parallel writes
+    ("shared_whole", "shared", {"MP_SPLIT": 0}),               # ... without the split
+    ("per_host", "per_host", {"MP_REDUNDANCY": 1}),            # per-host parts, swapped
+    ("per_host_whole", "per_host", {"MP_SPLIT": 0}),
+    ("v1", "v1", {}),                                          # through Orbax's v1 API
+    ("reshard_whole", "reshard_rows", {"MP_CRC_CHUNK": 0, "MP_CORRUPT": 0}),
+    ("reshard_chunked", "reshard_rows", {"MP_CRC_CHUNK": 256 * 1024}),
+]
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(tmp_path_factory):
+  """(root, runs): TWO_PROCESS_BATCH run once on 2 processes of 2 CPU
+  devices each, scenario `label` in root/label; read a scenario's results
+  with helpers.batch_results(runs, label). Tests that change a checkpoint
+  made there change a copy."""
+  root = tmp_path_factory.mktemp("two_process")
+  return root, helpers.run_batch(TWO_PROCESS_BATCH, 2, root)
+
+
+# The four-process scenarios, in one launch: test_multiprocess's shared and
+# per-host ones, then test_host_redundancy's host-loss scenario (last: it
+# ends with a process that never joins).
+FOUR_PROCESS_BATCH = [
+    ("shared", "shared", {}),
+    ("per_host", "per_host", {}),
+    ("redundancy", "redundancy", {}),
+]
+
+
+@pytest.fixture(scope="session")
+def four_process_runs(tmp_path_factory):
+  """FOUR_PROCESS_BATCH run once on 4 processes of 2 CPU devices each
+  (helpers.run_batch's answer); read a scenario's results with
+  helpers.batch_results(runs, label)."""
+  return helpers.run_batch(FOUR_PROCESS_BATCH, 4, tmp_path_factory.mktemp("four_process"))
+
+
+@pytest.fixture
+def two_process_checkpoint(two_process_runs, tmp_path):
+  """A copy, in tmp_path/"mp", of the root of the "shared" scenario of
+  two_process_runs (tests/mp_worker.py's global_state saved as step 0 by 2
+  processes with replica-parallel parts)."""
+  root, runs = two_process_runs
+  helpers.batch_results(runs, "shared")
+  copy = tmp_path / "mp"
+  shutil.copytree(root / "shared", copy)
+  return copy
+
+
 @pytest.fixture(params=ENGINE_KINDS)
 def engine_kind(request) -> str:
   return request.param

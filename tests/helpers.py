@@ -152,6 +152,78 @@ def run_scenario(script: str, scenario: str, root, nproc: int = 2, devices: int 
   return results
 
 
+MP_WORKER = os.path.join(REPO, "tests", "mp_worker.py")
+
+
+def launch_workers(scenario: str, nproc: int, root, local_devices: int = 2,
+                   timeout: float = 120, **env) -> list[tuple[int, str, dict | None]]:
+  """Runs tests/mp_worker.py SCENARIO as `nproc` JAX processes of
+  `local_devices` CPU devices each, in the directory `root`, with `env`
+  added to their environment; returns each process's (exit status, output,
+  last "RESULT <json>" or None). A process still running after `timeout`
+  seconds is killed (its output then ends saying so)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  port = free_port()
+  env = child_env(local_devices, MP_LOCAL_DEVICES=str(local_devices),
+                  **{k: str(v) for k, v in env.items()})
+  procs = [subprocess.Popen([sys.executable, MP_WORKER, scenario, str(i), str(nproc), str(port),
+                             str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env) for i in range(nproc)]
+  runs = []
+  try:
+    for p in procs:
+      try:
+        out, _ = p.communicate(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        out += f"\n(killed after {timeout} s)"
+      lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+      runs.append((p.returncode, out, json.loads(lines[-1][len("RESULT "):]) if lines else None))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return runs
+
+
+def run_processes(scenario: str, nproc: int, root, local_devices: int = 2, timeout: float = 120,
+                  **env) -> list[dict]:
+  """launch_workers, asserting that every process exited 0 and reported;
+  returns each process's result."""
+  runs = launch_workers(scenario, nproc, root, local_devices, timeout, **env)
+  for i, (rc, out, result) in enumerate(runs):
+    assert rc == 0 and result is not None, f"process {i} failed (rc={rc}):\n{out[-4000:]}"
+  return [result for _, _, result in runs]
+
+
+def run_batch(scenarios: list[tuple[str, str, dict]], nproc: int, root, local_devices: int = 2,
+              timeout: float = 240) -> list[tuple[int, str, dict | None]]:
+  """One launch of tests/mp_worker.py running `scenarios` ([label,
+  scenario, {MP_* setting: value}]) in turn in the same `nproc` processes,
+  each in root/label; launch_workers' answer (results keyed by label).
+  Only for scenarios that catch and report what they expect to fail: one
+  that raises ends the batch (and, through the others, every later one)."""
+  import json  # pylint: disable=g-import-not-at-top
+  batch = [[label, name, {k: str(v) for k, v in settings.items()}]
+           for label, name, settings in scenarios]
+  return launch_workers("batch", nproc, root, local_devices, timeout, MP_BATCH=json.dumps(batch))
+
+
+def batch_results(runs: list[tuple[int, str, dict | None]], label: str) -> list[dict]:
+  """Each process's result of the scenario `label` of a run_batch; asserts
+  that every process reported it, without a crash (else shows its output)."""
+  results = []
+  for i, (rc, out, result) in enumerate(runs):
+    mine = (result or {}).get(label)
+    assert mine is not None and "crash" not in mine, (
+        f"process {i} (rc={rc}) did not complete scenario {label!r}:\n{out[-4000:]}")
+    results.append(mine)
+  return results
+
+
 def init_distributed(pid: int, nproc: int, port: int):
   """Starts this worker as process `pid` of `nproc` JAX processes on
   localhost (gloo CPU collectives); returns the runtime's key-value client."""

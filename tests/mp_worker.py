@@ -2,6 +2,13 @@
 
 Usage: mp_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DIR
 Prints "RESULT <json>" on success; any failure exits non-zero.
+
+SCENARIO "batch" runs several scenarios in turn in the same processes (one
+launch, several checks; helpers.run_batch): the environment variable
+MP_BATCH holds a JSON list of [label, scenario, {setting: value}], each
+run in DIR/label with its settings (the MP_* variables below) and reported
+as result[label]; one that raises is reported as {"crash": traceback} and
+ends the batch (the process then exits non-zero).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 scenario, pid, nproc, port, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
     int(sys.argv[4]), sys.argv[5]
@@ -33,6 +41,15 @@ from fastpersist_jax import (FastPersistHandler, FastPersistOptions,  # pylint: 
                              FastPersistRestore, FastPersistSave)
 
 MiB = 1 << 20
+
+# The settings of the scenario being run: MP_* variables of the environment,
+# overridden by a batch entry's own.
+_settings: dict[str, str] = {}
+
+
+def setting(name: str, default: str | None = None) -> str | None:
+  """The scenario setting `name` (e.g. "MP_SPLIT"), else `default`."""
+  return _settings.get(name, os.environ.get(name, default))
 
 
 def global_state(mesh):
@@ -78,13 +95,14 @@ def data_bytes(directory, process):
              if f.startswith(f"data.{process:05d}."))
 
 
-def main():
+def run(scenario: str, root: str) -> dict:
+  """Runs `scenario` in the directory `root`; returns what it reports."""
   n_data = nproc
   mesh = jax.make_mesh((n_data, jax.device_count() // n_data), ("data", "model"))
   result = {}
   if scenario == "shared":
     state, expected = global_state(mesh)
-    handler = FastPersistHandler(FastPersistOptions(replica_parallel=os.environ.get("MP_SPLIT", "1") == "1"))
+    handler = FastPersistHandler(FastPersistOptions(replica_parallel=setting("MP_SPLIT", "1") == "1"))
     with ocp.CheckpointManager(root, item_handlers=handler) as mngr:
       mngr.save(0, args=FastPersistSave(state))
       mngr.wait_until_finished()
@@ -111,8 +129,8 @@ def main():
     state, expected = global_state(mesh)
     mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
     handler = FastPersistHandler(
-        FastPersistOptions(replica_parallel=os.environ.get("MP_SPLIT", "1") == "1",
-                           host_redundancy=int(os.environ.get("MP_REDUNDANCY", "2"))),
+        FastPersistOptions(replica_parallel=setting("MP_SPLIT", "1") == "1",
+                           host_redundancy=int(setting("MP_REDUNDANCY", "2"))),
         multiprocessing_options=mp)
     host_dir = os.path.join(root, f"host{pid}")
     os.makedirs(host_dir, exist_ok=True)   # Orbax leaves per-process roots to the caller
@@ -131,22 +149,28 @@ def main():
     result["bytes_written"] = data_bytes(os.path.join(host_dir, "0", "default"), pid)
   elif scenario == "per_host_mismatch":
     # Hosts asked to restore different steps must all refuse, not mix parts.
+    # Saved with commit_timeout_s MP_TIMEOUT; the restores, which must time
+    # out (their steps differ by the scenario, not by a race), with
+    # MP_RESTORE_TIMEOUT.
     state, _ = global_state(mesh)
     mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
     host_dir = os.path.join(root, f"host{pid}")
     os.makedirs(host_dir, exist_ok=True)
-    options = FastPersistOptions(commit_timeout_s=float(os.environ.get("MP_TIMEOUT", "30")))
-    with ocp.CheckpointManager(host_dir, item_handlers=FastPersistHandler(
-                                   options, multiprocessing_options=mp),
-                               options=ocp.CheckpointManagerOptions(
-                                   multiprocessing_options=mp, create=False,
-                                   # Orbax's asynchronous directory creation races with
-                                   # itself under per-process managers (FileExistsError).
-                                   async_options=ocp.AsyncOptions(
-                                       create_directories_asynchronously=False))) as mngr:
+
+    def manager(timeout_s: str):
+      return ocp.CheckpointManager(
+          host_dir, item_handlers=FastPersistHandler(
+              FastPersistOptions(commit_timeout_s=float(timeout_s)), multiprocessing_options=mp),
+          options=ocp.CheckpointManagerOptions(
+              multiprocessing_options=mp, create=False,
+              # Orbax's asynchronous directory creation races with
+              # itself under per-process managers (FileExistsError).
+              async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))
+    with manager(setting("MP_TIMEOUT", "30")) as mngr:
       mngr.save(0, args=FastPersistSave(state))
       mngr.save(1, args=FastPersistSave(state))
       mngr.wait_until_finished()
+    with manager(setting("MP_RESTORE_TIMEOUT", setting("MP_TIMEOUT", "30"))) as mngr:
       try:
         mngr.restore(pid, args=FastPersistRestore(abstract(state)))
         result["error"] = None
@@ -154,26 +178,27 @@ def main():
         result["error"] = f"{type(e).__name__}: {e}"
   elif scenario == "fail":
     state, _ = global_state(mesh)
-    handler = FastPersistHandler(FastPersistOptions(commit_timeout_s=float(os.environ.get("MP_TIMEOUT", "30"))))
+    handler = FastPersistHandler(FastPersistOptions(commit_timeout_s=float(setting("MP_TIMEOUT", "30"))))
     if pid == nproc - 1:
       def broken_write(extents):
-        if os.environ.get("MP_KILL") == "1":
+        if setting("MP_KILL") == "1":
           os._exit(9)  # the process dies mid-save  # pylint: disable=protected-access
         raise OSError(5, "injected write failure on the last process")
       handler._engine.write = broken_write  # pylint: disable=protected-access
     t0 = time.time()
     error = None
     # Orbax's own barriers wait for a dead peer up to their timeout (10 min by
-    # default); keep it short here so every path out of the save is bounded.
+    # default); keep it short here (MP_ORBAX_TIMEOUT s) so every path out of
+    # the save is bounded.
     mngr = ocp.CheckpointManager(root, item_handlers=handler, options=ocp.CheckpointManagerOptions(
-        async_options=ocp.AsyncOptions(timeout_secs=20)))
+        async_options=ocp.AsyncOptions(timeout_secs=int(setting("MP_ORBAX_TIMEOUT", "20")))))
     try:
       mngr.save(0, args=FastPersistSave(state))
       mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       error = f"{type(e).__name__}: {e}"
     result["seconds"] = time.time() - t0
-    if os.environ.get("MP_KILL") == "1":
+    if setting("MP_KILL") == "1":
       # A peer died: Orbax's close() would wait at a barrier for it, and JAX's
       # runtime aborts on the peer's heartbeat timeout. Report and leave now.
       result["error"] = error
@@ -202,7 +227,7 @@ def main():
     # Saved in 2 row blocks, one per process; restored in 4 row blocks over
     # devices in the order [0, 2, 1, 3], so each process needs the first
     # half of each saved block: it reads those chunks only.
-    chunk = int(os.environ.get("MP_CRC_CHUNK", str(1 * MiB)))
+    chunk = int(setting("MP_CRC_CHUNK", str(1 * MiB)))
     options = FastPersistOptions(crc_chunk_bytes=chunk)
     devices = jax.devices()
     host = np.arange(1024 * 1024, dtype=np.float32).reshape(1024, 1024)
@@ -221,6 +246,8 @@ def main():
       np.testing.assert_array_equal(np.asarray(shard.data), host[shard.index])
     assert restored["x"].sharding == target_on
     result["stats"] = handler.last_restore_stats
+    if setting("MP_CORRUPT", "1") != "1":
+      return result
     # A flipped byte in row 600 (process 1's saved block, in rows only
     # process 0 now needs) fails process 0's restore, naming the bytes, and
     # not process 1's, which never reads that chunk.
@@ -250,7 +277,28 @@ def main():
     result = mp_redundancy.run(pid, nproc, root)
   else:
     raise SystemExit(f"unknown scenario {scenario}")
-  print("RESULT " + json.dumps(result), flush=True)
+  return result
+
+
+def main():
+  if scenario != "batch":
+    print("RESULT " + json.dumps(run(scenario, root)), flush=True)
+    return
+  from fastpersist_jax import coordination  # pylint: disable=g-import-not-at-top
+  client = coordination.orbax_multihost().get_jax_distributed_client() if nproc > 1 else None
+  results = {}
+  for label, name, settings in json.loads(os.environ["MP_BATCH"]):
+    if client is not None:   # every process starts each scenario together
+      client.wait_at_barrier(f"mp_worker/batch/{label}", 120_000)
+    _settings.clear()
+    _settings.update(settings)
+    try:
+      results[label] = run(name, os.path.join(root, label))
+    except BaseException:  # pylint: disable=broad-except  (reported, then the batch ends)
+      results[label] = {"crash": traceback.format_exc()[-4000:]}
+      print("RESULT " + json.dumps(results), flush=True)
+      os._exit(1)  # pylint: disable=protected-access  (peers may be waiting in a collective)
+  print("RESULT " + json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,11 @@ from fastpersist_jax import (FastPersistCheckpointableHandler, FastPersistHandle
                              checkpointables_registry, disk_format)
 
 THIS = os.path.abspath(__file__)
-TIMEOUT_S = 3.0   # commit_timeout_s of every handler here
+TIMEOUT_S = 3.0   # commit_timeout_s of the handlers here (and a third of the HANG limit)
+# commit_timeout_s of a handler used only for operations that must time out:
+# the peer they wait for never comes, by the scenario's own sequence (never
+# by a race), so a short wait proves the same "raises instead of hanging".
+FAIL_TIMEOUT_S = 1.0
 _FAILURES = ("Error", "Exception")   # an outcome string naming a raised exception
 
 
@@ -129,6 +133,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
   mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices())
   host = (np.arange(64 * 512, dtype=np.float32).reshape(64, 512) % 251) + 1
   options = FastPersistOptions(commit_timeout_s=TIMEOUT_S)
+  failing = FastPersistOptions(commit_timeout_s=FAIL_TIMEOUT_S)
   result: dict = {}
 
   def saved(spec, values=host):
@@ -222,7 +227,9 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
           bounded(lambda: mngr.restore(0, args=FastPersistRestore(target(w))), same))
       sync(f"good{k}")
   elif scenario in ("save_refused_on_one", "save_refused_then_next"):
-    handler = FastPersistHandler(options)
+    # (save_refused_then_next's saves all fail: process 1 never takes part
+    # in "a", process 0 never in "b".)
+    handler = FastPersistHandler(options if scenario == "save_refused_on_one" else failing)
     w = saved(P("data"))
     if pid == 1:
       w.delete()   # e.g. donated by a step this host ran differently
@@ -233,7 +240,8 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
       # is still waiting for it).
       result["next"] = bounded(lambda: handler.save(os.path.join(root, "b"),
                                                     args=FastPersistSave({"w": saved(P("data"))})))
-      result["a_files"] = sorted(os.listdir(os.path.join(root, "a")))
+      a = os.path.join(root, "a")
+      result["a_files"] = sorted(os.listdir(a)) if os.path.isdir(a) else None
     else:
       sync("refused")   # both have given up on "a"
       result["later"] = []
@@ -253,8 +261,9 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
                                        lambda i: host[i])
       mp = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
       os.makedirs(root, exist_ok=True)   # Orbax leaves the root to the caller here
+      # Process 1 never takes part (it waits at "subset_done"): this save fails.
       mngr = ocp.CheckpointManager(
-          root, item_handlers=FastPersistHandler(options, multiprocessing_options=mp),
+          root, item_handlers=FastPersistHandler(failing, multiprocessing_options=mp),
           options=ocp.CheckpointManagerOptions(multiprocessing_options=mp, create=False))
 
       def save():
@@ -292,12 +301,14 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
       client.blocking_key_value_get("break2/done", 60_000)
   elif scenario == "mixed_steps":
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    mngr = ocp.CheckpointManager(root, item_handlers=FastPersistHandler(options))
-    vals = [host, host + 1000]
-    for k in (0, 1):
-      mngr.save(k, args=FastPersistSave({"w": saved(P("data"), vals[k])}))
-    mngr.wait_until_finished()
+    with ocp.CheckpointManager(root, item_handlers=FastPersistHandler(options)) as mngr:
+      vals = [host, host + 1000]
+      for k in (0, 1):
+        mngr.save(k, args=FastPersistSave({"w": saved(P("data"), vals[k])}))
+      mngr.wait_until_finished()
     sync("saved")
+    # The processes restore different steps, which never pair: they time out.
+    mngr = ocp.CheckpointManager(root, item_handlers=FastPersistHandler(failing))
     t = target(saved(P("data")))
     if pid == 1:   # step 1 is not visible here yet (say, a lagging file system): fall back to 0
       result["missing"] = bounded(lambda: mngr.restore(7, args=FastPersistRestore(t)))

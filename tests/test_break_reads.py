@@ -196,17 +196,32 @@ THIS = os.path.abspath(__file__)
 
 def test_partial_chunk_reads_of_many_leaves_restore_exactly_in_another_order(tmp_path):
   # Each process needs part of each saved row block (chunk runs of 4 KiB,
-  # merged where neighbours), unchecked, into a target of shuffled order.
+  # merged where neighbours), unchecked, into a target of shuffled order;
+  # without, then with, staging on the CPU (both in one launch).
+  p0, p1 = helpers.run_scenario(THIS, "chunk_runs", tmp_path, timeout=120)
   for staged in ("0", "1"):
-    p0, p1 = helpers.run_scenario(THIS, f"chunk_runs_{staged}", tmp_path / staged, timeout=120)
-    assert p0 == p1 == {"ok": True, "partial": True}, (p0, p1)
+    assert p0[staged] == p1[staged] == {"ok": True, "partial": True}, (staged, p0, p1)
 
 
 def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
-  """One process of the multi-process test above; prints "RESULT <json>"."""
+  """One process of the multi-process test above; prints "RESULT <json>":
+  the outcome of the scenario ("chunk_runs") without ("0") and with ("1")
+  staging on the CPU, each saved in root/0 and root/1."""
+  assert scenario == "chunk_runs", scenario
   helpers.init_distributed(pid, nproc, port)
+  result = {}
+  for staged in ("0", "1"):
+    restore_lib._STAGE_ON_CPU = staged == "1"
+    result[staged] = _chunk_runs(os.path.join(root, staged))
+  print("RESULT " + json.dumps(result), flush=True)
+  jax.distributed.shutdown()
+
+
+def _chunk_runs(root: str) -> dict:
+  """Saves 40 leaves in root, restores them twice resharded; returns
+  {"ok": every byte right, "partial": fewer bytes read than saved}
+  (with "bad": the first wrong shards)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  restore_lib._STAGE_ON_CPU = scenario.endswith("_1")
   devices = jax.devices()
   mesh = jax.make_mesh((2, 2), ("rows", "cols"), devices=devices)
   order = [devices[i] for i in (0, 2, 1, 3)]
@@ -255,8 +270,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
   result = {"ok": not bad, "partial": stats["bytes"] < total}
   if bad:
     result["bad"] = bad[:5]
-  print("RESULT " + json.dumps(result), flush=True)
-  jax.distributed.shutdown()
+  return result
 
 
 if __name__ == "__main__":

@@ -222,10 +222,8 @@ def test_verify_usage_errors_exit_2(tmp_path, capsys):
     assert e.value.exitcode == 2
 
 
-def test_verify_per_host_checkpoint_checks_what_is_here(tmp_path, capsys):
-  import test_multiprocess  # pylint: disable=g-import-not-at-top
-  root = tmp_path / "mp"
-  test_multiprocess.run_processes("shared", 2, root)
+def test_verify_per_host_checkpoint_checks_what_is_here(two_process_checkpoint, capsys):
+  root = two_process_checkpoint   # a copy of conftest.two_process_runs' "shared" root
   # What one host of a per-host save holds: its manifest and data files only.
   item = root / "0" / "default"
   meta = json.loads((item / "fastpersist.json").read_text())
@@ -468,10 +466,9 @@ def mp_expected():
           "params.b": make((512,), np.int32, 3), "rng": np.arange(4, dtype=np.uint32)}
 
 
-def test_two_process_checkpoint_with_replica_parallel_parts(tmp_path, capsys):
-  import test_multiprocess  # pylint: disable=g-import-not-at-top
-  root = tmp_path / "mp"
-  test_multiprocess.run_processes("shared", 2, root)
+def test_two_process_checkpoint_with_replica_parallel_parts(two_process_checkpoint, tmp_path,
+                                                          capsys):
+  root = two_process_checkpoint   # a copy of conftest.two_process_runs' "shared" root
   item = root / "0" / "default"
   manifests = [json.loads((item / disk_format.manifest_name(p)).read_text()) for p in range(2)]
   # Replicated params were split into parts written by both processes.

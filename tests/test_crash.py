@@ -81,12 +81,13 @@ def _child_crash_saver(directory: str) -> None:
 
 
 class _Child:
-  """A child process whose stdout lines are collected by a thread."""
+  """A child process whose stdout lines are collected by a thread; it waits
+  for `go` (a line on its stdin) before it starts its work."""
 
   def __init__(self, cmd, env, stderr_path):
     self._stderr = open(stderr_path, "wb")
-    self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self._stderr,
-                                 text=True, bufsize=1)
+    self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self._stderr, text=True, bufsize=1)
     self.lines: list[str] = []
     self._cond = threading.Condition()
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -102,6 +103,10 @@ class _Child:
       self.lines.append(None)
       self._cond.notify_all()
 
+  def go(self) -> None:
+    self.proc.stdin.write("go\n")
+    self.proc.stdin.flush()
+
   def wait_for(self, prefix: str, count: int = 1, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     with self._cond:
@@ -116,6 +121,7 @@ class _Child:
     if self.proc.poll() is None:
       self.proc.send_signal(signal.SIGKILL)
     self.proc.wait()
+    self.proc.stdin.close()
     self._reader.join(10)
     self._stderr.close()
 
@@ -137,55 +143,68 @@ def test_crash_consistency_under_sigkill(mesh, tmp_path):
             "host": np.zeros(CRASH_HOST, np.float32), "step": 0}
   kills, mid_save, committed_before = 12, 0, -1
   history, half_deleted = [], []
-  for k in range(kills):
-    child = _Child([sys.executable, HERE, "crash_saver", root],
-                   child_env(4, FASTPERSIST_ENGINE=None), tmp_path / f"stderr.{k}")
-    try:
-      child.wait_for("start", timeout=120)
-      mode = k % 4
-      if mode == 0:    # shortly after a save starts: snapshot, tmp dir creation
-        child.wait_for("saving", rng.randint(1, 3))
-      elif mode == 1:  # shortly after a save returned: its writes, fsyncs, rename
-        child.wait_for("saved", rng.randint(1, 3))
-      elif mode == 3:  # inside finalize, just before Orbax's commit rename
-        child.wait_for("finalizing", rng.randint(1, 3))
-      time.sleep(rng.uniform(0, 0.4 if mode == 2 else 0.03))
-    finally:
-      child.kill()
-    saved = child.steps("saved")
-    leftovers = sorted(n for n in os.listdir(root) if "tmp" in n) if os.path.isdir(root) else []
-    mid_save += bool(leftovers)
 
-    # A fresh manager sees a committed latest step that restores bit-exact.
-    mngr = ocp.CheckpointManager(root, item_handlers=handler,
-                                 options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-      latest = mngr.latest_step()
-      history.append((k, mode, child.steps("start"), saved[-1:], latest, leftovers))
-      if saved and saved[-1] >= 1:  # `saved s` comes after save(s) waited for s - 1's commit
-        assert latest is not None and latest >= saved[-1] - 1, history
-      if latest is None:
-        assert committed_before < 0, f"committed steps vanished: {history}"
-        continue
-      assert latest >= committed_before, f"latest step went back: {history}"
-      committed_before = latest
-      out = mngr.restore(latest, args=FastPersistRestore(target))
-      assert_tree_bytes_equal(crash_state(latest), out)
-      # Older steps restore bit-exact too, except one that Orbax was deleting
-      # (max_to_keep=3) when the kill came: Orbax removes a step in place, so
-      # that one is still listed, half gone. It must fail loudly (never give
-      # other data), and can only be older than the 3 steps kept.
-      steps = sorted(mngr.all_steps())
-      for step in steps:
-        if step != latest:
-          try:
-            assert_tree_bytes_equal(crash_state(step),
-                                    mngr.restore(step, args=FastPersistRestore(target)))
-          except (FastPersistError, KeyError, FileNotFoundError, ValueError) as e:
-            assert step not in steps[-3:], f"kept step {step} does not restore: {e!r} {history}"
-            half_deleted.append((step, type(e).__name__))
-    finally:
-      mngr.close()
+  def spawn(k: int) -> _Child:
+    # Started one kill ahead (it imports and starts JAX meanwhile), it
+    # touches `root` only once told to go.
+    return _Child([sys.executable, HERE, "crash_saver", root],
+                  child_env(4, FASTPERSIST_ENGINE=None), tmp_path / f"stderr.{k}")
+  following = spawn(0)
+  try:
+    for k in range(kills):
+      child, following = following, None
+      try:
+        child.go()
+        if k + 1 < kills:
+          following = spawn(k + 1)
+        child.wait_for("start", timeout=120)
+        mode = k % 4
+        if mode == 0:    # shortly after a save starts: snapshot, tmp dir creation
+          child.wait_for("saving", rng.randint(1, 3))
+        elif mode == 1:  # shortly after a save returned: its writes, fsyncs, rename
+          child.wait_for("saved", rng.randint(1, 3))
+        elif mode == 3:  # inside finalize, just before Orbax's commit rename
+          child.wait_for("finalizing", rng.randint(1, 3))
+        time.sleep(rng.uniform(0, 0.4 if mode == 2 else 0.03))
+      finally:
+        child.kill()
+      saved = child.steps("saved")
+      leftovers = sorted(n for n in os.listdir(root) if "tmp" in n) if os.path.isdir(root) else []
+      mid_save += bool(leftovers)
+
+      # A fresh manager sees a committed latest step that restores bit-exact.
+      mngr = ocp.CheckpointManager(root, item_handlers=handler,
+                                   options=ocp.CheckpointManagerOptions(read_only=True))
+      try:
+        latest = mngr.latest_step()
+        history.append((k, mode, child.steps("start"), saved[-1:], latest, leftovers))
+        if saved and saved[-1] >= 1:  # `saved s` comes after save(s) waited for s - 1's commit
+          assert latest is not None and latest >= saved[-1] - 1, history
+        if latest is None:
+          assert committed_before < 0, f"committed steps vanished: {history}"
+          continue
+        assert latest >= committed_before, f"latest step went back: {history}"
+        committed_before = latest
+        out = mngr.restore(latest, args=FastPersistRestore(target))
+        assert_tree_bytes_equal(crash_state(latest), out)
+        # Older steps restore bit-exact too, except one that Orbax was deleting
+        # (max_to_keep=3) when the kill came: Orbax removes a step in place, so
+        # that one is still listed, half gone. It must fail loudly (never give
+        # other data), and can only be older than the 3 steps kept.
+        steps = sorted(mngr.all_steps())
+        for step in steps:
+          if step != latest:
+            try:
+              assert_tree_bytes_equal(crash_state(step),
+                                      mngr.restore(step, args=FastPersistRestore(target)))
+            except (FastPersistError, KeyError, FileNotFoundError, ValueError) as e:
+              assert step not in steps[-3:], f"kept step {step} does not restore: {e!r} {history}"
+              half_deleted.append((step, type(e).__name__))
+      finally:
+        mngr.close()
+  finally:
+    if following is not None:
+      following.kill()
   handler.close()
   assert committed_before >= 6, f"too few saves got through: {history} {half_deleted}"
   # Most kills must have hit a save in progress, i.e. left an uncommitted tmp dir.
@@ -194,6 +213,9 @@ def test_crash_consistency_under_sigkill(mesh, tmp_path):
 
 if __name__ == "__main__":
   if sys.argv[1:2] == ["crash_saver"]:   # the child process of the test above
+    jax.devices()   # the runtime is up: what is left is the saving
+    if sys.stdin.readline() != "go\n":   # end of file: the test ended first
+      sys.exit(0)
     _child_crash_saver(*sys.argv[2:])
   else:  # run as a test binary (Bazel's py_test runs this file): the tests themselves
     sys.exit(pytest.main([__file__, *sys.argv[1:]]))

@@ -21,8 +21,6 @@ from fastpersist_jax import (FastPersistHandler, FastPersistRestore, FastPersist
                              UnsupportedManagerError, coordination, emergency)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_multiprocess import run_processes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _format_reader():
@@ -40,9 +38,8 @@ def _mp_expected(shape, dtype, seed):
   return (host % 251).astype(dtype)
 
 
-def test_format_reader_reads_a_two_process_checkpoint_with_parts(tmp_path):
-  run_processes("shared", 2, tmp_path)
-  item = os.path.join(tmp_path, "0", "default")
+def test_format_reader_reads_a_two_process_checkpoint_with_parts(two_process_checkpoint):
+  item = os.path.join(two_process_checkpoint, "0", "default")
   manifests = [json.load(open(os.path.join(item, f"manifest.0000{p}.json"))) for p in (0, 1)]
   assert all(any("part" in s for s in m["shards"]) for m in manifests)   # parts in both
   got = _format_reader()(item)

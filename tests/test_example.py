@@ -21,10 +21,21 @@ TINY = ["--d_model=32", "--layers=1", "--heads=2", "--vocab=64", "--seq_len=16",
         "--lr_warmup=2", "--lr_decay=6"]
 
 
-def start(ckpt_dir, metrics, *flags):
-  """Starts examples/train.py; `finish` waits for it and returns (metrics, stdout)."""
+def start(ckpt_dir, metrics, *flags, compile_cache=None, cache_writes=False):
+  """Starts examples/train.py; `finish` waits for it and returns (metrics, stdout).
+
+  `compile_cache`: a directory for JAX's persistent compilation cache; the
+  run writes what it compiles there if `cache_writes`, else only reads it
+  (then start it only once the writer has ended: the cache's files are
+  written without a lock). The executables are the ones the run would
+  compile itself: only the compile time differs."""
   cmd = [sys.executable, TRAIN, f"--ckpt_dir={ckpt_dir}", f"--metrics_out={metrics}", *TINY, *flags]
-  env = helpers.child_env(8, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  cache = {}
+  if compile_cache is not None:
+    cache = {"JAX_COMPILATION_CACHE_DIR": os.fspath(compile_cache),
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0" if cache_writes else "1000000"}
+  env = helpers.child_env(8, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), **cache)
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   return proc, metrics, flags
@@ -51,13 +62,35 @@ def finish(run):
 ])
 def test_resume_is_bit_identical(tmp_path, handler):
   ckpt = tmp_path / "ckpt"
-  # The uninterrupted reference (keeping every checkpoint) and the first part
-  # of the interrupted run, side by side.
-  ref_run = start(tmp_path / "ref", tmp_path / "ref.json", f"--steps={N}", f"--handler={handler}",
-                  f"--max_to_keep={N}")
-  first_run = start(ckpt, tmp_path / "first.json", f"--steps={K}", f"--handler={handler}")
-  ref, ref_out = finish(ref_run)
-  first, _ = finish(first_run)
+  # The uninterrupted reference (keeping every checkpoint) first: it leaves
+  # what it compiled in a cache for the other runs, which start after it.
+  cache = tmp_path / "jax_cache"
+  ref, ref_out = finish(start(tmp_path / "ref", tmp_path / "ref.json", f"--steps={N}",
+                              f"--handler={handler}", f"--max_to_keep={N}", compile_cache=cache,
+                              cache_writes=True))
+  # Then, side by side, the first part of the interrupted run and (b) below.
+  rollback = tmp_path / "rollback"
+  rollback.mkdir()
+  shutil.copytree(tmp_path / "ref" / str(J), rollback / str(J))
+  rollback_run = start(rollback, tmp_path / "rollback.json", f"--steps={N}",
+                       f"--handler={handler}", "--resume", compile_cache=cache)
+  try:
+    first, _ = finish(start(ckpt, tmp_path / "first.json", f"--steps={K}",
+                            f"--handler={handler}", compile_cache=cache))
+    assert (ckpt / str(K)).is_dir()   # (checked before the resume below goes on from it)
+  except BaseException:
+    rollback_run[0].kill()
+    rollback_run[0].communicate()
+    raise
+  resumed_run = start(ckpt, tmp_path / "resumed.json", f"--steps={N}", f"--handler={handler}",
+                      "--resume", compile_cache=cache)
+  try:
+    runs = [(K, finish(resumed_run)), (J, finish(rollback_run))]
+  finally:
+    for proc, _, _ in (resumed_run, rollback_run):
+      if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
 
   assert "== summary ==" in ref_out
   for row in ("step ms, no save", f"step ms, saving ({handler})", "step ms, saving nothing (floor)",
@@ -84,21 +117,12 @@ def test_resume_is_bit_identical(tmp_path, handler):
   assert summary["saves"] == len(saved)
   assert sorted(int(p.name) for p in (tmp_path / "ref").iterdir() if p.name.isdigit()) == saved
   assert first["losses"] == {str(s): ref["losses"][str(s)] for s in range(1, K + 1)}
-  assert (ckpt / str(K)).is_dir()
   assert ref["losses"][str(N)] != ref["losses"]["1"]  # it trained
 
-  # Resume (a) the run stopped at K and (b) a copy of the reference's
+  # Resumed: (a) the run stopped at K and (b) a copy of the reference's
   # checkpoint J, which was saved while steps J+1.. ran and donated the very
   # buffers it was saved from: it must hold the state of step J exactly.
-  rollback = tmp_path / "rollback"
-  rollback.mkdir()
-  shutil.copytree(tmp_path / "ref" / str(J), rollback / str(J))
-  runs = {K: start(ckpt, tmp_path / "resumed.json", f"--steps={N}", f"--handler={handler}",
-                   "--resume"),
-          J: start(rollback, tmp_path / "rollback.json", f"--steps={N}", f"--handler={handler}",
-                   "--resume")}
-  for step, run in runs.items():
-    resumed, out = finish(run)
+  for step, (resumed, out) in runs:
     assert f"restored step {step}" in out
     assert resumed["summary"]["first_step"] == step + 1
     # float.hex strings: equal only if the floats are bit-identical.

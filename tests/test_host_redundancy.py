@@ -1,7 +1,8 @@
 """Per-host checkpoints that survive the loss of a host (issue 13): four
 processes (jax.distributed on localhost, 2 CPU devices each), per-host roots,
 host_redundancy 2. One launch saves, then recovers from several losses in
-turn (tests/mp_redundancy.py); the tests below check what each process saw."""
+turn (tests/mp_redundancy.py, the scenario "redundancy" of
+conftest.four_process_runs); the tests below check what each process saw."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import sys
 
 import pytest
 
+import helpers
 from fastpersist_jax import FastPersistOptions
 from fastpersist_jax import exchange, redundancy
-from test_multiprocess import run_processes
 
 NPROC = 4
 # Array bytes of the tree saved (w: 64x512 f32, b: 512 i32, emb: 256x128 bf16).
@@ -19,8 +20,8 @@ ARRAY_BYTES = 64 * 512 * 4 + 512 * 4 + 256 * 128 * 2
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-  return run_processes("redundancy", NPROC, tmp_path_factory.mktemp("redundancy"), timeout=240)
+def results(four_process_runs):
+  return helpers.batch_results(four_process_runs, "redundancy")
 
 
 def test_placement_rule_survives_any_k_minus_1_losses():

@@ -239,11 +239,11 @@ def test_orbax_pytree_free_functions_need_orbax_layout(mesh, tmp_path):
     _assert_exact(ocp.v1.load_checkpointables(tmp_path / "c")["state"], tree)
 
 
-def test_two_processes_through_the_v1_api(tmp_path):
-  """Shared directory, replica-parallel parts, through ocp.v1 (tests/mp_worker.py)."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from test_multiprocess import run_processes  # pylint: disable=g-import-not-at-top
-  results = run_processes("v1", 2, tmp_path)
+def test_two_processes_through_the_v1_api(two_process_runs):
+  """Shared directory, replica-parallel parts, through ocp.v1 (tests/mp_worker.py,
+  scenario "v1" of conftest.two_process_runs)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  results = helpers.batch_results(two_process_runs[1], "v1")
   for files in (r["files"] for r in results):
     assert {"fastpersist.json", "manifest.00000.json", "manifest.00001.json"} <= set(files)
   written = [r["bytes_written"] for r in results]
