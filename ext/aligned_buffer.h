@@ -8,9 +8,10 @@ namespace fastpersist {
 
 class AlignedBuffer {
  public:
-  // Maps `nbytes` (rounded up to a page) of anonymous memory and touches every
-  // page now: first-touch faults are slow and erratic, and a staging buffer is
-  // reused across many saves, so paying once up front keeps saves predictable.
+  // Maps `nbytes` (rounded up to a page) of anonymous memory with every page
+  // faulted in now (MAP_POPULATE): first-touch faults are slow and erratic,
+  // and a staging buffer is reused across many saves, so paying once up
+  // front keeps saves predictable.
   explicit AlignedBuffer(size_t nbytes, bool lock = false);
   ~AlignedBuffer();
   AlignedBuffer(const AlignedBuffer&) = delete;

@@ -8,8 +8,9 @@ What it exposes from ext/:
 
   AlignedBuffer(nbytes, lock=False)
       `nbytes` bytes of page-aligned (4096), pre-faulted anonymous memory
-      (mmap(2); transparent huge pages asked for from 2 MiB), exposed through
-      the buffer protocol as a 1-D uint8 array of `nbytes` elements. `lock`:
+      (mmap(2) with MAP_POPULATE; 4 KiB pages, see ext/aligned_buffer.cc),
+      exposed through the buffer protocol as a 1-D uint8 array of `nbytes`
+      elements. `lock`:
       mlock(2) it too where RLIMIT_MEMLOCK allows (`.locked` says whether it
       did). Attributes: nbytes (bytes), address (int), locked (bool). Raises
       OSError (errno of mmap(2)) when the memory cannot be mapped, TypeError
