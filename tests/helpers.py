@@ -123,54 +123,23 @@ def run_scenario(script: str, scenario: str, root, nproc: int = 2, devices: int 
   processes of `devices` CPU devices each; returns each process's last
   "RESULT <json>" (None where it printed none; a process still running
   after `timeout` seconds is killed). Asserts that process 0 reported."""
-  import json  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   port = free_port()
-  env = child_env(devices)
-  procs = [subprocess.Popen([sys.executable, script, "--worker", scenario, str(i), str(nproc),
-                             str(port), str(root)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env) for i in range(nproc)]
-  outs = []
-  try:
-    for p in procs:
-      try:
-        out, _ = p.communicate(timeout=timeout)
-      except subprocess.TimeoutExpired:
-        p.kill()
-        out, _ = p.communicate()
-      outs.append(out)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  results = []
-  for out in outs:
-    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
-    results.append(json.loads(lines[-1][len("RESULT "):]) if lines else None)
-  assert results[0] is not None, f"process 0 reported nothing:\n{outs[0][-4000:]}"
-  return results
+  runs = _run_children([[sys.executable, script, "--worker", scenario, str(i), str(nproc),
+                         str(port), str(root)] for i in range(nproc)], child_env(devices), timeout)
+  assert runs[0][2] is not None, f"process 0 reported nothing:\n{runs[0][1][-4000:]}"
+  return [result for _, _, result in runs]
 
 
-MP_WORKER = os.path.join(REPO, "tests", "mp_worker.py")
-
-
-def launch_workers(scenario: str, nproc: int, root, local_devices: int = 2,
-                   timeout: float = 120, **env) -> list[tuple[int, str, dict | None]]:
-  """Runs tests/mp_worker.py SCENARIO as `nproc` JAX processes of
-  `local_devices` CPU devices each, in the directory `root`, with `env`
-  added to their environment; returns each process's (exit status, output,
-  last "RESULT <json>" or None). A process still running after `timeout`
-  seconds is killed (its output then ends saying so)."""
+def _run_children(commands: list[list[str]], env: dict[str, str], timeout: float
+                  ) -> list[tuple[int, str, dict | None]]:
+  """Runs the commands at once; returns each one's (exit status, output,
+  last "RESULT <json>" or None). One still running after `timeout` seconds
+  is killed (its output then ends saying so)."""
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  port = free_port()
-  env = child_env(local_devices, MP_LOCAL_DEVICES=str(local_devices),
-                  **{k: str(v) for k, v in env.items()})
-  procs = [subprocess.Popen([sys.executable, MP_WORKER, scenario, str(i), str(nproc), str(port),
-                             str(root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env) for i in range(nproc)]
+  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+           for c in commands]
   runs = []
   try:
     for p in procs:
@@ -187,6 +156,24 @@ def launch_workers(scenario: str, nproc: int, root, local_devices: int = 2,
       if p.poll() is None:
         p.kill()
   return runs
+
+
+MP_WORKER = os.path.join(REPO, "tests", "mp_worker.py")
+
+
+def launch_workers(scenario: str, nproc: int, root, local_devices: int = 2,
+                   timeout: float = 120, **env) -> list[tuple[int, str, dict | None]]:
+  """Runs tests/mp_worker.py SCENARIO as `nproc` JAX processes of
+  `local_devices` CPU devices each, in the directory `root`, with `env`
+  added to their environment; returns each process's (exit status, output,
+  last "RESULT <json>" or None). A process still running after `timeout`
+  seconds is killed (its output then ends saying so)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  port = free_port()
+  env = child_env(local_devices, MP_LOCAL_DEVICES=str(local_devices),
+                  **{k: str(v) for k, v in env.items()})
+  return _run_children([[sys.executable, MP_WORKER, scenario, str(i), str(nproc), str(port),
+                         str(root)] for i in range(nproc)], env, timeout)
 
 
 def run_processes(scenario: str, nproc: int, root, local_devices: int = 2, timeout: float = 120,
@@ -232,6 +219,18 @@ def init_distributed(pid: int, nproc: int, port: int):
   jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid,
                              initialization_timeout=60)
   return coordination.orbax_multihost().get_jax_distributed_client()
+
+
+def stay_until_process_0_is_done(client, pid: int, key: str, timeout_ms: int) -> None:
+  """Process 0 publishes `key`; the others stay alive (their runtime with
+  them) until it has, or `timeout_ms` passed."""
+  if pid == 0:
+    client.key_value_set(key, "1")
+    return
+  try:
+    client.blocking_key_value_get(key, timeout_ms)
+  except Exception:  # pylint: disable=broad-except  (timed out: go on)
+    pass
 
 
 def report_and_exit(client, result: dict, pid: int, nproc: int, prefix: str) -> None:

@@ -201,13 +201,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
     t0 = time.monotonic()
     result["restore"] = bounded(lambda: mngr.restore(0, args=FastPersistRestore(target(w))), same)
     result["seconds"] = time.monotonic() - t0
-    if pid == 0:
-      client.key_value_set("break2/done", "1")
-    else:   # stay alive (up to 12 s) until process 0 is done
-      try:
-        client.blocking_key_value_get("break2/done", 12_000)
-      except Exception:  # pylint: disable=broad-except
-        pass
+    helpers.stay_until_process_0_is_done(client, pid, "break2/done", 12_000)
   elif scenario == "per_host_bad_metadata":
     w = saved(P(None, "model"))
     mngr = per_host_manager()

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dis
 import gc
-import inspect
 import json
 import os
 import subprocess
@@ -129,28 +129,11 @@ def test_a_child_forked_during_a_background_pause_collects_cycles(tmp_path, hand
   assert child_enabled == b"1"
 
 
-def _raise_at(line_text: str, exc: type[BaseException]):
-  """A trace function raising `exc` in gc_pause.paused just before its
-  line holding `line_text` runs (where a signal's KeyboardInterrupt may land)."""
-  code = gc_pause.paused.__wrapped__.__code__
-  src, first = inspect.getsourcelines(gc_pause.paused.__wrapped__)
-  line = first + next(i for i, text in enumerate(src) if line_text in text)
-
-  def local(frame, event, arg):
-    if event == "line" and frame.f_lineno == line:
-      raise exc
-    return local
-
-  def tracer(frame, event, arg):
-    return local if frame.f_code is code else None
-  return tracer
-
-
 def _lines_of_paused() -> list[int]:
-  src, first = inspect.getsourcelines(gc_pause.paused.__wrapped__)
-  body = [first + i for i, text in enumerate(src) if text.strip() and not text.strip().startswith(
-      ("@", "def ", '"""', "#")) and i > 0]
-  return [n for n in body if first + 1 < n]
+  """Every line of gc_pause.paused's body that runs (has a line event)."""
+  code = gc_pause.paused.__wrapped__.__code__
+  return sorted({line for _, line in dis.findlinestarts(code)
+                 if line is not None and line > code.co_firstlineno})
 
 
 def _raise_at_line(line: int, exc: type[BaseException]):

@@ -253,13 +253,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
         t0 = time.monotonic()
         result["error"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(t)))
         result["seconds"] = time.monotonic() - t0
-        if pid == 0:
-          client.key_value_set("break/done", "1")
-        else:   # stay alive (up to 7 s) until process 0 is done
-          try:
-            client.blocking_key_value_get("break/done", 7_000)
-          except Exception:  # pylint: disable=broad-except
-            pass
+        helpers.stay_until_process_0_is_done(client, pid, "break/done", 7_000)
         finish(result)
     elif scenario == "per_host_step_only":
       w = saved(P(None, "model"))

@@ -6,7 +6,6 @@ tests/mp_worker.py."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
