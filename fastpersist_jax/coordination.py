@@ -15,6 +15,12 @@ Keys name each collective operation by its kind, its processes, the
 checkpoint and its number among such operations in this process
 (`next_key`), not by handler instance: a handler made on one process only
 (say, to read metadata) does not shift them.
+
+The key-value store lives in process 0's coordination service for the whole
+job, so keys are deleted once read: each process deletes its outcome of an
+agreement when it passes the barrier of the next agreement of the same
+operation among the same processes (every process has read it by then), so
+a run saving every step keeps one outcome per process, not one per step.
 """
 
 from __future__ import annotations
@@ -66,6 +72,10 @@ def shared_value(key: str, propose, timeout_s: float) -> str:
   except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
     raise SaveError(f"process 0 did not publish {key} within {timeout_s:.0f} s") from e
 
+
+# This process's outcome keys not yet deleted, per (operation, processes):
+# the last agreement's (others may still read it) and any whose barrier failed.
+_UNDELETED: dict[tuple[str, tuple[int, ...]], list[str]] = {}
 
 # Operations counted per (operation, group, checkpoint), the oldest
 # forgotten past _SEQUENCES_MAX (a run saving every step names a new
@@ -144,10 +154,13 @@ def agree(key: str, error: BaseException | None, timeout_s: float, *,
   # the barrier, which every process passes after publishing its own).
   client.key_value_set(f"{key}/{me}", "ok" if error is None else f"error: {error}"[:4000],
                        allow_overwrite=True)
+  undeleted = (operation, tuple(procs))
   try:
     orbax_multihost().get_barrier_sync_fn(processes=set(procs))(
         key=f"{key}/barrier", timeout_ms=max(1, int(timeout_s * 1000)))
   except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
+    with _SEQUENCES_LOCK:
+      _UNDELETED.setdefault(undeleted, []).append(key)
     if error is not None:
       raise error
     absent = [p for p in procs if p != me and _outcome(client, f"{key}/{p}") is None]
@@ -155,6 +168,15 @@ def agree(key: str, error: BaseException | None, timeout_s: float, *,
                   f"of {checkpoint or 'this checkpoint'} within {timeout_s:.0f} s (gone, slow, or at another "
                   f"checkpoint: every process must {operation} the same ones in the same order; "
                   f"{type(e).__name__}); {consequence}") from e
+  # Past this barrier, every process has read this group's earlier outcomes
+  # of `operation` (agreements of one operation among the same processes
+  # follow each other in each process: Orbax runs one save at a time, and a
+  # restore's two agreements are made in turn).
+  with _SEQUENCES_LOCK:
+    earlier = _UNDELETED.get(undeleted, [])
+    _UNDELETED[undeleted] = [key]
+  for k in earlier:
+    delete_key(f"{k}/{me}")
   if error is not None:
     raise error
   for p in procs:
@@ -163,6 +185,18 @@ def agree(key: str, error: BaseException | None, timeout_s: float, *,
     outcome = _outcome(client, f"{key}/{p}")   # published before the barrier
     if outcome != "ok":
       raise failure(f"process {p} failed its part of the {operation} ({outcome}); {consequence}")
+
+
+def delete_key(key: str) -> None:
+  """Deletes `key` from the key-value store, if there is one (quietly: a key
+  already gone, or a runtime shutting down, is not an error here)."""
+  client = _client()
+  if client is None:
+    return
+  try:
+    client.key_value_delete(key)
+  except Exception:  # pylint: disable=broad-except  (the runtime raises its own types)
+    pass
 
 
 def _outcome(client, key: str) -> str | None:

@@ -69,6 +69,7 @@ class SaveOperation:
     self._write_metadata = write_metadata
     self._copy_threads = options.resolved_copy_threads()
     self._outcome_key = outcome_key
+    self._save_id_key: str | None = None   # the shared save id's key, where one was shared
     self._commit_timeout_s = options.commit_timeout_s
     self._background_nice = options.background_nice
     self._background_cpus = options.background_cpus
@@ -205,6 +206,9 @@ class SaveOperation:
     if self._outcome_key is not None:
       coordination.agree(self._outcome_key, error, self._commit_timeout_s,
                          checkpoint=coordination.checkpoint_name(directory))
+      if self._save_id_key is not None and self._plan.process_index == 0:
+        # Every process read it before the agreement's barrier: no longer needed.
+        coordination.delete_key(self._save_id_key)
     elif error is not None:
       raise error
 
@@ -280,8 +284,9 @@ class SaveOperation:
         self._outcome_key):
       # Hosts swap parts on restore: tag the save so parts of different
       # saves are never combined.
-      save_id = coordination.shared_value(f"{self._outcome_key}/save_id",
-                                          lambda: uuid.uuid4().hex, self._commit_timeout_s)
+      self._save_id_key = f"{self._outcome_key}/save_id"
+      save_id = coordination.shared_value(self._save_id_key, lambda: uuid.uuid4().hex,
+                                          self._commit_timeout_s)
     with gc_pause.paused():   # encoding and checking: a burst of allocations, no waits
       meta_bytes = disk_format.encode_metadata(disk_format.CheckpointMetadata(
           plan.process_count, self._leaves, placement=plan.placement, save_id=save_id))

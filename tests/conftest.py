@@ -52,6 +52,7 @@ TWO_PROCESS_BATCH = [
     ("v1", "v1", {}),                                          # through Orbax's v1 API
     ("reshard_whole", "reshard_rows", {"MP_CRC_CHUNK": 0, "MP_CORRUPT": 0}),
     ("reshard_chunked", "reshard_rows", {"MP_CRC_CHUNK": 256 * 1024}),
+    ("kv_keys", "kv_keys", {}),                                # keys deleted once read
 ]
 
 

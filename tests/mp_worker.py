@@ -147,6 +147,38 @@ def run(scenario: str, root: str) -> dict:
       check(mngr.restore(0), expected)   # as saved
     result["files"] = sorted(os.listdir(os.path.join(host_dir, "0", "default")))
     result["bytes_written"] = data_bytes(os.path.join(host_dir, "0", "default"), pid)
+  elif scenario == "kv_keys":
+    # Saves and restores, shared and per host (replica-parallel: a save id
+    # is shared): the coordination service's fastpersist keys are counted
+    # after steps 1 and 5 of each; they must not grow with the steps.
+    from fastpersist_jax import coordination  # pylint: disable=g-import-not-at-top
+    client = coordination.orbax_multihost().get_jax_distributed_client()
+    state, expected = global_state(mesh)
+    counts = []
+
+    def count():
+      client.wait_at_barrier(f"mp_worker/kv_keys/{len(counts)}", 60_000)   # all are done
+      counts.append(len(client.key_value_dir_get("fastpersist/")))
+      client.wait_at_barrier(f"mp_worker/kv_keys/{len(counts)}/counted", 60_000)
+
+    mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
+    per_host_dir = os.path.join(root, f"host{pid}")
+    os.makedirs(per_host_dir, exist_ok=True)
+    managers = [
+        ocp.CheckpointManager(os.path.join(root, "shared"), item_handlers=FastPersistHandler()),
+        ocp.CheckpointManager(per_host_dir, item_handlers=FastPersistHandler(
+            multiprocessing_options=mp), options=ocp.CheckpointManagerOptions(
+                multiprocessing_options=mp, create=False,
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False)))]
+    for mngr in managers:
+      with mngr:
+        for step in range(6):
+          mngr.save(step, args=FastPersistSave(state))
+          mngr.wait_until_finished()
+          check(mngr.restore(step, args=FastPersistRestore(abstract(state))), expected)
+          if step in (1, 5):
+            count()
+    result["counts"] = counts
   elif scenario == "per_host_mismatch":
     # Hosts asked to restore different steps must all refuse, not mix parts.
     # Saved with commit_timeout_s MP_TIMEOUT; the restores, which must time

@@ -142,5 +142,17 @@ def test_four_processes_per_host(four_process_runs):
   helpers.batch_results(four_process_runs, "per_host")   # saved and restored bit-exact
 
 
+
+def test_the_coordination_service_keeps_no_key_per_save(two_process_runs):
+  # The key-value store lives in process 0's coordination service for the
+  # whole job: a run saving every step must not leave keys behind per step.
+  _, runs = two_process_runs
+  for r in helpers.batch_results(runs, "kv_keys"):
+    shared_after_1, shared_after_5, per_host_after_1, per_host_after_5 = r["counts"]
+    assert shared_after_5 == shared_after_1, r
+    assert per_host_after_5 == per_host_after_1, r
+    assert shared_after_1 <= 16, r   # the last outcomes of a few operations, per process
+
+
 if __name__ == "__main__":  # Bazel py_test runs the file itself
   sys.exit(pytest.main([__file__, *sys.argv[1:]]))
