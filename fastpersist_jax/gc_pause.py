@@ -11,15 +11,16 @@ one save. With the pause: a restore 0.2 s faster, a save's collections
 0.01-0.1 s, and the save 0.35-0.45 s instead of 0.9-1.1 s.
 
 What is paused:
-  * a restore, and a save's tree check, plan and snapshot: calls on the
-    caller's thread, which waits for them anyway. The pause lasts the call,
-    waits included (reads; a snapshot waiting for staging space; the
-    agreement of several processes, at most commit_timeout_s).
+  * a restore (and reading a checkpoint's metadata), and a save's tree
+    check, plan and snapshot: calls on the caller's thread, which waits for
+    them anyway. The pause lasts the call, waits included (reads; a
+    snapshot waiting for staging space; the agreement of several
+    processes, at most commit_timeout_s).
   * in a save's background, only the encoding and checking of its manifests:
     a burst of CPU work without waits. The background's waits are never
     paused: with a checkpoint every step, the collector would seldom run.
 
-How: threshold 0 of the collector is set to 0, which disables automatic
+How: the collector's threshold 0 is set to 0, which disables automatic
 collection (Python's gc.set_threshold documentation), and put back when the
 last overlapping pause ends, unless someone set other thresholds meanwhile.
 gc.enable(), gc.disable() and gc.collect() keep working, whatever their

@@ -289,7 +289,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     (with the saved sharding where its devices exist; typed keys with their
     key dtype) plus the saved scalars: a valid restore target. Raises
     CheckpointNotFoundError or CorruptCheckpointError."""
-    return Restorer(self._engine, self._options, os.fspath(directory)).abstract_tree()
+    with gc_pause.paused():   # decoding 10,000 leaf records: see gc_pause
+      return Restorer(self._engine, self._options, os.fspath(directory)).abstract_tree()
 
   # Lifecycle ------------------------------------------------------------------
 
