@@ -17,10 +17,10 @@ checkpoint and its number among such operations in this process
 (say, to read metadata) does not shift them.
 
 The key-value store lives in process 0's coordination service for the whole
-job, so keys are deleted once read: each process deletes its outcome of an
-agreement when it passes the barrier of the next agreement of the same
-operation among the same processes (every process has read it by then), so
-a run saving every step keeps one outcome per process, not one per step.
+job, so an agreement's keys are deleted once read: each process, done
+reading the outcomes, increments a counter, and the last one deletes them.
+A run saving every step keeps no key per step (agreements of several items
+run at once, so no order among them is assumed).
 """
 
 from __future__ import annotations
@@ -72,10 +72,6 @@ def shared_value(key: str, propose, timeout_s: float) -> str:
   except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
     raise SaveError(f"process 0 did not publish {key} within {timeout_s:.0f} s") from e
 
-
-# This process's outcome keys not yet deleted, per (operation, processes):
-# the last agreement's (others may still read it) and any whose barrier failed.
-_UNDELETED: dict[tuple[str, tuple[int, ...]], list[str]] = {}
 
 # Operations counted per (operation, group, checkpoint), the oldest
 # forgotten past _SEQUENCES_MAX (a run saving every step names a new
@@ -154,37 +150,45 @@ def agree(key: str, error: BaseException | None, timeout_s: float, *,
   # the barrier, which every process passes after publishing its own).
   client.key_value_set(f"{key}/{me}", "ok" if error is None else f"error: {error}"[:4000],
                        allow_overwrite=True)
-  undeleted = (operation, tuple(procs))
   try:
     orbax_multihost().get_barrier_sync_fn(processes=set(procs))(
         key=f"{key}/barrier", timeout_ms=max(1, int(timeout_s * 1000)))
   except Exception as e:  # pylint: disable=broad-except  (the runtime raises its own types)
-    with _SEQUENCES_LOCK:
-      _UNDELETED.setdefault(undeleted, []).append(key)
+    try:
+      if error is not None:
+        raise error
+      absent = [p for p in procs if p != me and _outcome(client, f"{key}/{p}") is None]
+      raise failure(f"process(es) {absent or 'of the job'} did not take part in the {operation} "
+                    f"of {checkpoint or 'this checkpoint'} within {timeout_s:.0f} s (gone, slow, or "
+                    f"at another checkpoint: every process must {operation} the same ones in the "
+                    f"same order; {type(e).__name__}); {consequence}") from e
+    finally:   # (a late process counts on arrival; one that never comes leaves the keys)
+      _done_reading(client, key, procs)
+  try:
     if error is not None:
       raise error
-    absent = [p for p in procs if p != me and _outcome(client, f"{key}/{p}") is None]
-    raise failure(f"process(es) {absent or 'of the job'} did not take part in the {operation} "
-                  f"of {checkpoint or 'this checkpoint'} within {timeout_s:.0f} s (gone, slow, or at another "
-                  f"checkpoint: every process must {operation} the same ones in the same order; "
-                  f"{type(e).__name__}); {consequence}") from e
-  # Past this barrier, every process has read this group's earlier outcomes
-  # of `operation` (agreements of one operation among the same processes
-  # follow each other in each process: Orbax runs one save at a time, and a
-  # restore's two agreements are made in turn).
-  with _SEQUENCES_LOCK:
-    earlier = _UNDELETED.get(undeleted, [])
-    _UNDELETED[undeleted] = [key]
-  for k in earlier:
-    delete_key(f"{k}/{me}")
-  if error is not None:
-    raise error
-  for p in procs:
-    if p == me:
-      continue
-    outcome = _outcome(client, f"{key}/{p}")   # published before the barrier
-    if outcome != "ok":
-      raise failure(f"process {p} failed its part of the {operation} ({outcome}); {consequence}")
+    for p in procs:
+      if p == me:
+        continue
+      outcome = _outcome(client, f"{key}/{p}")   # published before the barrier
+      if outcome != "ok":
+        raise failure(f"process {p} failed its part of the {operation} ({outcome}); "
+                      f"{consequence}")
+  finally:
+    _done_reading(client, key, procs)
+
+
+def _done_reading(client, key: str, procs: list[int]) -> None:
+  """Counts this process as done reading the outcomes under `key`; the last
+  of `procs` deletes them and the count. (Where the runtime cannot count or
+  is shutting down, the keys stay: an agreement needs them, not this.)"""
+  try:
+    if client.key_value_increment(f"{key}/read", 1) == len(procs):
+      for p in procs:
+        client.key_value_delete(f"{key}/{p}")
+      client.key_value_delete(f"{key}/read")
+  except Exception:  # pylint: disable=broad-except  (the runtime raises its own types)
+    pass
 
 
 def delete_key(key: str) -> None:

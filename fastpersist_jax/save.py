@@ -204,11 +204,14 @@ class SaveOperation:
     except BaseException as e:  # pylint: disable=broad-except
       error = e
     if self._outcome_key is not None:
-      coordination.agree(self._outcome_key, error, self._commit_timeout_s,
-                         checkpoint=coordination.checkpoint_name(directory))
-      if self._save_id_key is not None and self._plan.process_index == 0:
-        # Every process read it before the agreement's barrier: no longer needed.
-        coordination.delete_key(self._save_id_key)
+      try:
+        coordination.agree(self._outcome_key, error, self._commit_timeout_s,
+                           checkpoint=coordination.checkpoint_name(directory))
+      finally:
+        if self._save_id_key is not None and self._plan.process_index == 0:
+          # Read before the agreement by every process that got that far; one
+          # later than the agreement's timeout fails its save either way.
+          coordination.delete_key(self._save_id_key)
     elif error is not None:
       raise error
 

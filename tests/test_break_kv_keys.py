@@ -67,13 +67,6 @@ def sequence_runs(tmp_path_factory):
 
 # Saves of several items at once ---------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Orbax's Composite commits its FastPersist items' saves on threads of their own, so each "
-    "process makes two 'save' agreements among the same processes at once; a process passing "
-    "the second one's barrier deletes its outcome of the first while the other process may not "
-    "have read it yet, which then reads None and raises 'SaveError: process N failed its part "
-    "of the save (None)': about half of 10 saves of two small items fail, on one process or "
-    "both, though every process's part succeeded (all succeeded before cad19a7)"))
 def test_saving_two_items_at_once_never_reports_a_process_that_succeeded_as_failed(composite_runs):
   # (Through ocp.CheckpointManager with two FastPersist items the same
   # happens, and a step whose save failed on one process only can hang.)
@@ -82,11 +75,6 @@ def test_saving_two_items_at_once_never_reports_a_process_that_succeeded_as_fail
   assert p0["natural"] == ["ok"] * NATURAL_SAVES == p1["natural"], (p0["natural"], p1["natural"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "when process 1's commit threads read the outcomes 1 s after the barriers (a descheduled "
-    "thread), process 0 has passed the other item's agreement and deleted its outcome of the "
-    "first: process 1 raises 'SaveError: process 0 failed its part of the save (None)' while "
-    "process 0 (mostly) returns success: the processes disagree on the save's outcome"))
 def test_a_late_reader_of_an_agreement_still_finds_every_outcome(composite_runs):
   p0, p1 = composite_runs
   assert p1 is not None, p0
@@ -114,12 +102,6 @@ def test_per_host_swapping_restores_work_after_the_save_id_is_deleted(sequence_r
   assert p0["keys_per_host"] == p0["keys_async"], p0   # no save id left behind
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a per-host replica-parallel save that fails on one process leaves its shared save id "
-    "(fastpersist/save/<group>/<step>/<item>/<n>/save_id) in the coordination service for the "
-    "rest of the job: process 0 deletes it only after an agreement that succeeded; the keys "
-    "grow by one per failed save (4 -> 5, 6, 7 over 3 failed saves) and stay after later "
-    "successful saves"))
 def test_failed_per_host_saves_leave_no_save_id_key_behind(sequence_runs):
   p0 = sequence_runs[0]
   counts = p0["keys_failed_per_host"]
