@@ -221,6 +221,52 @@ def init_distributed(pid: int, nproc: int, port: int):
   return coordination.orbax_multihost().get_jax_distributed_client()
 
 
+def worker_arrays(mesh, host: np.ndarray):
+  """The three helpers of the multi-process break workers, over `host` (the
+  global values): saved(spec, values=host), a jax.Array of `values` sharded
+  on `mesh` by PartitionSpec `spec`; target(x), the restore target
+  {"w": x's ShapeDtypeStruct with its sharding}; same(restored, values=host),
+  whether restored["w"] (global array or numpy) holds exactly `values`."""
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+
+  def saved(spec, values=host):
+    return jax.make_array_from_callback(values.shape, NamedSharding(mesh, spec),
+                                        lambda i: values[i])
+
+  def target(x):
+    return {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}
+
+  def same(restored, values=host) -> bool:
+    w = restored["w"]
+    if isinstance(w, np.ndarray):
+      return np.array_equal(w, values)
+    return all(np.array_equal(np.asarray(s.data), values[s.index]) for s in w.addressable_shards)
+
+  return saved, target, same
+
+
+def bounded_outcome(fn, check=None, limit: float = 9.0) -> str:
+  """fn()'s outcome: "ok" (check(value) holds, or no check), "wrong values",
+  the exception raised (Orbax v1's NoEntryError unwrapped to its cause), or
+  "HANG" when it has not returned after `limit` seconds (it runs on a daemon
+  thread, abandoned then)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  box: list[str] = []
+
+  def run():
+    try:
+      value = fn()
+      box.append("ok" if check is None or check(value) else "wrong values")
+    except Exception as e:  # pylint: disable=broad-except
+      while isinstance(e.__cause__, Exception) and type(e).__name__ == "NoEntryError":
+        e = e.__cause__
+      box.append(f"{type(e).__name__}: {str(e)[:300]}")
+  t = threading.Thread(target=run, daemon=True)
+  t.start()
+  t.join(limit)
+  return box[0] if box else "HANG"
+
+
 def stay_until_process_0_is_done(client, pid: int, key: str, timeout_ms: int) -> None:
   """Process 0 publishes `key`; the others stay alive (their runtime with
   them) until it has, or `timeout_ms` passed."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 
 import helpers  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax is imported)
@@ -136,18 +135,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
   failing = FastPersistOptions(commit_timeout_s=FAIL_TIMEOUT_S)
   result: dict = {}
 
-  def saved(spec, values=host):
-    return jax.make_array_from_callback(values.shape, NamedSharding(mesh, spec),
-                                        lambda i: values[i])
-
-  def target(x):
-    return {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}
-
-  def same(restored, values=host) -> bool:
-    w = restored["w"]
-    if isinstance(w, np.ndarray):
-      return np.array_equal(w, values)
-    return all(np.array_equal(np.asarray(s.data), values[s.index]) for s in w.addressable_shards)
+  saved, target, same = helpers.worker_arrays(mesh, host)
 
   def sync(name: str) -> None:
     client.wait_at_barrier(f"break2/{name}", 60_000)
@@ -156,23 +144,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
     helpers.report_and_exit(client, result, pid, nproc, "break2")
 
   def bounded(fn, check=None, limit: float = 3 * TIMEOUT_S) -> str:
-    """fn()'s outcome: "ok" (check(value) holds, or no check), "wrong
-    values", the exception raised, or "HANG" after `limit` seconds."""
-    box: list[str] = []
-
-    def run():
-      try:
-        value = fn()
-        box.append("ok" if check is None or check(value) else "wrong values")
-      except Exception as e:  # pylint: disable=broad-except
-        # Orbax v1 wraps a handler's error in its own NoEntryError: the cause is the one.
-        while isinstance(e.__cause__, Exception) and type(e).__name__ == "NoEntryError":
-          e = e.__cause__
-        box.append(f"{type(e).__name__}: {str(e)[:300]}")
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(limit)
-    return box[0] if box else "HANG"
+    return helpers.bounded_outcome(fn, check, limit)
 
   def per_host_manager():
     # Params replicated over "data" (across the processes): each host's

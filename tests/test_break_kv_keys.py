@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 
 import helpers  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax is imported)
@@ -26,7 +25,7 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from fastpersist_jax import (FastPersistHandler, FastPersistOptions, FastPersistRestore,
                              FastPersistSave, coordination, disk_format)
@@ -157,16 +156,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
   failing = FastPersistOptions(commit_timeout_s=FAIL_TIMEOUT_S)
   result: dict = {}
 
-  def saved(spec, values=host):
-    return jax.make_array_from_callback(values.shape, NamedSharding(mesh, spec),
-                                        lambda i: values[i])
-
-  def target(x):
-    return {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}
-
-  def same(restored, values=host) -> bool:
-    w = restored["w"]
-    return all(np.array_equal(np.asarray(s.data), values[s.index]) for s in w.addressable_shards)
+  saved, target, same = helpers.worker_arrays(mesh, host)
 
   def sync(name: str) -> None:
     client.wait_at_barrier(f"break5/{name}", 60_000)
@@ -181,20 +171,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
     return n
 
   def bounded(fn, check=None, limit: float = 3 * TIMEOUT_S) -> str:
-    """fn()'s outcome: "ok" (check(value) holds, or no check), "wrong
-    values", the exception raised, or "HANG" after `limit` seconds."""
-    box: list[str] = []
-
-    def run():
-      try:
-        value = fn()
-        box.append("ok" if check is None or check(value) else "wrong values")
-      except Exception as e:  # pylint: disable=broad-except
-        box.append(f"{type(e).__name__}: {str(e)[:300]}")
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(limit)
-    return box[0] if box else "HANG"
+    return helpers.bounded_outcome(fn, check, limit)
 
   if scenario == "composite":
     # Two items, each saved by a FastPersistHandler, through the handler

@@ -207,15 +207,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
   mesh = jax.make_mesh((2, 2), ("data", "model"), devices=jax.devices())
   host = (np.arange(64 * 512, dtype=np.float32).reshape(64, 512) % 251) + 1
 
-  def saved(spec):
-    return jax.make_array_from_callback(host.shape, NamedSharding(mesh, spec), lambda i: host[i])
-
-  def target(x):
-    return {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}
-
-  def same(restored) -> bool:
-    return all(np.array_equal(np.asarray(s.data), host[s.index])
-               for s in restored["w"].addressable_shards)
+  saved, target, same = helpers.worker_arrays(mesh, host)
 
   def finish(result: dict) -> None:
     helpers.report_and_exit(client, result, pid, nproc, "break")
