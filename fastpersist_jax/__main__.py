@@ -44,8 +44,10 @@ def main(argv: list[str]) -> int:
 
   Returns:
     The exit status: the command's own (0 success, verify 1 for damage); 2
-    after printing "error: MESSAGE" to stderr for CheckpointNotFoundError,
-    UnsupportedLeafError and ExportError, and for an OSError on an output
+    after printing "error: MESSAGE" to stderr for CheckpointNotFoundError
+    (1 where the operand is a checkpoint that lacks a file, e.g. a
+    manifest: damage, as verify says), UnsupportedLeafError and
+    ExportError, and for an OSError on an output
     path that cannot be used (ENOENT, ENOTDIR, EEXIST, EACCES, EROFS,
     EISDIR); 1 after printing "error: TYPE: MESSAGE" for any other
     FastPersistError (e.g. ChecksumMismatchError during export), or "error:
@@ -76,7 +78,10 @@ def main(argv: list[str]) -> int:
     if command == "inspect":
       return inspect.main(operands[0], FLAGS.json)
     return export.main(operands[0], operands[1], FLAGS.format, FLAGS.max_shard_bytes, FLAGS.cast)
-  except (CheckpointNotFoundError, UnsupportedLeafError, export.ExportError) as e:
+  except CheckpointNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1 if _holds_a_checkpoint(operands[0]) else 2   # a file missing: damage
+  except (UnsupportedLeafError, export.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except FastPersistError as e:
@@ -87,6 +92,16 @@ def main(argv: list[str]) -> int:
     unusable_path = e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EACCES,
                                 errno.EROFS, errno.EISDIR)
     return 2 if unusable_path else 1   # else the write failed (disk full, I/O error)
+
+
+def _holds_a_checkpoint(path: str) -> bool:
+  """Whether `path` is a checkpoint item or step directory (reader.item_directories)."""
+  from fastpersist_jax import reader  # pylint: disable=g-import-not-at-top
+  from fastpersist_jax.errors import CheckpointNotFoundError  # pylint: disable=g-import-not-at-top
+  try:
+    return bool(reader.item_directories(path))
+  except CheckpointNotFoundError:
+    return False
 
 
 def args_are_orbax_export(argv: list[str]) -> bool:

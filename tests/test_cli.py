@@ -210,6 +210,21 @@ def test_verify_checks_chunk_checksums(tmp_path, capsys):
   assert "chunk checksum mismatch at bytes [32768, 49152)" in out and "['w']" in out, out
 
 
+def test_a_checkpoint_missing_a_manifest_is_damage_for_every_command(step_dir, tmp_path, capsys):
+  # A file missing from a checkpoint is damage (1), as verify says, not a
+  # usage error (2), which is for an operand that is no checkpoint at all.
+  shutil.copytree(step_dir, tmp_path / "m")
+  os.remove(tmp_path / "m" / "default" / "manifest.00000.json")
+  rc, out, _ = cli_in_process(capsys, "verify", tmp_path / "m")
+  assert rc == 1 and "manifest.00000.json" in out, out
+  rc, _, err = cli_in_process(capsys, "export", tmp_path / "m", tmp_path / "out",
+                              "--format=safetensors")
+  assert rc == 1 and "manifest of process 0 not found" in err, err
+  rc, _, err = cli_in_process(capsys, "export", tmp_path / "nothing", tmp_path / "out2",
+                              "--format=safetensors")
+  assert rc == 2 and "no directory" in err, err
+
+
 def test_verify_usage_errors_exit_2(tmp_path, capsys):
   r = cli("verify", tmp_path / "missing", check_rc=2)
   assert "no directory" in r.stderr and "missing" in r.stderr
