@@ -46,10 +46,14 @@ the reads and writes io_uring_prep_read(3) / io_uring_prep_write(3) submit,
 fdatasync(2)) are raised as OSError(errno, message, path), so callers can
 match errno (ENOSPC, EACCES, EIO, ...) as for any OSError; `filename` is the
 file's path, or "<io_uring>" when the ring itself failed.
+
+Besides the binding: release_free_heap(), glibc's malloc_trim(3), for a
+restore about to fault in much fresh memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -67,6 +71,31 @@ RingUnavailable = _ext.RingUnavailable
 
 # (offset, buffer) pairs for one file.
 FileExtents = Sequence[tuple[int, object]]
+
+def _malloc_trim():
+  """glibc's malloc_trim(3), or None (another C library)."""
+  try:
+    return ctypes.CDLL(None).malloc_trim
+  except (AttributeError, OSError):
+    return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_heap() -> bool:
+  """Gives the C heap's free memory back to the kernel (glibc's
+  malloc_trim(0)); returns whether it could. Arrays freed by jax's CPU
+  runtime stay in the heap, so the memory a restore then maps comes from
+  pages the machine has not touched lately, slower to fault in: in the
+  process that had just saved (and freed) a 1 GiB tree on a 2-vCPU VM,
+  faulting in 1 GiB took 1.2-2.1 s without this call and 0.4-0.5 s after
+  it (which took 60-80 ms), and resident memory fell by 1 GB."""
+  if _MALLOC_TRIM is None:
+    return False
+  _MALLOC_TRIM(0)
+  return True
+
 
 _warned_devices: set[int] = set()
 _warned_lock = threading.Lock()

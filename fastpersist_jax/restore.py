@@ -40,7 +40,7 @@ import numpy as np
 
 from fastpersist_jax import _ext, disk_format, exchange, jax_internals, shardings, treepath
 from fastpersist_jax.errors import ChecksumMismatchError, CorruptCheckpointError
-from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
+from fastpersist_jax.io_engine import AlignedBuffer, IOEngine, release_free_heap
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.restore_plan import (Index, LeafJob, TargetLayouts, as_python, key_dtype,
                                           match_target, overlap, plain_value, plan_leaf,
@@ -62,6 +62,10 @@ _STAGE_ON_CPU = False
 # Leaves per batch at most: many small leaves are built (per-leaf Python)
 # while the next batches are read and checked, not after one large batch.
 _MAX_BATCH_LEAVES = 1024
+# A restore about to fault in a batch of at least this much fresh memory
+# first gives the C heap's free memory back to the kernel (io_engine.
+# release_free_heap: 60-80 ms, so not for small restores).
+_RELEASE_HEAP_FROM_BYTES = 32 << 20
 # A restore longer than this logs its progress every this many seconds.
 _PROGRESS_EVERY_S = 5.0
 
@@ -149,6 +153,8 @@ class Restorer:
     self._on_planned = on_planned
     # Figures of the last restore() (see FastPersistHandler.last_restore_stats).
     self.stats: dict[str, float] = {}
+    self._heap_lock = threading.Lock()
+    self._heap_released = False   # (once per Restorer: see _fresh_memory)
 
   @property
   def manifests(self) -> dict[int, disk_format.Manifest]:
@@ -344,7 +350,7 @@ class Restorer:
         slab = slabs.submit(self._acquire_slab, abort)
         buffer = slab
       else:
-        buffer = alloc.submit(AlignedBuffer, nbytes)
+        buffer = alloc.submit(self._fresh_memory, nbytes)
       loaded = reader.submit(self._load, batch, buffer)
       in_flight.append((batch, slab, verifier.submit(self._verify, batch, loaded)))
       stats["bytes"] += sum(s.bytes_to_read for _, job in batch for s in job.needed)
@@ -411,6 +417,17 @@ class Restorer:
       if "cpu" in platforms and not _STAGE_ON_CPU:
         return False
     return True
+
+  def _fresh_memory(self, nbytes: int) -> AlignedBuffer:
+    """`nbytes` of fresh aligned memory (the arrays of a CPU restore keep
+    it); the first large batch of a restore releases the heap's free memory
+    first (see _RELEASE_HEAP_FROM_BYTES)."""
+    if nbytes >= _RELEASE_HEAP_FROM_BYTES:
+      with self._heap_lock:
+        if not self._heap_released:
+          self._heap_released = True
+          release_free_heap()
+    return AlignedBuffer(nbytes)
 
   def _acquire_slab(self, abort: threading.Event) -> int:
     self._pool.ensure((_READ_AHEAD_BATCHES + 1) * self._pool.slab_bytes)
