@@ -18,7 +18,6 @@ import dis
 import gc
 import json
 import os
-import subprocess
 import sys
 import threading
 import warnings
@@ -59,9 +58,16 @@ def _collector_enabled_after():
   assert gc.get_threshold() == thresholds
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "fastpersist_jax", *args], capture_output=True,
-                        text=True, env=helpers.child_env(8), timeout=120, check=False)
+def _cli(capsys, *args: str) -> tuple[int, str]:
+  """`python -m fastpersist_jax ARGS`'s entry point in this process: (exit
+  status, stdout and stderr)."""
+  from fastpersist_jax import __main__ as entry  # pylint: disable=g-import-not-at-top
+  entry.FLAGS.unparse_flags()
+  entry.FLAGS(["fastpersist_jax"])
+  capsys.readouterr()
+  status = entry.main(["fastpersist_jax", *map(str, args)])
+  out, err = capsys.readouterr()
+  return status, out + err
 
 
 @contextlib.contextmanager
@@ -357,16 +363,15 @@ def test_metadata_edits_restore_the_saved_values_or_are_refused(tmp_path, handle
       handler.restore(item)
 
 
-def test_verify_reads_a_respelt_metadata_and_refuses_an_edited_one(tmp_path, handler):
+def test_verify_reads_a_respelt_metadata_and_refuses_an_edited_one(tmp_path, handler, capsys):
   item = _sealed_item(tmp_path, handler)
   path = os.path.join(item, disk_format.METADATA_FILE)
   _edit(path, lambda r: r.replace(b'["d","x"]', b'["d","\\u0078"]'))
-  ok = _cli("verify", item)
-  assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+  status, out = _cli(capsys, "verify", item)
+  assert status == 0 and "OK" in out, out
   _edit(path, lambda r: r.replace(b'"float32"', b'"int32"'))
-  bad = _cli("verify", item)
-  assert bad.returncode != 0 and "checksum does not match" in bad.stdout + bad.stderr, (
-      bad.stdout + bad.stderr)
+  status, out = _cli(capsys, "verify", item)
+  assert status != 0 and "checksum does not match" in out, out
 
 
 def test_a_downgraded_version_does_not_skip_the_seal(tmp_path, handler):
