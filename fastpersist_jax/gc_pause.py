@@ -8,7 +8,7 @@ tracked object of the process, jax's included, holding the GIL: with 10,000
 small leaves, 0.1-0.15 s each on a 2-core VM, 0.2 s of a 0.7 s restore and
 0.5-0.7 s of GIL (4-6 full collections) taken from the training thread by
 one save. With the pause: a restore 0.2 s faster, a save's collections
-0.01-0.1 s, and the save 0.35-0.45 s instead of 0.9-1.1 s.
+0.01-0.12 s, and the save 0.35-0.5 s instead of 0.9-1.1 s.
 
 What is paused:
   * a restore (and reading a checkpoint's metadata), and a save's tree
