@@ -8,9 +8,13 @@ the saved shards that overlap it (restore_plan.py decides which).
 The read pipeline runs four stages at once on batches of whole leaves of
 about `restore_batch_bytes`: allocating (and so faulting in) the batch's
 memory, reading into it through the engine, verifying each part's CRC-32C,
-and building the arrays. The first three run on their own threads without
-the GIL; building (jax.device_put) runs on the caller's thread while the
-next batches are read. A fresh process pays for every new page of memory
+and building the arrays. The caller's thread plans each batch (where each
+shard goes in its buffer, which reads fill it) and builds the arrays
+(jax.device_put) while the next batches are read; the other stages run on
+their own threads, each making one call without the GIL per batch (or per
+large part), so that no per-leaf Python there holds up the building.
+Small parts are verified on the building thread (see
+_CHECK_ON_VERIFY_THREAD_FROM_BYTES). A fresh process pays for every new page of memory
 (on a VM 0.1 to 2 s per GiB), so faulting memory in while the disk reads
 the previous batch is what lets a restart restore at the disk's speed.
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -59,6 +64,14 @@ _ALLOC_THREADS = 2
 # them onto the devices, as an accelerator's transfer would). Only tests set
 # it: it runs the accelerator path on a machine without one.
 _STAGE_ON_CPU = False
+# Parts of at least this many bytes are checked on the verify thread; smaller
+# ones on the building thread, just before their arrays are built. A small
+# part's CRC-32C takes about a microsecond and holds the GIL (the crc32c
+# package releases it for 32 KiB and more): checked on another thread, a
+# batch of them held the GIL in a Python loop while the building thread
+# waited for it, up to the interpreter's 5 ms switch interval at a time
+# (10,000 leaves of 4 KiB: 30-48 ms of 0.33 s).
+_CHECK_ON_VERIFY_THREAD_FROM_BYTES = 64 << 10
 # Leaves per batch at most: many small leaves are built (per-leaf Python)
 # while the next batches are read and checked, not after one large batch.
 _MAX_BATCH_LEAVES = 1024
@@ -339,27 +352,32 @@ class Restorer:
                                  ("verify", 1))]
     alloc, slabs, reader, verifier = executors
     abort = threading.Event()
-    in_flight: collections.deque = collections.deque()   # (batch, slab future or None, verify future)
+    in_flight: collections.deque = collections.deque()   # (batch, its _BatchReads, slab, verified)
     batch_limit = self._options.restore_batch_bytes
     if self._pool is not None:
       batch_limit = min(batch_limit, self._pool.slab_bytes)
 
-    def submit(batch, nbytes):
+    def submit(batch):
+      placed = self._place(batch)
       slab = None
-      if nbytes <= batch_limit and self._stage(batch):
+      if placed.nbytes <= batch_limit and self._stage(batch):
         slab = slabs.submit(self._acquire_slab, abort)
         buffer = slab
       else:
-        buffer = alloc.submit(self._fresh_memory, nbytes)
-      loaded = reader.submit(self._load, batch, buffer)
-      in_flight.append((batch, slab, verifier.submit(self._verify, batch, loaded)))
+        buffer = alloc.submit(self._fresh_memory, placed.nbytes)
+      loaded = reader.submit(self._load, placed, buffer)
+      in_flight.append((batch, placed, slab, verifier.submit(self._verify_large, placed, loaded)))
       stats["bytes"] += sum(s.bytes_to_read for _, job in batch for s in job.needed)
 
     def build_oldest():
       nonlocal last_log
-      batch, slab, verified = in_flight.popleft()
+      batch, placed, slab, verified = in_flight.popleft()
       try:
-        verified.result()
+        whole = verified.result()
+        for _, job in batch:
+          for s in job.needed:
+            s.view = whole[s.at:s.at + s.nbytes]
+        self._verify_small(placed)
         built = _build_batch([job for _, job in batch], copy_host_pieces=slab is not None)
         if slab is not None:
           jax.block_until_ready(built)   # the transfers read the slab: done before it is reused
@@ -383,23 +401,23 @@ class Restorer:
       for pos, job in jobs:
         job_bytes = job.read_bytes
         if batch and (batch_bytes + job_bytes > batch_limit or len(batch) >= _MAX_BATCH_LEAVES):
-          submit(batch, batch_bytes)
+          submit(batch)
           batch, batch_bytes = [], 0
           while len(in_flight) > _READ_AHEAD_BATCHES:
             build_oldest()
         batch.append((pos, job))
         batch_bytes += job_bytes
       if batch:
-        submit(batch, batch_bytes)
+        submit(batch)
       while in_flight:
         build_oldest()
     finally:
       abort.set()
-      for _, _, verified in in_flight:
+      for _, _, _, verified in in_flight:
         verified.cancel()
       for e in executors:
         e.shutdown(wait=True, cancel_futures=True)   # nothing may still write into freed memory
-      for _, slab, _ in in_flight:   # batches not built (a failure): their slabs go back
+      for _, _, slab, _ in in_flight:   # batches not built (a failure): their slabs go back
         if slab is not None:
           self._release_slab(slab)
     return stats
@@ -440,17 +458,18 @@ class Restorer:
       return
     self._pool.release(slab)
 
-  def _load(self, batch, buffer_future) -> np.ndarray:
-    """Reads every part of every saved shard the batch needs into the
-    batch's aligned buffer (fresh: on CPU the restored arrays alias it)."""
-    memory = buffer_future.result()   # a staging slab's number, or fresh memory
-    whole = self._pool.view(memory) if isinstance(memory, int) else np.frombuffer(memory, np.uint8)
-    reads: list[tuple[Any, int, int, int]] = []   # (file, file offset, offset in `whole`, bytes)
-    in_memory = []
+  def _place(self, batch) -> _BatchReads:
+    """Lays the batch's saved shards out in one buffer (each at an aligned
+    offset, set as its `at`) and lists what fills it and what checks it.
+    Runs on the building thread, so that the reading and verifying threads
+    do no per-leaf Python work (see _BatchReads)."""
+    check = self._options.verify_checksums
+    reads: list[tuple[Any, int, int, int]] = []   # (file, file offset, buffer offset, bytes)
+    placed = _BatchReads()
     at = 0
     for _, job in batch:
       for s in job.needed:
-        s.view = whole[at:at + s.nbytes]
+        s.at = at
         if s.chunk_runs is not None:   # only the chunks a resharding restore needs
           (process, rec), = s.parts
           step = rec.chunk_bytes
@@ -458,58 +477,107 @@ class Restorer:
             end = min(stop * step, s.nbytes)
             reads.append((self._file(process, rec.file), rec.offset + first * step,
                           at + first * step, end - first * step))
+          if check:
+            placed.large_checks.append((job, s, process, rec))
           at += disk_format.align_up(s.nbytes)
           continue
         for process, rec in s.parts:
-          if rec.nbytes:
-            start = rec.part[0] if rec.part else 0
-            data = self._received.get((process, rec.leaf, rec.index, rec.part))
-            if data is not None:
-              in_memory.append((s.view[start:start + rec.nbytes], data))
-            else:
-              reads.append((self._file(process, rec.file), rec.offset, at + start, rec.nbytes))
+          if not rec.nbytes:
+            continue
+          start = at + (rec.part[0] if rec.part else 0)
+          data = self._received.get((process, rec.leaf, rec.index, rec.part))
+          if data is not None:
+            placed.copies.append((start, rec.nbytes, data))
+          else:
+            reads.append((self._file(process, rec.file), rec.offset, start, rec.nbytes))
+          if check:
+            checks = (placed.large_checks if rec.nbytes >= _CHECK_ON_VERIFY_THREAD_FROM_BYTES
+                      else placed.small_checks)
+            checks.append((job, s, process, rec))
         at += disk_format.align_up(s.nbytes)
-    self._engine.read([(f, offset, whole[start:start + n])
-                       for f, offset, start, n in merge_reads(reads)])
-    if in_memory:
-      _ext.copy_many(in_memory, 1)
+    placed.nbytes = at
+    placed.reads = merge_reads(reads)
+    return placed
+
+  def _load(self, placed: _BatchReads, buffer_future) -> np.ndarray:
+    """Reads (or copies, for parts already in memory) every byte the batch
+    needs into its aligned buffer, as `placed` lays them out; returns the
+    buffer (fresh memory on CPU, which the restored arrays alias)."""
+    memory = buffer_future.result()   # a staging slab's number, or fresh memory
+    whole = self._pool.view(memory) if isinstance(memory, int) else np.frombuffer(memory, np.uint8)
+    self._engine.read([(f, offset, whole[start:start + n]) for f, offset, start, n in placed.reads])
+    if placed.copies:
+      _ext.copy_many([(whole[start:start + n], data) for start, n, data in placed.copies], 1)
     return whole
 
-  def _verify(self, batch, loaded) -> None:
-    loaded.result()
-    if not self._options.verify_checksums:
-      return
-    for _, job in batch:
-      name = None
-      for s in job.needed:
-        if s.chunk_runs is not None:
-          (process, rec), = s.parts
-          check_chunks(s.view, rec, s.chunk_runs, treepath.LazyName(job.meta.path),
-                       self._where(process, rec))
-          continue
-        for process, rec in s.parts:
-          start = rec.part[0] if rec.part else 0
-          view = s.view[start:start + rec.nbytes]
-          if crc32c.crc32c(view) != rec.crc32c:
-            name = name or treepath.to_str(job.meta.path)
-            check_part(view, rec, name, self._where(process, rec))
+  def _verify_large(self, placed: _BatchReads, loaded) -> np.ndarray:
+    """Checks the batch's large parts and chunks once loaded (the CRC runs
+    without the GIL); returns the loaded buffer."""
+    whole = loaded.result()
+    for job, s, process, rec in placed.large_checks:
+      view = whole[s.at:s.at + s.nbytes]
+      if s.chunk_runs is not None:
+        check_chunks(view, rec, s.chunk_runs, treepath.LazyName(job.meta.path),
+                     self._where(process, rec))
+      else:
+        start = rec.part[0] if rec.part else 0
+        check_part(view[start:start + rec.nbytes], rec, treepath.LazyName(job.meta.path),
+                   self._where(process, rec))
+    return whole
+
+  def _verify_small(self, placed: _BatchReads) -> None:
+    """Checks the batch's small parts, on the building thread (their views
+    set): see _CHECK_ON_VERIFY_THREAD_FROM_BYTES."""
+    for job, s, process, rec in placed.small_checks:
+      start = rec.part[0] if rec.part else 0
+      view = s.view[start:start + rec.nbytes]
+      if crc32c.crc32c(view) != rec.crc32c:
+        check_part(view, rec, treepath.to_str(job.meta.path), self._where(process, rec))
+
+
+class _BatchReads:
+  """What one batch reads where, decided on the building thread.
+
+  nbytes: the batch buffer's size (each saved shard at an aligned offset).
+  reads: merged (file, file offset, buffer offset, bytes).
+  copies: (buffer offset, bytes, their data already in memory: parts the
+    hosts swapped).
+  large_checks, small_checks: (job, saved shard, process, record) whose
+    CRC-32C to check; large ones (and resharding chunks) on the verify
+    thread, small ones on the building thread.
+  """
+
+  __slots__ = ("nbytes", "reads", "copies", "large_checks", "small_checks")
+
+  def __init__(self):
+    self.nbytes = 0
+    self.reads: list[tuple[Any, int, int, int]] = []
+    self.copies: list[tuple[int, int, np.ndarray]] = []
+    self.large_checks: list[tuple] = []
+    self.small_checks: list[tuple] = []
 
 
 def _region(job: LeafJob, index: Index, dtype: np.dtype) -> np.ndarray:
   """The target region `index` of the leaf, from the saved shards read."""
   for s in job.needed:
     if s.index == index:   # exact match: no copy
-      return s.view.view(dtype).reshape(tuple(b - a for a, b in index))
-  out = np.empty(tuple(b - a for a, b in index), dtype)
+      return s.view.view(dtype).reshape(_extent(index))
+  out = np.empty(_extent(index), dtype)
   for s in job.needed:
     o = overlap(s.index, index)
     if o is None:
       continue
-    src = s.view.view(dtype).reshape(tuple(b - a for a, b in s.index))
+    src = s.view.view(dtype).reshape(_extent(s.index))
     src_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(o, s.index))
     dst_sl = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(o, index))
     out[dst_sl] = src[src_sl]
   return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _extent(index: Index) -> tuple[int, ...]:
+  """The shape of region `index` (many leaves share one)."""
+  return tuple(b - a for a, b in index)
 
 
 def _host_value(job: LeafJob) -> Any:

@@ -32,7 +32,8 @@ class SavedShard:
   nbytes: int
   parts: list[tuple[int, disk_format.ShardRecord]]   # (process, record), in byte order
   missing: str | None = None                    # why some bytes are not here
-  view: np.ndarray | None = None                # all its bytes, once read
+  at: int = 0                                   # its offset in its read batch's buffer
+  view: np.ndarray | None = None                # all its bytes, once read and checked
   # Only these chunk runs [first, stop) of its record's chunk_crc32c are read
   # (a resharding restore needing some of its rows); None: all of it.
   chunk_runs: list[tuple[int, int]] | None = None

@@ -171,3 +171,36 @@ def test_a_large_restore_onto_cpu_releases_the_free_heap_once(tmp_path, monkeypa
     assert calls == expected, name
     for k in tree:
       np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(tree[k]))
+
+
+# Checksums: small parts are checked on the building thread, just before
+# their arrays are built; large ones on the verify thread
+# (restore._CHECK_ON_VERIFY_THREAD_FROM_BYTES). Either must name the leaf,
+# shard, file and offset of a damaged part.
+
+@pytest.mark.parametrize("elements,checked_by", [
+    (1024, "_verify_small"), (16383, "_verify_small"), (16384, "_verify_large"),
+    (262144, "_verify_large")])
+def test_a_damaged_part_is_refused_whichever_thread_checks_it(tmp_path, elements, checked_by):
+  from fastpersist_jax import ChecksumMismatchError, disk_format, restore  # pylint: disable=g-import-not-at-top
+  assert restore._CHECK_ON_VERIFY_THREAD_FROM_BYTES == 16384 * 4  # pylint: disable=protected-access
+  device = SingleDeviceSharding(jax.devices()[0])
+  tree = {"a": jax.device_put(np.arange(1024, dtype=np.float32), device),
+          "x": jax.device_put(np.arange(elements, dtype=np.float32), device),
+          "z": jax.device_put(np.ones(1024, np.float32), device)}
+  item = str(tmp_path / "item")
+  FastPersistHandler().save(item, args=FastPersistSave(tree))
+  meta = disk_format.read_metadata(item)
+  x = next(i for i, leaf in enumerate(meta.leaves) if leaf.path == [["d", "x"]])
+  (rec,) = [r for r in disk_format.read_manifest(item, 0, meta).shards if r.leaf == x]
+  name = disk_format.data_file_name(0, rec.file)
+  with open(f"{item}/{name}", "r+b") as f:
+    f.seek(rec.offset + rec.nbytes - 1)
+    last = f.read(1)
+    f.seek(rec.offset + rec.nbytes - 1)
+    f.write(bytes([last[0] ^ 0x10]))
+  with pytest.raises(ChecksumMismatchError) as e:
+    FastPersistHandler().restore(item, args=FastPersistRestore(helpers.abstract(tree)))
+  assert str(e.value) == (f"leaf ['x'], shard [[0, {elements}]] (process 0, {name} @ "
+                          f"{rec.offset}): checksum mismatch, the data is corrupt")
+  assert any(entry.name == checked_by for entry in e.traceback), e.traceback
