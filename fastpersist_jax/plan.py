@@ -314,6 +314,17 @@ def _unsupported_type(x: Any, where: str) -> None:
       "bool/int/float/complex/str, None)")
 
 
+def _sharding_record(sharding: jax.sharding.Sharding, known: dict) -> dict:
+  """shardings.encode(sharding), the same record for equal shardings."""
+  try:
+    record = known.get(sharding)
+  except TypeError:   # an unhashable sharding: a record of its own
+    return shardings.encode(sharding)
+  if record is None:
+    record = known[sharding] = shardings.encode(sharding)
+  return record
+
+
 def _build_plan(flat: list[tuple[tuple, Any]], process_index: int, process_count: int,
                 write_host_arrays: bool, data_file_bytes: int, placement: str,
                 replica_parallel: bool, host_redundancy: int) -> SavePlan:
@@ -324,6 +335,9 @@ def _build_plan(flat: list[tuple[tuple, Any]], process_index: int, process_count
   scalar_leaves: list[int] = []
   prng_leaves: list[int] = []
   accelerator_leaves: set[int] = set()
+  # One sharding record per distinct sharding, shared by its leaves (the
+  # metadata then describes their arrays once: disk_format.encode_metadata).
+  sharding_records: dict[jax.sharding.Sharding, dict] = {}
   for leaf_id, (path, x) in enumerate(flat):
     where = f"leaf {treepath.to_str(path)}"
     try:
@@ -349,7 +363,8 @@ def _build_plan(flat: list[tuple[tuple, Any]], process_index: int, process_count
         raise UnsupportedLeafError(f"{where}: the jax.Array has been deleted (donated?)")
       shape = tuple(int(n) for n in x.shape)
       leaves.append(disk_format.LeafMeta(encoded, "array", dtype=np.dtype(x.dtype).name, shape=shape,
-                                         sharding=shardings.encode(sharding), prng_impl=prng_impl))
+                                         sharding=_sharding_record(sharding, sharding_records),
+                                         prng_impl=prng_impl))
       on_accelerator = next(iter(x.sharding.device_set)).platform != "cpu"
       if on_accelerator:
         accelerator_leaves.add(leaf_id)

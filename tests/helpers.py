@@ -88,6 +88,23 @@ def assert_tree_bytes_equal(expected, actual) -> None:
   assert_trees_equal(expected, actual, check_sharding=False, check_array_type=False)
 
 
+def leaf_fields(metadata_doc: dict, i: int) -> dict:
+  """The record holding leaf i's kind, dtype, shape and sharding in a
+  decoded fastpersist.json: its "arrays" entry when it refers to one (format
+  version 3), else the leaf's own record. Editing it edits the leaf."""
+  leaf = metadata_doc["leaves"][i]
+  return metadata_doc["arrays"][leaf["array"]] if "array" in leaf else leaf
+
+
+def with_array_fields_inline(metadata_doc: dict) -> dict:
+  """A decoded fastpersist.json in the form of versions 1 and 2: each
+  leaf's array fields in its own record, no "arrays"."""
+  doc = {k: v for k, v in metadata_doc.items() if k != "arrays"}
+  doc["leaves"] = [dict(leaf_fields(metadata_doc, i), path=leaf["path"]) if "array" in leaf
+                   else leaf for i, leaf in enumerate(metadata_doc["leaves"])]
+  return doc
+
+
 def abstract(tree):
   """Restore target: ShapeDtypeStructs with the arrays' shardings (typed keys
   keep their key dtype), every other leaf as it is."""

@@ -377,8 +377,8 @@ def test_verify_reads_a_respelt_metadata_and_refuses_an_edited_one(tmp_path, han
 def test_a_downgraded_version_does_not_skip_the_seal(tmp_path, handler):
   item = _sealed_item(tmp_path, handler)
   _edit(os.path.join(item, disk_format.METADATA_FILE),
-        lambda r: r.replace(b'"version":2', b'"version":1').replace(b'"float32"', b'"int32"'))
-  with pytest.raises(CorruptCheckpointError):
+        lambda r: r.replace(b'"version":3', b'"version":1').replace(b'"float32"', b'"int32"'))
+  with pytest.raises(CorruptCheckpointError, match="checksum does not match"):
     handler.restore(item)
 
 

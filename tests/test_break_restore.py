@@ -146,7 +146,7 @@ def test_a_restore_on_the_active_processes_only_does_not_wait_for_the_others(bat
 def _numpy_leaf_with_sharding(tmp_path, sharding: dict) -> str:
   item = str(tmp_path / "item")
   FastPersistHandler().save(item, args=FastPersistSave({"x": np.arange(16, dtype=np.float32)}))
-  _reseal_metadata(item, lambda doc: doc["leaves"][0].update(sharding=sharding))
+  _reseal_metadata(item, lambda doc: helpers.leaf_fields(doc, 0).update(sharding=sharding))
   return item
 
 

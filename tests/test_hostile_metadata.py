@@ -7,11 +7,13 @@ allocation."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import faulthandler
 import json
 import logging
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -321,15 +323,28 @@ def _case_other_process_file(meta, man, d):
   man["files"][0]["name"] = "data.00001.0000.bin"
 
 
+_ARRAY_FIELDS = ("kind", "dtype", "shape", "sharding", "prng_impl")
+
+
+def _fields_of(meta: dict, key: str, field: str) -> dict:
+  """The record holding `field` of leaf `key`: its "arrays" entry (format
+  version 3) for an array leaf's fields, else the leaf's own record."""
+  leaf = meta["leaves"][_leaf_index(meta, key)]
+  if "array" in leaf and field in _ARRAY_FIELDS:
+    return meta["arrays"][leaf["array"]]
+  return leaf
+
+
 def _set_leaf(key, **fields):
   def mutate(meta, man, d):
-    meta["leaves"][_leaf_index(meta, key)].update(fields)
+    for field, value in fields.items():
+      _fields_of(meta, key, field)[field] = value
   return mutate
 
 
 def _set_sharding(**fields):
   def mutate(meta, man, d):
-    meta["leaves"][_leaf_index(meta, "w")]["sharding"].update(fields)
+    _fields_of(meta, "w", "sharding")["sharding"].update(fields)
   return mutate
 
 
@@ -531,13 +546,13 @@ _LEAF_RECORD = {"path": [["d", "w"]], "kind": "array", "dtype": "float32", "shap
 @given(st.dictionaries(st.sampled_from(sorted(_LEAF_RECORD) + ["prng_impl", "value"]),
                        st.sampled_from(_FIELD_VALUES + [[["d", "v"]], [["s", 1]]]), max_size=2))
 def test_leaf_records_validated_once_agree_with_each_validated(changes):
-  # The record is decoded after the valid record it was changed from (at
-  # another path) and after its identical twin, and must decode (or fail)
-  # as it does alone.
+  # Version 2 (array fields in each leaf record): the record is decoded
+  # after the valid record it was changed from (at another path) and after
+  # its identical twin, and must decode (or fail) as it does alone.
   record = {**_LEAF_RECORD, **changes}
 
   def decode(leaves):
-    doc = json.loads(disk_format.seal({"format": "fastpersist", "version": disk_format.FORMAT_VERSION,
+    doc = json.loads(disk_format.seal({"format": "fastpersist", "version": 2,
                             "process_count": 1, "leaves": leaves}))
     try:
       return disk_format.decode_metadata(doc, "meta").leaves[-1]
@@ -548,6 +563,55 @@ def test_leaf_records_validated_once_agree_with_each_validated(changes):
   for twin in ({**_LEAF_RECORD, "path": [["d", "twin"]]}, {**record, "path": [["d", "twin"]]}):
     after_twin = decode([twin, record])
     assert alone == after_twin, (record, twin, alone, after_twin)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.dictionaries(st.sampled_from(sorted(_LEAF_RECORD) + ["prng_impl", "value"]),
+                       st.sampled_from(_FIELD_VALUES + [[["d", "v"]], [["s", 1]]]), max_size=2))
+def test_array_descriptions_of_version_3_decode_as_version_2_records_do(changes):
+  # Version 3 records an array leaf's fields once in "arrays"; leaves refer
+  # to them. Decoding must give every leaf what the same fields inline
+  # (version 2) give, or refuse both; a valid leaf sharing the description
+  # with the changed one must not change that.
+  record = {**_LEAF_RECORD, **changes}
+  fields = {k: v for k, v in record.items() if k != "path"}
+
+  def decode(version, leaves, arrays=None):
+    doc = {"format": "fastpersist", "version": version, "process_count": 1, "leaves": leaves}
+    if arrays is not None:
+      doc["arrays"] = arrays
+    doc = json.loads(disk_format.seal(doc))
+    try:
+      return [dataclasses.astuple(l) for l in disk_format.decode_metadata(doc, "meta").leaves]
+    except CorruptCheckpointError:
+      return None
+
+  if "path" not in record:
+    return
+  inline = decode(2, [record])
+  assert decode(3, [{"path": record["path"], "array": 0}], [fields]) == inline, record
+  twin = {**record, "path": [["d", "twin"]]}
+  shared = decode(3, [{"path": [["d", "twin"]], "array": 0}, {"path": record["path"], "array": 0}],
+                  [fields])
+  assert shared == decode(2, [twin, record]), record
+  if inline is not None:   # a valid description: the inline form of version 3 is refused
+    assert decode(3, [record], []) is None
+
+
+def test_version_3_array_references_are_checked():
+  fields = {k: v for k, v in _LEAF_RECORD.items() if k != "path"}
+  for leaf, arrays, message in [
+      ({"path": [["d", "w"]], "array": 1}, [fields], "array 1 is not one of the 1 in arrays"),
+      ({"path": [["d", "w"]], "array": True}, [fields], "array True is not one of"),
+      ({"path": [["d", "w"]], "array": 0, "dtype": "int8"}, [fields], "malformed array leaf"),
+      ({"path": [["d", "w"]], "array": 0}, [{**fields, "kind": "scalar"}],
+       "not an array description"),
+      ({"path": [["d", "w"]], "array": 0}, [fields, {"kind": "array"}], "metadata array 1: "),
+      ({"path": [["d", "w"]], "array": 0}, {"0": fields}, "arrays must be a list")]:
+    doc = json.loads(disk_format.seal({"format": "fastpersist", "version": 3, "process_count": 1,
+                                       "arrays": arrays, "leaves": [leaf]}))
+    with pytest.raises(CorruptCheckpointError, match=re.escape(message)):
+      disk_format.decode_metadata(doc, "meta")
 
 
 def _decoded_or_error(doc, raw):
@@ -561,11 +625,12 @@ def test_seal_checked_on_the_bytes_agrees_with_the_seal_checked_on_the_json():
   # Restore checks a document's seal on its bytes as written (no second
   # encoding); every single-byte change that still parses must be decided
   # as the check on the re-encoded JSON decides it.
+  fields = {k: v for k, v in _LEAF_RECORD.items() if k != "path"}
   raw = disk_format.seal({"format": "fastpersist", "version": disk_format.FORMAT_VERSION,
-                          "process_count": 1, "leaves": [_LEAF_RECORD, {"path": [["d", "n"]],
-                                                                         "kind": "scalar",
-                                                                         "scalar_type": "int",
-                                                                         "value": 3}]})
+                          "process_count": 1, "arrays": [fields],
+                          "leaves": [{"path": [["d", "w"]], "array": 0},
+                                     {"path": [["d", "n"]], "kind": "scalar", "scalar_type": "int",
+                                      "value": 3}]})
   assert _decoded_or_error(json.loads(raw), raw).leaves[1].value == 3
   parsed = 0
   for at in range(len(raw)):
