@@ -498,8 +498,7 @@ def _decode_leaves(leaves: list, path: str) -> list[LeafMeta]:
       if key is not None:
         seen[key] = leaf
     else:
-      what = f"metadata leaf {i}"
-      leaf = LeafMeta(treepath.validate(_get(d, "path", what)), known.kind, known.dtype,
+      leaf = LeafMeta(_leaf_path(d, f"metadata leaf {i}"), known.kind, known.dtype,
                       known.shape, known.sharding, prng_impl=known.prng_impl)
     decoded.append(leaf)
   return decoded
@@ -526,8 +525,8 @@ def _decode_leaves_v3(leaves: list, arrays: Any, path: str) -> list[LeafMeta]:
         known = described[array_id] = _decode_array(arrays[array_id], what)
       if len(d) != 2:
         raise CorruptCheckpointError(f"metadata leaf {i}: malformed array leaf {_short(d)}")
-      decoded.append(LeafMeta(treepath.validate(_get(d, "path", f"metadata leaf {i}")), known.kind,
-                              known.dtype, known.shape, known.sharding, prng_impl=known.prng_impl))
+      decoded.append(LeafMeta(_leaf_path(d, f"metadata leaf {i}"), known.kind, known.dtype,
+                              known.shape, known.sharding, prng_impl=known.prng_impl))
       continue
     leaf = _decode_leaf(d, i)
     if leaf.kind in ARRAY_KINDS:
@@ -549,7 +548,16 @@ def _decode_array(d: Any, what: str) -> LeafMeta:
 
 def _decode_leaf(d: Any, i: int) -> LeafMeta:
   what = f"metadata leaf {i}"
-  return _decode_fields(d, treepath.validate(_get(d, "path", what)), what)
+  return _decode_fields(d, _leaf_path(d, what), what)
+
+
+def _leaf_path(d: Any, what: str) -> list:
+  """Leaf record `d`'s key path, validated (errors name the leaf)."""
+  path = _get(d, "path", what)
+  try:
+    return treepath.validate(path)
+  except CorruptCheckpointError as e:
+    raise CorruptCheckpointError(f"{what}: {e}") from e
 
 
 def _decode_fields(d: Any, path: list, what: str) -> LeafMeta:
@@ -640,10 +648,15 @@ def decode_metadata(d: Any, path: str, raw: bytes | None = None) -> CheckpointMe
   leaves = _get(d, "leaves", path)
   if not isinstance(leaves, list):
     raise CorruptCheckpointError(f"{path}: leaves must be a list")
-  if d["version"] >= 3:
-    decoded = _decode_leaves_v3(leaves, _get(d, "arrays", path), path)
-  else:
-    decoded = _decode_leaves(leaves, path)
+  try:
+    if d["version"] >= 3:
+      decoded = _decode_leaves_v3(leaves, _get(d, "arrays", path), path)
+    else:
+      decoded = _decode_leaves(leaves, path)
+  except CorruptCheckpointError as e:
+    if str(e).startswith(f"{path}:"):
+      raise
+    raise CorruptCheckpointError(f"{path}: {e}") from e   # name the file too
   _check_paths(decoded, path)
   mode = d.get("layout", "shared")   # the placement; its on-disk key is "layout" (FORMAT.md)
   if mode not in ("shared", "per_host"):

@@ -302,11 +302,21 @@ def match_target(leaves: list[disk_format.LeafMeta], target: Any, where: str
       raise CorruptCheckpointError(f"{where}: two saved leaves are both named "
                                    f"{treepath.to_str(leaf.path)}")
   selected = []
+  named: dict[int, tuple] = {}   # saved leaf -> the target path naming it
   for path, t in flat:
-    i = by_key.get(treepath.key_of(path))
+    try:
+      i = by_key.get(treepath.key_of(path))
+    except TypeError as e:   # a key no checkpoint records (encode refuses it on save)
+      raise RestoreMismatchError(f"leaf {treepath.to_str(path)} of the restore target: {e}") from e
     if t is Ellipsis:   # ocp.PLACEHOLDER: not restored, as with Orbax's handlers
       selected.append((None, t))
       continue
+    if i is not None and named.setdefault(i, path) is not path:
+      # One leaf restored twice would share its read buffers between two
+      # jobs; the save refuses such a tree (plan._check_names_distinct).
+      raise RestoreMismatchError(
+          f"leaves {treepath.to_str(named[i])} and {treepath.to_str(path)} of the restore target "
+          f"both name the saved leaf {treepath.to_str(leaves[i].path)}")
     if i is None and t is not None and treepath.is_empty_node(t):
       selected.append((None, t))
       continue

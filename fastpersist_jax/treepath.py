@@ -24,16 +24,18 @@ from fastpersist_jax.errors import CorruptCheckpointError
 KeyEntry = list
 
 
-# Exact types of the common leaves: is_empty_node answers False for them
-# first (it runs once per node of every target flattened; 10,000 leaves).
-_LEAF_TYPES = frozenset((jax.ShapeDtypeStruct, np.ndarray, bool, int, float, complex, str))
+# Identities of the exact types of common leaves: is_empty_node answers
+# False for them first (it runs once per node of every target flattened;
+# 10,000 leaves). By identity: a class need not be hashable.
+_LEAF_TYPE_IDS = frozenset(map(id, (jax.ShapeDtypeStruct, np.ndarray, bool, int, float, complex,
+                                    str)))
 
 
 def is_empty_node(x: Any) -> bool:
   """None, or a pytree node with no children ({}, [], (), optax.EmptyState())."""
   if x is None:
     return True
-  if type(x) in _LEAF_TYPES or isinstance(x, jax.Array):
+  if id(type(x)) in _LEAF_TYPE_IDS or isinstance(x, jax.Array):
     return False
   if type(x) in (dict, list, tuple):
     return not x
@@ -121,9 +123,11 @@ def key_of(path: tuple | list) -> tuple:
 
 
 def _live_key(k: Any) -> Any:
-  """The key of one jax key path entry, as encode() records it."""
+  """The key of one jax key path entry, as encode() records it; raises
+  TypeError where encode() does (a dict key other than str or int, a key
+  path entry of another kind)."""
   kind = type(k)
-  if kind is tree_util.DictKey:
+  if kind is tree_util.DictKey and type(k.key) in (str, int):  # pylint: disable=unidiomatic-typecheck
     return k.key
   if kind is tree_util.SequenceKey:
     return k.idx

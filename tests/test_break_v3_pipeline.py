@@ -5,8 +5,10 @@ there, large ones on the verify thread, swapped parts copied in from
 memory) and the target matching of treepath (is_empty_node by type,
 key_of on live key paths), through the public API.
 
-Tests marked xfail(strict=True) are bugs found and left for the library to
-fix; the others hold and stay as regression tests. The multi-process test
+The first three were bugs (a target naming one saved leaf twice got another
+leaf's bytes; an unhashable leaf class and an unknown target key kind
+raised a bare TypeError), fixed since; all stay as regression tests. The
+multi-process test
 runs this very file as its worker
 (`python tests/test_break_v3_pipeline.py --worker SCENARIO PID NPROC PORT DIR`).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -27,7 +30,8 @@ import pytest
 from jax import tree_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from fastpersist_jax import (ChecksumMismatchError, FastPersistError, FastPersistHandler,
+from fastpersist_jax import (ChecksumMismatchError, CorruptCheckpointError, FastPersistError,
+                             FastPersistHandler,
                              FastPersistOptions, FastPersistRestore, FastPersistSave,
                              RestoreMismatchError, UnsupportedLeafError, disk_format)
 from fastpersist_jax import restore as restore_lib
@@ -64,11 +68,6 @@ tree_util.register_pytree_with_keys(
     lambda _, children: _TwoNamesForW(*children))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Restorer._place sets SavedShard.at on the shard object the two jobs share; the next "
-    "batch is placed before the first is built, so the first batch's leaf is viewed at the "
-    "second batch's offset: another leaf's bytes (verify_checksums=False) or a false "
-    "ChecksumMismatchError. Expected: RestoreMismatchError naming the leaf, or both restored."))
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_target_naming_one_saved_leaf_twice_in_two_batches_is_refused_or_restored(
     tmp_path, verify):
@@ -105,10 +104,6 @@ class _Unhashable(metaclass=_EqualityMeta):
   pass
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "treepath.is_empty_node's fast path `type(x) in _LEAF_TYPES` (a frozenset) hashes the "
-    "leaf's type: a class whose metaclass defines __eq__ is unhashable, so save and restore "
-    "raise a bare TypeError (before the fast path: UnsupportedLeafError / RestoreMismatchError)"))
 def test_a_leaf_of_an_unhashable_class_is_refused_with_a_fastpersist_error(tmp_path):
   item = str(tmp_path / "item")
   with pytest.raises(UnsupportedLeafError):
@@ -140,10 +135,6 @@ tree_util.register_pytree_with_keys(_Keyed, lambda n: ([(_Key(), n.a)], None),
                                     lambda _, children: _Keyed(*children))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "treepath.key_of -> _live_key -> encode raises TypeError('unsupported key path entry') "
-    "for a target key of another kind, and match_target lets it out of restore bare; the "
-    "save side turns the same TypeError into UnsupportedLeafError"))
 def test_a_target_key_of_an_unknown_kind_is_a_restore_mismatch(tmp_path):
   item = str(tmp_path / "item")
   with pytest.raises(UnsupportedLeafError):
@@ -152,6 +143,38 @@ def test_a_target_key_of_an_unknown_kind_is_a_restore_mismatch(tmp_path):
   FastPersistHandler().save(item, args=FastPersistSave({"w": np.arange(3.0)}))
   with pytest.raises(RestoreMismatchError):
     FastPersistHandler().restore(item, args=FastPersistRestore({"w": _Keyed(np.zeros(3))}))
+
+
+@pytest.mark.parametrize("key", [True, 1.0, np.int64(1)], ids=["bool", "float", "numpy int"])
+def test_a_target_dict_key_the_save_would_refuse_names_no_saved_leaf(tmp_path, key):
+  # Saved under the int key 1. A target key that is equal to 1 but that no
+  # save records (the save refuses such keys) is not taken for it.
+  item = str(tmp_path / "item")
+  FastPersistHandler().save(item, args=FastPersistSave({1: np.arange(3.0)}))
+  with pytest.raises(RestoreMismatchError, match=r"of the restore target: dict keys must be"):
+    FastPersistHandler().restore(item, args=FastPersistRestore({key: np.zeros(3)}))
+  restored = FastPersistHandler().restore(item, args=FastPersistRestore({1: np.zeros(3)}))
+  np.testing.assert_array_equal(restored[1], np.arange(3.0))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda doc: doc["leaves"][1].update(path=[["d", "b", "extra"]]),
+     "metadata leaf 1: malformed key path entry"),
+    (lambda doc: doc["leaves"][1].pop("kind"), "metadata leaf 1: missing field 'kind'"),
+    (lambda doc: doc["arrays"][0].update(dtype="f8"), "metadata leaf 0: unsupported dtype")],
+    ids=["path", "kind", "shared description"])
+def test_a_malformed_leaf_record_names_the_file_and_the_leaf(tmp_path, edit, message):
+  item = str(tmp_path / "item")
+  FastPersistHandler().save(item, args=FastPersistSave({"a": np.arange(3.0), "b": 2}))
+  path = os.path.join(item, disk_format.METADATA_FILE)
+  with open(path) as f:
+    doc = json.load(f)
+  doc.pop("crc32c")
+  edit(doc)
+  with open(path, "wb") as f:
+    f.write(disk_format.seal(doc))
+  with pytest.raises(CorruptCheckpointError, match="^" + re.escape(f"{path}: {message}")):
+    FastPersistHandler().restore(item)
 
 
 # What holds --------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_every_encoded_sharding_is_accepted_as_saved(make, record):
 
 GOOD = _named([4, 2], DATA_MODEL, ["data", "model"])
 
-# name: (record, exact error after "metadata leaf 1: ")
+# name: (record, exact error after "meta: metadata leaf 1: ")
 MALFORMED = {
     "not a dict": (["named"], "malformed sharding ['named']"),
     "memory_kind not a string": ({**GOOD, "memory_kind": 3}, "malformed sharding memory_kind 3"),
@@ -260,7 +260,7 @@ MALFORMED = {
 def test_malformed_records_are_refused_naming_the_leaf(record, message):
   with pytest.raises(CorruptCheckpointError) as e:
     disk_format.decode_metadata_bytes(_metadata_bytes(record), "meta")
-  assert str(e.value) == f"metadata leaf 1: {message}"
+  assert str(e.value) == f"meta: metadata leaf 1: {message}"
 
 
 def test_a_key_arrays_sharding_is_checked_against_the_key_shape():
@@ -269,7 +269,7 @@ def test_a_key_arrays_sharding_is_checked_against_the_key_shape():
   assert disk_format.decode_metadata_bytes(ok, "meta").leaves[1].prng_impl == "threefry2x32"
   too_long = _metadata_bytes(_named([4, 2], DATA_MODEL, ["data", None]), shape=(8, 2),
                              prng_impl="threefry2x32")
-  with pytest.raises(CorruptCheckpointError, match=r"^metadata leaf 1: sharding spec \['data', "
+  with pytest.raises(CorruptCheckpointError, match=r"^meta: metadata leaf 1: sharding spec \['data', "
                      r"None\] does not fit an array of rank 1$"):
     disk_format.decode_metadata_bytes(too_long, "meta")
 
