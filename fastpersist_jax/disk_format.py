@@ -8,9 +8,11 @@ else.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+import operator
 import os
 import re
 import reprlib
@@ -498,7 +500,7 @@ def _decode_leaves(leaves: list, path: str) -> list[LeafMeta]:
       if key is not None:
         seen[key] = leaf
     else:
-      leaf = LeafMeta(_leaf_path(d, f"metadata leaf {i}"), known.kind, known.dtype,
+      leaf = LeafMeta(_leaf_path(d, i), known.kind, known.dtype,
                       known.shape, known.sharding, prng_impl=known.prng_impl)
     decoded.append(leaf)
   return decoded
@@ -525,7 +527,7 @@ def _decode_leaves_v3(leaves: list, arrays: Any, path: str) -> list[LeafMeta]:
         known = described[array_id] = _decode_array(arrays[array_id], what)
       if len(d) != 2:
         raise CorruptCheckpointError(f"metadata leaf {i}: malformed array leaf {_short(d)}")
-      decoded.append(LeafMeta(_leaf_path(d, f"metadata leaf {i}"), known.kind, known.dtype,
+      decoded.append(LeafMeta(_leaf_path(d, i), known.kind, known.dtype,
                               known.shape, known.sharding, prng_impl=known.prng_impl))
       continue
     leaf = _decode_leaf(d, i)
@@ -547,17 +549,19 @@ def _decode_array(d: Any, what: str) -> LeafMeta:
 
 
 def _decode_leaf(d: Any, i: int) -> LeafMeta:
-  what = f"metadata leaf {i}"
-  return _decode_fields(d, _leaf_path(d, what), what)
+  return _decode_fields(d, _leaf_path(d, i), f"metadata leaf {i}")
 
 
-def _leaf_path(d: Any, what: str) -> list:
-  """Leaf record `d`'s key path, validated (errors name the leaf)."""
-  path = _get(d, "path", what)
+def _leaf_path(d: Any, i: int) -> list:
+  """Leaf record i's (`d`'s) key path, validated; errors name the leaf."""
+  try:
+    path = d["path"]
+  except (KeyError, TypeError, IndexError):
+    path = _get(d, "path", f"metadata leaf {i}")   # raises, naming the field
   try:
     return treepath.validate(path)
   except CorruptCheckpointError as e:
-    raise CorruptCheckpointError(f"{what}: {e}") from e
+    raise CorruptCheckpointError(f"metadata leaf {i}: {e}") from e
 
 
 def _decode_fields(d: Any, path: list, what: str) -> LeafMeta:
@@ -707,30 +711,27 @@ def check_shard_tiling(shards: list[ShardRecord], files: list[tuple[str, int]] |
   a duplicated shard cannot hide a missing one and leave memory unwritten.
   With `files` (shards of one manifest), byte ranges in a file must not
   overlap either, so a restore never reads (and allocates) more than the
-  data files hold.
+  data files hold. The records must be validated ones (nbytes matching
+  index and part): a record of no bytes holds nothing and is skipped.
   """
+  nonempty = [s for s in shards if s.nbytes]
+  shards_per_leaf = collections.Counter(s.leaf for s in nonempty)
   by_leaf: dict[int, list[ShardRecord]] = {}
-  by_file: dict[int, list[ShardRecord]] = {}
-  for s in shards:
-    if s.nbytes == 0 or any(a == b for a, b in s.index):
-      continue
-    by_leaf.setdefault(s.leaf, []).append(s)
-    by_file.setdefault(s.file, []).append(s)
+  for s in nonempty:
+    if shards_per_leaf[s.leaf] > 1:   # one shard overlaps nothing
+      by_leaf.setdefault(s.leaf, []).append(s)
   for leaf_id, group in by_leaf.items():
-    if len(group) == 1:
-      continue  # one shard overlaps nothing
     check_grid([s.index for s in group], f"{what}: shards of leaf {leaf_id}")
     # Parts of one shard (replica-parallel writes) share its index.
     if len({(s.index, s.part) for s in group}) != len(group):
       raise CorruptCheckpointError(f"{what}: leaf {leaf_id} has the same shard more than once")
   if files is None:
     return
-  for file_id, group in by_file.items():
-    group.sort(key=lambda s: s.offset)
-    for a, b in zip(group, group[1:]):
-      if b.offset < a.offset + a.nbytes:
-        raise CorruptCheckpointError(
-            f"{what}: shards at offsets {a.offset} and {b.offset} of {files[file_id][0]} overlap")
+  in_files = sorted(nonempty, key=operator.attrgetter("file", "offset"))
+  for a, b in zip(in_files, in_files[1:]):
+    if a.file == b.file and b.offset < a.offset + a.nbytes:
+      raise CorruptCheckpointError(
+          f"{what}: shards at offsets {a.offset} and {b.offset} of {files[a.file][0]} overlap")
 
 
 def _checked_shard(s: Any, what: str, meta: CheckpointMetadata,

@@ -107,18 +107,43 @@ def merge_reads(reads: list[tuple[Any, int, int, int]]) -> list[tuple[Any, int, 
   few large reads instead of 10,000 small ones. Pure; the merged reads put
   every byte where the given ones do and write nowhere else that a given
   read does."""
-  starts = sorted(start for _, _, start, _ in reads)
+  if _file_and_buffer_orders_agree(reads):
+    # Neighbours in the file are neighbours in the buffer: no other read
+    # can lie in the gap between them (the common case, checked in one pass).
+    ordered, starts = reads, None
+  else:
+    ordered = sorted(reads, key=lambda r: (r[0].path, r[1]))
+    starts = sorted(start for _, _, start, _ in reads)
   out: list[tuple[Any, int, int, int]] = []
-  for f, offset, start, n in sorted(reads, key=lambda r: (r[0].path, r[1])):
+  for f, offset, start, n in ordered:
     if out:
       pf, poffset, pstart, pn = out[-1]
       gap = offset - (poffset + pn)
       if (pf is f and 0 <= gap <= _MERGE_GAP_BYTES and start - pstart == offset - poffset and
-          bisect.bisect_left(starts, pstart + pn) == bisect.bisect_left(starts, start)):
+          (starts is None or
+           bisect.bisect_left(starts, pstart + pn) == bisect.bisect_left(starts, start))):
         out[-1] = (pf, poffset, pstart, offset + n - poffset)
         continue
     out.append((f, offset, start, n))
   return out
+
+
+def _file_and_buffer_orders_agree(reads: list[tuple[Any, int, int, int]]) -> bool:
+  """Whether `reads` are in file order (each file's reads together, their
+  offsets rising) and their buffer offsets rise in the same order."""
+  files_done: set[int] = set()
+  pf, poffset, pstart = None, -1, -1
+  for f, offset, start, _ in reads:
+    if start <= pstart:
+      return False
+    if f is not pf:
+      if id(f) in files_done:
+        return False
+      files_done.add(id(pf))
+    elif offset <= poffset:
+      return False
+    pf, poffset, pstart = f, offset, start
+  return True
 
 
 def check_chunks(view: np.ndarray, rec: disk_format.ShardRecord, runs: list[tuple[int, int]],
@@ -464,7 +489,9 @@ class Restorer:
     Runs on the building thread, so that the reading and verifying threads
     do no per-leaf Python work (see _BatchReads)."""
     check = self._options.verify_checksums
+    received = self._received
     reads: list[tuple[Any, int, int, int]] = []   # (file, file offset, buffer offset, bytes)
+    file_key, file = None, None   # the last part's (process, file number) and file
     placed = _BatchReads()
     at = 0
     for _, job in batch:
@@ -485,11 +512,14 @@ class Restorer:
           if not rec.nbytes:
             continue
           start = at + (rec.part[0] if rec.part else 0)
-          data = self._received.get((process, rec.leaf, rec.index, rec.part))
+          data = received.get((process, rec.leaf, rec.index, rec.part)) if received else None
           if data is not None:
             placed.copies.append((start, rec.nbytes, data))
           else:
-            reads.append((self._file(process, rec.file), rec.offset, start, rec.nbytes))
+            if (process, rec.file) != file_key:
+              file_key = (process, rec.file)
+              file = self._file(process, rec.file)
+            reads.append((file, rec.offset, start, rec.nbytes))
           if check:
             checks = (placed.large_checks if rec.nbytes >= _CHECK_ON_VERIFY_THREAD_FROM_BYTES
                       else placed.small_checks)

@@ -368,6 +368,12 @@ def plan_leaf(leaf_id: int, meta: disk_format.LeafMeta, target: Any, saved: list
   (saved data missing for a region the target needs).
   """
   job = (layouts or target_layout)(leaf_id, meta, target, fallback_to_numpy)
+  if len(saved) == 1 and len(job.device_indices) == 1 and saved[0].index == job.device_indices[0][1]:
+    # The common case, one target shard that is the one saved shard: as below, without the lookups.
+    if saved[0].missing:
+      raise CorruptCheckpointError(f"{saved[0].missing} ({missing_hint})")
+    job.needed = [saved[0]]
+    return job
   name = treepath.LazyName(meta.path)
   by_index = {s.index: s for s in saved}
   needed: dict[Index, SavedShard] = {}
