@@ -637,14 +637,20 @@ def _build_batch(jobs: list[LeafJob], copy_host_pieces: bool = False) -> list[An
   out: list[Any] = [None] * len(jobs)
   fast = jax_internals.fast_build_available()
   pieces, targets, owners = [], [], []
+  # Each layout's devices: leaves of one layout share its device_indices
+  # (restore_plan.TargetLayouts), alive as long as the batch.
+  devices_of: dict[int, list] = {}
   for k, job in enumerate(jobs):
     if job.sharding is None:
       out[k] = _host_value(job)
       continue
     leaf_pieces = _device_pieces(job, copy_host_pieces)
     if fast and not job.prng_impl:
-      out[k] = jax_internals.array_from_host_shards(
-          job.meta.shape, job.dtype, job.sharding, [d for d, _ in job.device_indices], leaf_pieces)
+      devices = devices_of.get(id(job.device_indices))
+      if devices is None:
+        devices = devices_of[id(job.device_indices)] = [d for d, _ in job.device_indices]
+      out[k] = jax_internals.array_from_host_shards(job.meta.shape, job.dtype, job.sharding,
+                                                    devices, leaf_pieces)
       continue
     memory_kind = job.sharding.memory_kind
     pieces.extend(leaf_pieces)
@@ -675,6 +681,11 @@ def _device_pieces(job: LeafJob, copy_host_pieces: bool) -> list[np.ndarray]:
   job.device_indices order), cast to the target dtype; device shards that
   hold the same region share one piece."""
   saved = disk_format.dtype_from_name(job.meta.dtype)
+  if not copy_host_pieces and len(job.device_indices) == 1 and len(job.needed) == 1:
+    ((_, idx),), (s,) = job.device_indices, job.needed
+    if s.index == idx:   # the common case, one device and the one saved shard: as below
+      piece = s.view.view(saved).reshape(_extent(idx))
+      return [piece if job.dtype == saved else piece.astype(job.dtype)]
   per_index: dict[Index, np.ndarray] = {}
   out = []
   for device, idx in job.device_indices:
