@@ -13,6 +13,7 @@ import sys
 import helpers  # pylint: disable=g-bad-import-order  (sets XLA_FLAGS before jax is imported)
 import jax
 import jax.numpy as jnp
+import crc32c
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -78,6 +79,8 @@ def _read_lists(draw, min_bytes: int):
     if gap == "file" and prev is not None and prev[0] == f and offset >= prev[1] + prev[2]:
       start = prev[3] + (offset - prev[1])   # the file's gap: a merge candidate
     start = max(start, end)
+    if not nbytes and draw(st.booleans()):
+      start = draw(st.integers(0, end))   # an empty read may lie inside another's range
     reads.append((_FILES[f], offset, start, nbytes))
     end = max(end, start + nbytes)
     prev = (f, offset, nbytes, start)
@@ -122,6 +125,16 @@ def test_merge_reads_does_not_merge_across_a_zero_length_read_inside_another():
   # b's read fills buffer [0, 8192); a's empty read sits at 4096 (inside it,
   # overlapping nothing); a's next read lies at the file's gap from it.
   reads = [(b, 0, 0, 8192), (a, 0, 4096, 0), (a, 8192, 12288, 4096)]
+  _check_merged(reads, restore.merge_reads(reads))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(_read_lists(min_bytes=0))
+def test_merged_reads_with_empty_reads_hold_when_not_in_file_order(reads):
+  # (Reads in file and buffer order take the fast path, which an empty read
+  # inside another read's range breaks: see the xfail test above.)
+  if restore._file_and_buffer_orders_agree(reads):   # pylint: disable=protected-access
+    reads = reads[::-1] if len(reads) > 1 else reads
   _check_merged(reads, restore.merge_reads(reads))
 
 
@@ -400,6 +413,37 @@ def test_many_leaves_of_many_layouts_in_one_batch_land_on_their_devices(tmp_path
     _assert_bits(np.asarray(tree[k]), out[k])
     assert out[k].sharding.is_equivalent_to(t.sharding, out[k].ndim), (k, out[k].sharding, t.sharding)
     assert out[k].sharding.device_set == t.sharding.device_set, k
+
+
+@pytest.mark.parametrize("target", ["same", "numpy", "replicated", "moved", "none"])
+def test_restore_of_a_shard_with_bytes_no_part_holds_names_the_leaf(tmp_path, target):
+  # The manifest holds only the first half of w's one shard (as a per-host
+  # checkpoint's host may): a target needing it must be refused, naming w.
+  dev = jax.devices()[2]
+  x = jax.device_put(np.arange(4096, dtype=np.float32), SingleDeviceSharding(dev))
+  path = tmp_path / "c"
+  h = FastPersistHandler()
+  h.save(path, args=FastPersistSave({"w": x, "v": np.ones(3, np.int8)}))
+  man_path = path / disk_format.manifest_name(0)
+  man = json.loads(man_path.read_text())
+  (rec,) = [r for r in man["shards"] if r["nbytes"] == 16384]
+  data = (path / man["files"][rec["file"]]["name"]).read_bytes()
+  rec.update(part=[0, 8192], nbytes=8192,
+             crc32c=crc32c.crc32c(data[rec["offset"]:rec["offset"] + 8192]))
+  rec.pop("chunk_crc32c", None)
+  man_path.write_bytes(disk_format.seal({k: v for k, v in man.items() if k != "crc32c"}))
+  mesh = mesh_2x4()
+  t = {"same": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+       "numpy": np.zeros(4096, np.float32),
+       "replicated": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
+       "moved": jax.ShapeDtypeStruct(x.shape, np.int32,
+                                     sharding=SingleDeviceSharding(jax.devices()[5])),
+       "none": None}[target]
+  with pytest.raises(CorruptCheckpointError, match=r"leaf \['w'\].*only bytes \[0, 8192\)"):
+    h.restore(path, args=FastPersistRestore({"w": t, "v": np.zeros(3, np.int8)}))
+  # v alone restores.
+  out = h.restore(path, args=FastPersistRestore({"v": np.zeros(3, np.int8)}))
+  _assert_bits(np.ones(3, np.int8), out["v"])
 
 
 def test_restore_of_a_leaf_whose_shard_is_cut_short_names_the_leaf(tmp_path):
