@@ -446,6 +446,49 @@ def test_restore_of_a_shard_with_bytes_no_part_holds_names_the_leaf(tmp_path, ta
   _assert_bits(np.ones(3, np.int8), out["v"])
 
 
+@pytest.mark.parametrize("staged", [False, True])
+def test_a_two_process_checkpoint_of_parts_restores_onto_one_process_bit_exact(
+    two_process_checkpoint, monkeypatch, staged):
+  # tests/mp_worker.py's global_state, saved by 2 processes each writing a
+  # part of every replicated shard: one saved shard in parts from 2 files.
+  monkeypatch.setattr(restore, "_STAGE_ON_CPU", staged)
+  mesh = mesh_2x4()
+  devs = jax.devices()
+
+  def host(shape, dtype, seed):
+    return ((np.arange(int(np.prod(shape)), dtype=np.float64).reshape(shape) * 7 + seed) % 251
+            ).astype(dtype)
+
+  w, b, emb = host((64, 512), np.float32, 1), host((512,), np.int32, 3), host((256, 128), np.float32, 2)
+  sds = jax.ShapeDtypeStruct
+  cases = [
+      (sds(b.shape, np.int32, sharding=SingleDeviceSharding(devs[3])), b, "b"),
+      (sds(b.shape, np.int32, sharding=NamedSharding(mesh, P())), b, "b"),
+      (sds(b.shape, np.float32, sharding=SingleDeviceSharding(devs[0]).with_memory_kind(
+          "pinned_host")), b.astype(np.float32), "b"),
+      (np.zeros(b.shape, np.int16), b.astype(np.int16), "b"),
+      (sds(w.shape, jnp.bfloat16, sharding=SingleDeviceSharding(devs[7])),
+       w.astype(jnp.bfloat16), "w"),
+      (sds(w.shape, np.float32, sharding=NamedSharding(mesh, P("data", "model"))), w, "w"),
+      (sds(emb.shape, np.float32, sharding=NamedSharding(mesh, P())), emb, "emb"),
+  ]
+  item = two_process_checkpoint / "0" / "default"
+  parts = [r for p in range(2)
+           for r in json.loads((item / disk_format.manifest_name(p)).read_text())["shards"]
+           if "part" in r]
+  assert len({tuple(r["index"][0]) for r in parts if len(r["index"]) == 1}) == 1, parts  # b's shard
+  h = FastPersistHandler()
+  for t, want, name in cases:
+    tree = {"params": {"w": t if name == "w" else ..., "b": t if name == "b" else ...},
+            "opt": {"emb": t if name == "emb" else ...}, "step": 0, "rng": ...}
+    out = h.restore(item, args=FastPersistRestore(tree))
+    got = out["opt"]["emb"] if name == "emb" else out["params"][name]
+    _assert_bits(want, got)
+    if isinstance(t, jax.ShapeDtypeStruct):
+      assert got.sharding.is_equivalent_to(t.sharding, got.ndim), (name, got.sharding)
+      assert got.sharding.memory_kind == t.sharding.memory_kind
+
+
 def test_restore_of_a_leaf_whose_shard_is_cut_short_names_the_leaf(tmp_path):
   # One saved shard, one target device (the fast paths): the data file cut.
   x = jax.device_put(np.arange(4096, dtype=np.float32), SingleDeviceSharding(jax.devices()[0]))
