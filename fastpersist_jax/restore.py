@@ -106,7 +106,10 @@ def merge_reads(reads: list[tuple[Any, int, int, int]]) -> list[tuple[Any, int, 
   bytes lie in that gap of the buffer: 10,000 leaves of 4 KiB are then a
   few large reads instead of 10,000 small ones. Pure; the merged reads put
   every byte where the given ones do and write nowhere else that a given
-  read does."""
+  read does. Reads of no bytes are dropped."""
+  # (An empty read may sit inside another read's buffer range: kept, it
+  # would pass for a boundary the ranges around it do not have.)
+  reads = [r for r in reads if r[3] > 0]
   if _file_and_buffer_orders_agree(reads):
     # Neighbours in the file are neighbours in the buffer: no other read
     # can lie in the gap between them (the common case, checked in one pass).
