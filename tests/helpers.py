@@ -88,6 +88,38 @@ def assert_tree_bytes_equal(expected, actual) -> None:
   assert_trees_equal(expected, actual, check_sharding=False, check_array_type=False)
 
 
+def reseal_metadata(item: str, edit) -> None:
+  """Applies `edit` to the item's fastpersist.json document, re-seals it
+  (disk_format.seal) and points every manifest's metadata_crc32c at the new
+  seal (re-sealing them too): only the edit differs from a valid checkpoint."""
+  import json  # pylint: disable=g-import-not-at-top
+  from fastpersist_jax import disk_format  # pylint: disable=g-import-not-at-top
+  path = os.path.join(item, disk_format.METADATA_FILE)
+  with open(path) as f:
+    doc = json.load(f)
+  doc.pop("crc32c")
+  edit(doc)
+  raw = disk_format.seal(doc)
+  with open(path, "wb") as f:
+    f.write(raw)
+  seal = json.loads(raw)["crc32c"]
+  for name in os.listdir(item):
+    if name.startswith("manifest."):
+      reseal_manifest(os.path.join(item, name), lambda m: m.update(metadata_crc32c=seal))
+
+
+def reseal_manifest(path: str, edit) -> None:
+  """Applies `edit` to the manifest document at `path` and re-seals it."""
+  import json  # pylint: disable=g-import-not-at-top
+  from fastpersist_jax import disk_format  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    doc = json.load(f)
+  doc.pop("crc32c")
+  edit(doc)
+  with open(path, "wb") as f:
+    f.write(disk_format.seal(doc))
+
+
 def leaf_fields(metadata_doc: dict, i: int) -> dict:
   """The record holding leaf i's kind, dtype, shape and sharding in a
   decoded fastpersist.json: its "arrays" entry when it refers to one (format

@@ -30,32 +30,6 @@ THIS = os.path.abspath(__file__)
 
 # Helpers ----------------------------------------------------------------------
 
-def _reseal_metadata(item: str, edit) -> None:
-  """Applies `edit` to the item's fastpersist.json document, re-seals it
-  (disk_format.seal) and points every manifest's metadata_crc32c at the new
-  seal (re-sealing them too): only the edit differs from a valid checkpoint."""
-  path = os.path.join(item, disk_format.METADATA_FILE)
-  with open(path) as f:
-    doc = json.load(f)
-  doc.pop("crc32c")
-  edit(doc)
-  raw = disk_format.seal(doc)
-  with open(path, "wb") as f:
-    f.write(raw)
-  seal = json.loads(raw)["crc32c"]
-  for name in os.listdir(item):
-    if name.startswith("manifest."):
-      _reseal_manifest(os.path.join(item, name), lambda m: m.update(metadata_crc32c=seal))
-
-
-def _reseal_manifest(path: str, edit) -> None:
-  """Applies `edit` to the manifest document at `path` and re-seals it."""
-  with open(path) as f:
-    doc = json.load(f)
-  doc.pop("crc32c")
-  edit(doc)
-  with open(path, "wb") as f:
-    f.write(disk_format.seal(doc))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -146,7 +120,7 @@ def test_a_restore_on_the_active_processes_only_does_not_wait_for_the_others(bat
 def _numpy_leaf_with_sharding(tmp_path, sharding: dict) -> str:
   item = str(tmp_path / "item")
   FastPersistHandler().save(item, args=FastPersistSave({"x": np.arange(16, dtype=np.float32)}))
-  _reseal_metadata(item, lambda doc: helpers.leaf_fields(doc, 0).update(sharding=sharding))
+  helpers.reseal_metadata(item, lambda doc: helpers.leaf_fields(doc, 0).update(sharding=sharding))
   return item
 
 
@@ -186,7 +160,7 @@ def test_verify_reports_chunk_checksums_that_do_not_match_the_data(tmp_path):
     (rec,) = m["shards"]
     assert len(rec["chunk_crc32c"]) == 4   # 16 KiB in chunks of 4 KiB
     rec["chunk_crc32c"][2] ^= 1
-  _reseal_manifest(os.path.join(item, disk_format.manifest_name(0)), damage)
+  helpers.reseal_manifest(os.path.join(item, disk_format.manifest_name(0)), damage)
   r = _cli("verify", item)
   assert r.returncode == 1 and "OK" not in r.stdout.splitlines()[-1], (r.returncode, r.stdout)
 
@@ -314,7 +288,7 @@ def _worker(scenario: str, pid: int, nproc: int, port: int, root: str) -> None:
           f.seek(rec["offset"])
           f.write(chunk)
         import crc32c  # pylint: disable=g-import-not-at-top
-        _reseal_manifest(os.path.join(item, disk_format.manifest_name(1)),
+        helpers.reseal_manifest(os.path.join(item, disk_format.manifest_name(1)),
                          lambda m: m["shards"][0]["chunk_crc32c"].__setitem__(0, crc32c.crc32c(chunk)))
       client.wait_at_barrier("break/forged", 30_000)
       result["restore"] = outcome(lambda: mngr.restore(0, args=FastPersistRestore(t)))
