@@ -116,7 +116,8 @@ class LazyName:
 def key_of(path: tuple | list) -> tuple:
   """A hashable identity for a path, equal for live and decoded paths: the
   keys alone, so that a dict key, attribute or namedtuple field of one name
-  match each other, and a sequence index matches the same position."""
+  match each other, and a sequence index matches the same position. Raises
+  TypeError for a live path holding a key no save records (see encode)."""
   if path and not isinstance(path[0], list):
     return tuple([_live_key(k) for k in path])
   return tuple([entry[1] for entry in path])
