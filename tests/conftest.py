@@ -53,6 +53,7 @@ TWO_PROCESS_BATCH = [
     ("reshard_whole", "reshard_rows", {"MP_CRC_CHUNK": 0, "MP_CORRUPT": 0}),
     ("reshard_chunked", "reshard_rows", {"MP_CRC_CHUNK": 256 * 1024}),
     ("kv_keys", "kv_keys", {}),                                # keys deleted once read
+    ("swap_threshold", "swap_threshold", {}),   # test_break_v3_pipeline: parts around 64 KiB
 ]
 
 

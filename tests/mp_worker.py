@@ -304,6 +304,9 @@ def run(scenario: str, root: str) -> dict:
       result["after_corruption"] = "ok"
     except Exception as e:  # pylint: disable=broad-except
       result["after_corruption"] = f"{type(e).__name__}: {e}"
+  elif scenario == "swap_threshold":
+    import mp_swap_threshold  # pylint: disable=g-import-not-at-top  (tests/, beside this file)
+    result = mp_swap_threshold.run(pid, root)
   elif scenario == "redundancy":
     import mp_redundancy  # pylint: disable=g-import-not-at-top  (tests/, beside this file)
     result = mp_redundancy.run(pid, nproc, root)

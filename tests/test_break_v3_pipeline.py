@@ -8,9 +8,8 @@ key_of on live key paths), through the public API.
 The first three were bugs (a target naming one saved leaf twice got another
 leaf's bytes; an unhashable leaf class and an unknown target key kind
 raised a bare TypeError), fixed since; all stay as regression tests. The
-multi-process test
-runs this very file as its worker
-(`python tests/test_break_v3_pipeline.py --worker SCENARIO PID NPROC PORT DIR`).
+two-process test runs in conftest's shared launch (its processes' part is
+tests/mp_swap_threshold.py).
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from fastpersist_jax import restore as restore_lib
 
 from helpers import KiB, assert_tree_bytes_equal, raw_bytes
 
-THIS = os.path.abspath(__file__)
 
 
 def _flip_byte(item: str, rec: disk_format.ShardRecord, at: int) -> None:
@@ -341,69 +339,18 @@ def test_a_leaf_pointed_at_another_description_restores_or_raises_a_fastpersist_
 
 # Multi-process: parts swapped between hosts, copied in from memory -------------
 
-def test_swapped_parts_either_side_of_the_threshold_restore_exactly(tmp_path):
+def test_swapped_parts_either_side_of_the_threshold_restore_exactly(two_process_runs):
   # A per-host checkpoint with replica-parallel parts (host redundancy 1):
   # each host holds half of every replicated shard and receives the rest
   # from the other (Restorer._BatchReads.copies). Parts of 4 KiB to 128 KiB,
   # in batches of at most 3 leaves and 100 KiB, staged or not, checked or
   # not; as saved and into an abstract target.
-  p0, p1 = helpers.run_scenario(THIS, "swap", tmp_path, timeout=120)
+  # Run in conftest's shared two-process launch (scenario "swap_threshold"
+  # of tests/mp_worker.py: tests/mp_swap_threshold.py).
+  _, runs = two_process_runs
+  p0, p1 = helpers.batch_results(runs, "swap_threshold")
   assert p0 == p1 == {"bad": [], "restores": 8, "swapped": True}, (p0, p1)
 
 
-def _swap_worker(pid: int, nproc: int, port: int, root: str) -> dict:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  helpers.init_distributed(pid, nproc, port)
-  mesh = jax.make_mesh((2, 2), ("data", "model"))
-  rng = np.random.default_rng(3)
-  hosts = {}
-  for i, nbytes in enumerate([8 * KiB, 40 * KiB, 130 * KiB, 256 * KiB, 100, 70000]):
-    n = nbytes // 8 or 1
-    hosts[f"k{i}"] = np.frombuffer(rng.bytes(n * 8), np.float32).reshape(2, n).copy()
-  saved = {k: jax.make_array_from_callback(
-      h.shape, NamedSharding(mesh, P(None, "model") if i % 2 else P()),
-      lambda idx, h=h: h[idx]) for i, (k, h) in enumerate(sorted(hosts.items()))}
-  mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
-  host_dir = os.path.join(root, f"host{pid}")
-  os.makedirs(host_dir, exist_ok=True)
-  bad, restores = [], 0
-  restore_lib._MAX_BATCH_LEAVES = 3   # pylint: disable=protected-access
-  for staged in (False, True):
-    restore_lib._STAGE_ON_CPU = staged   # pylint: disable=protected-access
-    for verify in (True, False):
-      handler = FastPersistHandler(
-          FastPersistOptions(replica_parallel=True, host_redundancy=1,
-                             restore_batch_bytes=100 * KiB, verify_checksums=verify,
-                             staging_slab_bytes=512 * KiB, host_memory_limit=4 << 20),
-          multiprocessing_options=mp)
-      with ocp.CheckpointManager(host_dir, item_handlers=handler,
-                                 options=ocp.CheckpointManagerOptions(
-                                     multiprocessing_options=mp, create=False,
-                                     async_options=ocp.AsyncOptions(
-                                         create_directories_asynchronously=False))) as mngr:
-        if mngr.latest_step() is None:
-          mngr.save(0, args=FastPersistSave(saved))
-          mngr.wait_until_finished()
-          item = os.path.join(host_dir, "0", "default")
-          swapped = disk_format.read_metadata(item).save_id is not None
-          held = sum(os.path.getsize(os.path.join(item, f)) for f in os.listdir(item)
-                     if f.startswith("data."))
-        for target in (None, helpers.abstract(saved)):
-          restored = mngr.restore(0, args=FastPersistRestore(target))
-          restores += 1
-          for k, h in hosts.items():
-            for shard in restored[k].addressable_shards:
-              if np.asarray(shard.data).tobytes() != h[shard.index].tobytes():
-                bad.append(f"staged={staged} verify={verify} {k} {shard.index}")
-  jax.distributed.shutdown()
-  total = sum(h.nbytes for h in hosts.values())
-  return {"bad": bad[:5], "restores": restores, "swapped": swapped and held < total}
-
-
-if __name__ == "__main__":
-  if sys.argv[1:2] == ["--worker"]:
-    assert sys.argv[2] == "swap", sys.argv
-    print("RESULT " + json.dumps(_swap_worker(int(sys.argv[3]), int(sys.argv[4]),
-                                              int(sys.argv[5]), sys.argv[6])), flush=True)
-  else:   # Bazel py_test runs the file itself
-    sys.exit(pytest.main([__file__, *sys.argv[1:]]))
+if __name__ == "__main__":  # Bazel py_test runs the file itself
+  sys.exit(pytest.main([__file__, *sys.argv[1:]]))
