@@ -9,10 +9,13 @@ from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchErr
                                     RestoreMismatchError, SaveError, UnsupportedLeafError)
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
 from fastpersist_jax.options import FastPersistOptions
+from fastpersist_jax.durability import (DurableCheckpointer, durable_manager_options,
+                                        sync_committed)
 from fastpersist_jax.recovery import latest_restorable_step, restore_per_host
 
 __all__ = [
     "CheckpointNotFoundError", "ChecksumMismatchError", "CorruptCheckpointError",
+    "DurableCheckpointer", "durable_manager_options", "sync_committed",
     "FastPersistCheckpointableHandler", "FastPersistError", "FastPersistHandler",
     "FastPersistOptions", "FastPersistRestore", "FastPersistSave", "InvalidOptionsError",
     "IOUringUnavailableError", "PeerTimeoutError", "RestoreError", "RestoreMismatchError",

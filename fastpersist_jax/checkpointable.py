@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fastpersist_jax import treepath
+from fastpersist_jax.errors import SaveError
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
 from fastpersist_jax.options import FastPersistOptions
 
@@ -102,20 +103,23 @@ class FastPersistCheckpointableHandler:
     handler = self._handler()
     if _global_nbytes(checkpointable) > _pool_capacity(self._options):
       # Larger than the staging pool: the snapshot waits for writes to free
-      # slabs, and writes need the directory, which Orbax would otherwise
-      # create only after this returns.
-      await directory.await_creation()
+      # slabs, and writes need the directory, which Orbax creates in the
+      # background (or, in ocp.v1's free functions, only when awaited here).
+      # Bounded: if Orbax cannot create it, the save fails after
+      # commit_timeout_s naming it, instead of after Orbax's 20 min; and it
+      # fails through the awaitable, not here: an error raised by this
+      # blocking part would leave Orbax's manager "saving" for good, and its
+      # default save policy would then skip every later save.
+      try:
+        await asyncio.wait_for(directory.await_creation(), self._options.commit_timeout_s)
+      except asyncio.TimeoutError:
+        return _SaveAwaitable([], handler, directory.path, error=SaveError(
+            f"checkpoint directory {directory.path}: Orbax did not create it within "
+            f"{self._options.commit_timeout_s:.0f} s (commit_timeout_s); nothing was written"))
+      except Exception as e:  # pylint: disable=broad-except  (Orbax's creation failed)
+        return _SaveAwaitable([], handler, directory.path, error=e)
     futures = await handler.async_save(directory.path, args=FastPersistSave(checkpointable)) or []
-
-    async def durable() -> None:
-      for f in futures:
-        await asyncio.to_thread(f.result)
-      # Every process's part is durable once the commit returns (the
-      # processes agree on their outcomes), so the manifests can be checked.
-      await asyncio.to_thread(handler.finalize, directory.path)
-
-    return durable()
-
+    return _SaveAwaitable(futures, handler, directory.path)
   async def load(self, directory: Any, abstract_checkpointable: Any = None) -> Awaitable[Any]:
     """Starts restoring the item saved in `directory`.
 
@@ -164,6 +168,31 @@ class FastPersistCheckpointableHandler:
       _shared.clear()
     for handler in handlers:
       handler.close()
+
+
+class _SaveAwaitable:
+  """What `save` returns: awaiting it waits until the item is durable. Its
+  `commit_futures` let Orbax's cancel reach the save (the save then gives
+  back its staging memory)."""
+
+  def __init__(self, futures, handler: FastPersistHandler, directory: Any,
+               error: BaseException | None = None):
+    self.commit_futures = list(futures)
+    self._handler = handler
+    self._directory = directory
+    self._error = error
+
+  async def _durable(self) -> None:
+    if self._error is not None:
+      raise self._error
+    for f in self.commit_futures:
+      await asyncio.to_thread(f.result)
+    # Every process's part is durable once the commit returns (the
+    # processes agree on their outcomes), so the manifests can be checked.
+    await asyncio.to_thread(self._handler.finalize, self._directory)
+
+  def __await__(self):
+    return self._durable().__await__()
 
 
 def checkpointables_registry(

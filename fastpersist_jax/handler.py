@@ -18,16 +18,17 @@ import logging
 import os
 import threading
 import time
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from fastpersist_jax import coordination, disk_format, gc_pause, redundancy, sources
+from fastpersist_jax import (coordination, disk_format, durability, gc_pause, orbax_internals,
+                             redundancy, sources)
 from fastpersist_jax.emergency import refuse_emergency_manager
-from fastpersist_jax.errors import CorruptCheckpointError, RestoreError
+from fastpersist_jax.errors import CorruptCheckpointError, RestoreError, SaveError
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.plan import check_tree, make_plan
@@ -80,7 +81,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     # copy into the shared staging pool). Background copies ("view" and
     # "reference") may overlap; the pool hands each window to one save at a time.
     self._snapshot_lock = threading.Lock()
-    self._in_flight: list[ocp_future.Future] = []
+    self._in_flight: list[_CommitFuture] = []
+    self._in_flight_lock = threading.Lock()
     self.last_save_stats: dict[str, float] = {}
     self.last_restore_stats: dict[str, float] = {}
 
@@ -155,15 +157,16 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                                     replica_parallel=self._options.replica_parallel,
                                     plan_token=plan.shards)
     shard_sources = sources.bind(plan, checked.values, self._options)
+    directory_str = os.fspath(directory)
     op = SaveOperation(
         self._engine, self._pool, shard_sources, self._options,
         leaves=plan.leaf_metadata(checked.values), write_metadata=self._is_primary(),
         outcome_key=(coordination.next_key("save", coordination.participants(), directory)
-                     if jax.process_count() > 1 else None))
-    directory_str = os.fspath(directory)
+                     if jax.process_count() > 1 else None),
+        directory_signals=orbax_internals.directory_signals())
     mode = shard_sources.snapshot
 
-    async def commit():
+    def commit():
       op.commit(directory_str)
       stats = dict(op.stats, snapshot_requested=self._options.snapshot, snapshot_mode=mode)
       self.last_save_stats = stats
@@ -174,9 +177,10 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                   self._options.snapshot)
 
     with self._snapshot_lock:
-      # The commit future is created first: its writer thread must be ready to
-      # drain staging windows while the snapshot fills them.
-      commit_future = _CommitFuture(commit(), name="fastpersist_commit")
+      self._abandon_orphans(directory_str)
+      # The commit starts first: its writer must be ready to drain staging
+      # windows while the snapshot fills them.
+      commit_future = _CommitFuture(commit, op, directory_str)
       try:
         op.snapshot(background=mode != "copy")
       except BaseException as e:
@@ -186,10 +190,38 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         except BaseException:  # pylint: disable=broad-except  (the snapshot error is the one to raise)
           pass
         raise
-    op.stats["blocking_s"] = time.perf_counter() - t0
-    self._in_flight = [f for f in self._in_flight if not _done(f)] + [commit_future]
+      op.stats["blocking_s"] = time.perf_counter() - t0
+      with self._in_flight_lock:
+        self._in_flight = [f for f in self._in_flight if not f.done()] + [commit_future]
     return [commit_future]
 
+  def _abandon_orphans(self, directory: str) -> None:
+    """Aborts earlier saves that still wait for their directory and that no
+    caller waits for any more, and waits for them to give back their staging
+    memory.
+
+    Orbax starts a save only once the one before it into the same root has
+    finished or failed; a save of ours still waiting for its directory then
+    waits for a directory that Orbax failed to create (full or read-only
+    disk, permissions): nothing else would end that wait before
+    commit_timeout_s, and the slabs it staged would starve this save. Saves
+    of other items of the same step (same parent directory) are left alone.
+    """
+    parent = os.path.dirname(directory)
+    root = os.path.dirname(parent)
+    with self._in_flight_lock:
+      orphans = [f for f in self._in_flight
+                 if not f.done() and not f.op.directory_ready.is_set()
+                 and (f.directory == directory or
+                      (os.path.dirname(f.directory) != parent
+                       and os.path.dirname(os.path.dirname(f.directory)) == root))]
+    for f in orphans:
+      logger.warning("Abandoning the save into %s: a later save into %s began before its "
+                     "directory appeared (Orbax did not create it).", f.directory, root)
+      f.op.abort(SaveError(f"save into {f.directory} abandoned: its directory was never created, "
+                           f"and a later save into {root} began"))
+    for f in orphans:
+      f.wait(self._options.commit_timeout_s)
   def save(self, directory: epath.Path, item: Any = None,
            args: Optional["FastPersistSave"] = None) -> None:
     """Saves synchronously: durable on return. Creates `directory` if needed.
@@ -207,6 +239,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     directory = os.fspath(directory)
     if not self._is_primary() or not os.path.exists(os.path.join(directory, disk_format.METADATA_FILE)):
       return
+    durability.warn_if_not_durable(directory)
     # This handler saved it: its placement and process count are this
     # process's (decoding the metadata again would cost a 10,000-leaf save
     # 0.1 s; the save validated what it wrote before writing it).
@@ -301,22 +334,35 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
 
   def wait_until_finished(self) -> None:
     """Waits for every save in flight; raises the first one's error (once:
-    Orbax surfaces it from its own wait too, and close() must not repeat it)."""
+    Orbax surfaces it from its own wait too, and close() must not repeat it).
+    Each save's waits are bounded (commit_timeout_s), so this returns."""
     error = None
-    for f in list(self._in_flight):
+    with self._in_flight_lock:
+      in_flight = list(self._in_flight)
+    for f in in_flight:
       try:
         f.result()
       except Exception as e:  # pylint: disable=broad-except  (the rest are still waited for)
         error = error or e
-      if f in self._in_flight:   # only once finished: close() must not free the pool under it
-        self._in_flight.remove(f)
+      with self._in_flight_lock:   # only once finished: close() must not free the pool under it
+        if f in self._in_flight:
+          self._in_flight.remove(f)
     if error is not None:
       raise error
 
   def close(self) -> None:
-    """Waits for in-flight saves, then frees the staging pool. A later save
-    (Orbax may reuse a closed handler) allocates a new pool. A save's error
-    is not raised here: it went to its commit future, which Orbax raises."""
+    """Ends in-flight saves, then frees the staging pool.
+
+    A save still waiting for its directory is abandoned (Orbax closes a
+    handler only after its own wait; such a save's directory was never
+    created); the others are waited for. A later save (Orbax may reuse a
+    closed handler) allocates a new pool. A save's error is not raised here:
+    it went to its commit future, which Orbax raises."""
+    with self._in_flight_lock:
+      waiting = [f for f in self._in_flight if not f.op.directory_ready.is_set()]
+    for f in waiting:
+      f.op.abort(SaveError(f"save into {f.directory} abandoned: the handler was closed before "
+                           "its directory was created"))
     try:
       self.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
@@ -325,26 +371,54 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       self._pool.close()
 
 
-class _CommitFuture(ocp_future.CommitFutureAwaitingContractedSignals):
-  """Orbax's commit future plus `done()`, which Orbax's futures lack."""
+class _CommitFuture(ocp_future.Future):
+  """A save's commit, running on a thread of its own from the start.
 
-  def __init__(self, coro, **kwargs):
+  Unlike Orbax's CommitFutureAwaitingContractedSignals, which runs the commit
+  only once Orbax signals that the directory exists (and never runs it if
+  that never happens), the commit always runs: it waits for the directory
+  itself, bounded and abortable (save.await_directory), and on every path
+  that does not commit it returns what the save holds to the staging pool.
+  """
+
+  def __init__(self, commit: Callable[[], None], op: SaveOperation, directory: str):
+    super().__init__()
+    self.op = op
+    self.directory = directory
+    self._error: BaseException | None = None
     self._finished = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(commit,), daemon=True,
+                                    name="fastpersist_commit")
+    self._thread.start()
 
-    async def run():
-      try:
-        await coro
-      finally:
-        self._finished.set()
-    super().__init__(run(), **kwargs)
+  def _run(self, commit: Callable[[], None]) -> None:
+    try:
+      commit()
+    except BaseException as e:  # pylint: disable=broad-except  (raised by result())
+      self._error = e
+    finally:
+      self._finished.set()
+
+  def wait(self, timeout: float | None = None) -> bool:
+    """Waits for the commit to end; whether it did within `timeout` s."""
+    return self._finished.wait(timeout)
+
+  def result(self, timeout: float | None = None) -> None:
+    """Waits for the commit. Raises its error (SaveError), or TimeoutError
+    when it has not ended within `timeout` seconds."""
+    if not self._finished.wait(timeout):
+      raise TimeoutError(f"the save into {self.directory} did not finish within {timeout} s")
+    if self._error is not None:
+      raise self._error
+
+  def cancel(self) -> None:
+    """Abandons the save (Orbax's cancel): its commit raises SaveError and
+    gives back its staging memory."""
+    self.op.abort(SaveError(f"save into {self.directory} cancelled"))
 
   def done(self) -> bool:
-    """True once the commit has finished (successfully or not)."""
+    """True once the commit has ended (successfully or not)."""
     return self._finished.is_set()
-
-
-def _done(f) -> bool:
-  return f.done()
 
 
 def _run_sync(coro):

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 import uuid
-
+from typing import Callable
 
 from fastpersist_jax import checksums, coordination, disk_format, gc_pause, workers
 from fastpersist_jax.errors import CorruptCheckpointError, SaveError
@@ -50,7 +50,8 @@ class SaveOperation:
 
   def __init__(self, engine: IOEngine, pool: StagingPool, sources: ShardSources,
                options: FastPersistOptions, *, leaves: list[disk_format.LeafMeta],
-               write_metadata: bool, outcome_key: str | None):
+               write_metadata: bool, outcome_key: str | None,
+               directory_signals: Callable[[], bool] | None = None):
     """Args:
       engine, pool: the handler's I/O engine and staging pool.
       sources: the save's plan (sources.plan) bound to its values.
@@ -60,6 +61,9 @@ class SaveOperation:
       write_metadata: whether this process writes the checkpoint metadata.
       outcome_key: with several processes, the key under which they agree
         on the save's outcome (coordination.agree); None with one.
+      directory_signals: tells, without blocking, whether Orbax has signalled
+        that the save's directories exist (orbax_internals.directory_signals);
+        None: only the directory's existence is awaited.
     """
     self._engine = engine
     self._pool = pool
@@ -85,7 +89,14 @@ class SaveOperation:
     self._error: BaseException | None = None
     self._error_lock = threading.Lock()
     self._checksummer: workers.Task | None = None
-    self._stage_entered = False
+    # Whether the copy into staging was started; _stage_done: it has ended
+    # (or never will), so no window follows.
+    self._stage_lock = threading.Lock()
+    self._stage_scheduled = False
+    self._stage_done = threading.Event()
+    self._directory_signals = directory_signals
+    # Set once the save's directory exists: from then on it writes there.
+    self.directory_ready = threading.Event()
     # CPU seconds of the save's own threads (the copier's helpers aside).
     self.stats: dict[str, float] = {"bytes": float(self._plan.total_bytes), "cpu_s": 0.0}
     self._stats_lock = threading.Lock()
@@ -121,15 +132,22 @@ class SaveOperation:
     """
     self._pool.ensure(self._plan.staged_bytes)
     self._checksummer = self._background.run(self._checksum_loop)
+    with self._stage_lock:
+      self._raise_if_failed()   # abandoned before its copy began
+      self._stage_scheduled = True
     if background:
       self._checksum_gate.set()   # nothing blocks on the copy: checksum as it goes
-      self._background.run(self._stage, _BACKGROUND_COPY_THREADS, True)
+      try:
+        self._background.run(self._stage, _BACKGROUND_COPY_THREADS, True)
+      except BaseException as e:  # (no thread for it): nothing was staged
+        self._fail(e)
+        self._end_stage()
+        raise
     else:
       self._stage(self._copy_threads, False)
       self._raise_if_failed()
 
   def _stage(self, copy_threads: int, background: bool) -> None:
-    self._stage_entered = True   # from here on, this method ends both queues
     t0, cpu0 = time.perf_counter(), time.thread_time()
     # The copier works for whoever waits: the caller (all cores help), or
     # the background.
@@ -137,29 +155,39 @@ class SaveOperation:
     try:
       self._count_cpu(stage(self._sources, self._pool, self._emit, self._abort,
                             copy_threads=copy_threads, on_pool_wait=self._checksum_gate.set,
-                            workers=copier_workers))
+                            workers=copier_workers,
+                            # Longer than the writer's wait for the directory,
+                            # whose error names the cause.
+                            pool_timeout_s=2 * self._commit_timeout_s))
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
     finally:
       self.stats["snapshot_s"] = time.perf_counter() - t0
       self._count_cpu(time.thread_time() - cpu0)
-      self._checksum_gate.set()
-      # The writer's end first: once the checksummer has seen its own, every
-      # window is in both queues (_drain relies on it).
-      self._to_write.put(_END)
-      self._to_checksum.put(_END)
+      self._end_stage()
     if not background:
       # The first error, which may be the writer's (ENOSPC), not the
       # "aborted" it caused here.
       self._raise_if_failed()
 
+  def _end_stage(self) -> None:
+    """Ends both queues: no window follows. The writer's end first: once the
+    checksummer has seen its own, every window is in both queues (_drain
+    relies on it)."""
+    self._checksum_gate.set()
+    self._to_write.put(_END)
+    self._to_checksum.put(_END)
+    self._stage_done.set()
+
   def abort(self, e: BaseException) -> None:
-    """Abandons the save (e.g. the caller failed before commit could run)."""
-    self._fail(e)
-    if not self._stage_entered:   # (e.g. no thread could be started for it)
-      self._to_write.put(_END)
-      if self._checksummer is not None:
-        self._to_checksum.put(_END)
+    """Abandons the save: every stage stops at its next check, and commit()
+    (which must still be called: it returns every staging slab to the pool)
+    raises `e`. Safe from any thread, at any time, more than once (the first
+    error is the one raised)."""
+    with self._stage_lock:
+      self._fail(e)
+      if not self._stage_scheduled and not self._stage_done.is_set():
+        self._end_stage()   # no copy will run: nothing more will be staged
 
   # Background part ----------------------------------------------------------
 
@@ -175,6 +203,11 @@ class SaveOperation:
       last = w.pending == 0
     if last:
       self._pool.release(w.slab)
+
+  @property
+  def failed(self) -> bool:
+    """Whether the save has failed or been aborted."""
+    return self._abort.is_set()
 
   def _checksum_loop(self) -> None:
     cpu0 = time.thread_time()
@@ -219,7 +252,8 @@ class SaveOperation:
     t0, cpu0 = time.perf_counter(), time.thread_time()
     files = []
     try:
-      _await_directory(directory, self._commit_timeout_s)
+      await_directory(directory, self._commit_timeout_s, self._abort, self._directory_signals)
+      self.directory_ready.set()
       for k, size in enumerate(self._plan.file_sizes):
         path = os.path.join(directory, disk_format.data_file_name(self._plan.process_index, k))
         files.append(self._engine.open_for_write(path, preallocate=size))
@@ -230,7 +264,7 @@ class SaveOperation:
         self._checksummer.join()   # every crc is in before the manifest records it
       self._raise_if_failed()
     except BaseException as e:  # pylint: disable=broad-except
-      self._fail(e)
+      self.abort(e)
       self._drain()
       for f in files:
         f.close()
@@ -265,7 +299,9 @@ class SaveOperation:
           self._done_with(w)
 
   def _drain(self) -> None:
-    """Returns every slab still in flight to the pool after a failure."""
+    """Returns every slab still in flight to the pool after a failure. The
+    stager and the checksummer watch `abort`, so both end soon after it."""
+    self._stage_done.wait()   # the stager emits nothing after this
     if self._checksummer is not None:
       self._checksummer.join()   # returns after the stager's last window
     for q in (self._to_checksum, self._to_write):   # (the former if the checksummer died)
@@ -329,15 +365,29 @@ def _check_restorable(directory: str, manifest_path: str, manifest_bytes: bytes,
     raise SaveError(f"not committing a checkpoint its restore would reject: {e}") from e
 
 
-def _await_directory(directory: str, timeout_s: float) -> None:
-  """Orbax creates step directories asynchronously and signals the commit
-  future when they exist; with per-process managers (active_processes) that
-  signal is not always wired, so make sure rather than fail on a race."""
+def await_directory(directory: str, timeout_s: float, abort: threading.Event,
+                    signals: Callable[[], bool] | None = None) -> None:
+  """Waits until Orbax has created `directory` for this save.
+
+  Orbax creates a step's directories in the background and signals when they
+  exist (`signals`, read without blocking: orbax_internals); then (and with
+  per-process managers, whose signal is not always wired, at once) the
+  directory itself must be there. Polls every 1-50 ms.
+
+  Raises:
+    SaveError: `abort` was set (the save was abandoned or cancelled: the
+      error that set it is the one the save raises), or the directory did not
+      appear within `timeout_s` (e.g. Orbax could not create it), naming it.
+  """
   deadline = time.monotonic() + timeout_s
   delay = 0.001
-  while not os.path.isdir(directory):
+  while not ((signals is None or signals()) and os.path.isdir(directory)):
+    if abort.is_set():
+      raise SaveError(f"save into {directory} abandoned while waiting for its directory")
     if time.monotonic() > deadline:
-      raise SaveError(f"checkpoint directory {directory} did not appear within {timeout_s:.0f} s")
+      what = "Orbax's signal that it exists" if signals is not None and not signals() else "it"
+      raise SaveError(f"checkpoint directory {directory}: waited {timeout_s:.0f} s "
+                      f"(commit_timeout_s) for {what}; nothing was written")
     time.sleep(delay)
     delay = min(delay * 2, 0.05)
 

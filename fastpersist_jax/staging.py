@@ -68,13 +68,30 @@ class StagingPool:
         self.registered = self._engine.register(self._slabs)
       self._cond.notify_all()
 
-  def acquire(self, abort: threading.Event, on_wait: Callable[[], None] | None = None) -> int:
+  def acquire(self, abort: threading.Event, on_wait: Callable[[], None] | None = None,
+              timeout_s: float | None = None) -> int:
+    """A free slab's index, waiting for one while none is free.
+
+    Args:
+      abort: checked every 50 ms while waiting.
+      on_wait: called before each wait (its consumers must free slabs).
+      timeout_s: the longest wait for a slab (None: no limit).
+    Raises:
+      SaveError: `abort` was set, or no slab came free within `timeout_s`
+        (every slab of the pool held by writes that did not progress).
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with self._cond:
       while not self._free:
         if on_wait is not None:
           on_wait()
         if abort.is_set():
           raise SaveError("save aborted while waiting for staging memory")
+        if deadline is not None and time.monotonic() > deadline:
+          raise SaveError(
+              f"no staging slab came free within {timeout_s:.0f} s (commit_timeout_s): all "
+              f"{len(self._slabs)} slabs of {self.slab_bytes} bytes (host_memory_limit) are held "
+              "by writes that did not progress")
         self._cond.wait(0.05)
       return self._free.pop()
 
@@ -174,7 +191,8 @@ class _Copier:
 def stage(sources: ShardSources, pool: StagingPool, emit: Callable[[Window], None],
           abort: threading.Event, *, copy_threads: int,
           on_pool_wait: Callable[[], None] | None = None,
-          workers: workers_lib.Workers | None = None) -> float:
+          workers: workers_lib.Workers | None = None,
+          pool_timeout_s: float | None = None) -> float:
   """Copies every planned shard (sources.plan.shards, its bytes taken from
   `sources`) into windows, emitting each window when full.
 
@@ -184,9 +202,11 @@ def stage(sources: ShardSources, pool: StagingPool, emit: Callable[[Window], Non
   preparation of the next window. `on_pool_wait` is called whenever no slab
   is free (the consumers must then free some for the copy to go on). The
   copies run on a thread of `workers` (None: the shared workers, at the
-  caller's priority). Every source is dropped by the time it returns or
-  raises. Returns the CPU seconds of the copy thread.
-  Raises SaveError: aborted, or a shard's array deleted (named).
+  caller's priority). A wait for a free slab lasts at most `pool_timeout_s`.
+  Every source is dropped by the time it returns or raises. Returns the CPU
+  seconds of the copy thread.
+  Raises SaveError: aborted, no slab came free in time, or a shard's array
+  deleted (named).
   """
   plan = sources.plan
   slab_bytes = pool.slab_bytes
@@ -216,7 +236,7 @@ def stage(sources: ShardSources, pool: StagingPool, emit: Callable[[Window], Non
           flush()
         if window is None:
           window = Window(shard.file, file_pos - file_pos % slab_bytes,
-                          pool.acquire(abort, on_pool_wait))
+                          pool.acquire(abort, on_pool_wait, pool_timeout_s))
         dst = pool.view(window.slab)
         at = file_pos - window.offset
         if at > window.length:

@@ -1,0 +1,69 @@
+"""The one place the save reaches into Orbax's private signal contract.
+
+Orbax creates a step's temporary directories in the background and, once
+they exist, sets one key per "awaitable signal" of the save's operation in
+its signaling client (a key-value store: the JAX distributed client's, or an
+in-process dict with one process). Its own commit futures block on those keys
+until `multihost.coordination_timeout()` (20 min in orbax 0.12.8), and if the
+directory cannot be created the keys are never set: such a future waits out
+the whole timeout, unable to notice that Orbax has already given up on it.
+
+The save therefore reads the contracted keys itself, without blocking
+(`key_value_try_get`), so that its wait can be bounded and abandoned (see
+save.await_directory). The public surface of orbax 0.12.8 has no way to read
+them; an Orbax upgrade that moves them makes `available()` False, which
+tests/test_save_lifecycle.py asserts against, and the save falls back to
+waiting for the directory itself to appear.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+try:  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.futures import future as _future
+  from orbax.checkpoint._src.futures import signaling_client as _signaling_client
+  from orbax.checkpoint._src.futures import synchronization as _synchronization
+  _CONTRACT = _future.AwaitableSignalsContract
+  _OPERATION_IDS = _synchronization.OperationIdGenerator
+except (ImportError, AttributeError):   # an Orbax without them: wait for the directory only
+  _CONTRACT = _OPERATION_IDS = _signaling_client = None
+
+
+def available() -> bool:
+  """Whether Orbax's signal contract can be read (orbax 0.12.8 has it)."""
+  return _CONTRACT is not None
+
+
+def directory_signals() -> Callable[[], bool] | None:
+  """For the save Orbax is starting on this thread: a function that tells,
+  without blocking, whether every directory-creation signal of that save has
+  been set (its temporary directories exist); None when Orbax contracted no
+  signal (synchronous directory creation, or this Orbax lacks the contract).
+
+  Call it on the thread that runs the handler's async_save: Orbax keys the
+  signals by its current operation id.
+  """
+  if _CONTRACT is None:
+    return None
+  try:
+    operation_id = _OPERATION_IDS.get_current_operation_id()
+    keys = [_CONTRACT.get_unique_awaitable_singal_key(signal, operation_id)
+            for signal in _CONTRACT.get_awaitable_signals_from_contract(operation_id=operation_id)]
+  except Exception as e:  # pylint: disable=broad-except  (a changed private API: fall back)
+    logger.warning("Could not read Orbax's directory-creation signals (%s); waiting for the "
+                   "directory itself instead.", e)
+    return None
+  if not keys:
+    return None
+  client = _signaling_client.get_signaling_client()
+  pending = list(keys)
+
+  def all_set() -> bool:
+    while pending and client.key_value_try_get(pending[-1]) is not None:
+      pending.pop()
+    return not pending
+  return all_set
