@@ -19,6 +19,12 @@ command -v g++ >/dev/null 2>&1 || missing+=(g++)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 "$PYTHON" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || missing+=(python3-dev)
+# The power-loss harness (tests/test_power_loss.py): fusermount3 and libfuse3
+# for mfusepy's FUSE filesystem, where /dev/fuse exists. (grep reads all of
+# ldconfig's output: with pipefail, grep -q could fail it through SIGPIPE.)
+[ -e /dev/fuse ] && { ! command -v fusermount3 >/dev/null 2>&1 \
+  || ! (ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null) | grep libfuse3.so.3 >/dev/null; } \
+  && missing+=(fuse3 libfuse3-3)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${missing[*]}"
   as_root apt-get update -qq

@@ -20,6 +20,7 @@ from types import ModuleType
 SUBCOMMANDS: dict[str, str] = {
     "device": "fastpersist_jax.benchmark.device_bench",
     "io": "fastpersist_jax.benchmark.io_bench",
+    "powerloss": "fastpersist_jax.benchmark.powerloss",
     "restore": "fastpersist_jax.benchmark.restore_bench",
     "save": "fastpersist_jax.benchmark.save_bench",
 }
