@@ -23,6 +23,12 @@ after Orbax's commit:
 
 A save through FastPersistHandler that runs without either logs one WARNING
 per root (handler.finalize -> `warn_if_not_durable`).
+
+Orbax 0.12.8 marks `temporary_path_class` deprecated in favour of
+`atomicity_options`, whose modes name only Orbax's own classes; it is the one
+hook Orbax runs after its rename and before its deletions (its
+post-finalization callback runs before the step's rename).
+tests/test_durability.py fails if Orbax stops honouring it.
 """
 
 from __future__ import annotations
