@@ -34,6 +34,7 @@ tests/test_durability.py fails if Orbax stops honouring it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -46,9 +47,11 @@ from fastpersist_jax.io_engine import fsync_directory
 
 logger = logging.getLogger(__name__)
 
-# Roots whose steps are committed by a class of this module: one entry per
-# root (an item's temporary path under a known root adds none).
-_durable_roots: set[str] = set()
+# Directories into which a class of this module commits (the parents of the
+# committed paths: a root for steps, a step for items), most recent last; a
+# bounded record, since every step's items add one.
+_durable_parents: collections.OrderedDict[str, None] = collections.OrderedDict()
+_MAX_DURABLE_PARENTS = 1024
 _warned_roots: set[str] = set()
 _lock = threading.Lock()
 
@@ -83,29 +86,26 @@ def sync_committed(path: str | os.PathLike) -> int:
 
 
 def register_root(root: str | os.PathLike) -> None:
-  """Records that steps under `root` are committed durably (by a class of
-  this module), so that saves there log no warning."""
+  """Records that steps (or items) committed into `root` are committed
+  durably, by a class of this module, so that saves there log no warning."""
   root = os.path.abspath(os.fspath(root))
   with _lock:
-    if not _covered(root):
-      _durable_roots.add(root)
-
-
-def _covered(path: str) -> bool:
-  parent = os.path.dirname(path)
-  return (path in _durable_roots or parent in _durable_roots
-          or os.path.dirname(parent) in _durable_roots)
+    _durable_parents[root] = None
+    _durable_parents.move_to_end(root)
+    while len(_durable_parents) > _MAX_DURABLE_PARENTS:
+      _durable_parents.popitem(last=False)
 
 
 def warn_if_not_durable(item_directory: str | os.PathLike) -> None:
   """Logs one WARNING per root when an item is being committed by Orbax
   without a durable commit (called by FastPersistHandler.finalize, with the
-  item's temporary directory)."""
+  item's temporary directory: `root/<step>.tmp/<item>.tmp` under a manager,
+  `root/<name>.tmp` under a Checkpointer)."""
   item_directory = os.path.abspath(os.fspath(item_directory))
-  step_directory = os.path.dirname(item_directory)
-  root = os.path.dirname(step_directory)
+  parent = os.path.dirname(item_directory)
+  root = os.path.dirname(parent)
   with _lock:
-    if _covered(step_directory) or root in _warned_roots:
+    if parent in _durable_parents or root in _durable_parents or root in _warned_roots:
       return
     _warned_roots.add(root)
   logger.warning(
@@ -184,10 +184,13 @@ class DurableCheckpointer(ocp.v1.training.Checkpointer):
 
   Takes what `ocp.v1.training.Checkpointer` takes. `save_pytree` /
   `save_checkpointables` return, the responses of the `*_async` saves
-  complete (`result()`), and `wait()` and `close()` return only once every
-  step saved through this checkpointer is synced (`sync_committed`: its
-  files, directories and name in the root). Raises what Orbax's does, and
-  OSError when a sync fails.
+  complete (`result()`, `on_complete`), and `wait()` and `close()` return
+  only once the steps saved are synced (`sync_committed`: their files,
+  directories and name in the root). Orbax v1 applies a preservation policy
+  right after its rename, so an older step may be deleted before the new
+  one is synced; on filesystems whose journal commits metadata in order
+  (ext4, XFS) the deletion cannot reach the media before the rename.
+  Raises what Orbax's does, and OSError when a sync fails.
   """
 
   def __init__(self, directory, *args, step_name_format=None, **kwargs):
@@ -204,60 +207,60 @@ class DurableCheckpointer(ocp.v1.training.Checkpointer):
       return None
     with self._sync_lock:
       self._unsynced.add(step)
-    return _DurableResponse(response, self)
+    return _DurableResponse(response, self, step)
 
   def wait(self):
-    """Orbax's wait, then syncs every step saved since the last sync."""
+    """Orbax's wait, then syncs every step saved and not yet synced."""
     super().wait()
-    self.sync_saved()
+    self.sync_step(None)
 
   def close(self):
     """Orbax's close (which waits for saves), then syncs as `wait()` does."""
     try:
       super().close()
     finally:
-      self.sync_saved()
+      self.sync_step(None)
 
-  def sync_saved(self) -> None:
-    """Syncs every step saved through this checkpointer and not yet synced
-    (the steps an Orbax wait has finished). Raises OSError."""
+  def sync_step(self, step: int | None) -> None:
+    """Syncs `step` (None: every step saved and not yet synced), whose save
+    has finished, then the root. A step that is not there (its save failed,
+    or the preservation policy deleted it) is skipped. Raises OSError."""
     with self._sync_lock:
-      steps, self._unsynced = sorted(self._unsynced), set()
-    _sync_steps(os.fspath(self.directory), self._step_paths(steps))
-
-  def _step_paths(self, steps: Iterable[int]) -> list[str]:
-    return [os.fspath(ocp.path.step.build_step_path(self.directory, self._name_format, s))
-            for s in steps]
-
-
-def _sync_steps(root: str, step_paths: list[str]) -> None:
-  """Syncs each step that exists (a preservation policy may have deleted
-  one already), then the root (its names, deletions included)."""
-  for path in step_paths:
-    if os.path.isdir(path):
-      sync_committed(path)
-  if step_paths:
-    fsync_directory(root)
+      if step is None:
+        steps, self._unsynced = sorted(self._unsynced), set()
+      elif step in self._unsynced:
+        self._unsynced.discard(step)
+        steps = [step]
+      else:
+        return
+    paths = [os.fspath(ocp.path.step.build_step_path(self.directory, self._name_format, s))
+             for s in steps]
+    for path in paths:
+      if os.path.isdir(path):
+        sync_committed(path)
+    if paths:
+      fsync_directory(os.fspath(self.directory))
 
 
 class _DurableResponse:
-  """An Orbax v1 save response whose result() returns once the step is
+  """An Orbax v1 save response whose result() returns once its step is
   durable."""
 
-  def __init__(self, response, checkpointer: DurableCheckpointer):
+  def __init__(self, response, checkpointer: DurableCheckpointer, step: int):
     self._response = response
     self._checkpointer = checkpointer
+    self._step = step
 
   def result(self, timeout: float | None = None) -> bool:
     """Orbax's result (whether a step was saved), once the step is synced."""
     saved = self._response.result(timeout=timeout)
-    self._checkpointer.sync_saved()
+    self._checkpointer.sync_step(self._step)
     return saved
 
   def on_complete(self, callback) -> None:
     """As Orbax's: `callback(result)` once the save completes, here once the
     step is also synced."""
     def synced_callback(saved):
-      self._checkpointer.sync_saved()
+      self._checkpointer.sync_step(self._step)
       callback(saved)
     self._response.on_complete(synced_callback)

@@ -38,6 +38,11 @@ from fastpersist_jax.staging import StagingPool
 
 logger = logging.getLogger(__name__)
 
+# How long a save may still wait for its directory once Orbax has created
+# that of a later save (or close() was called) before it counts as one whose
+# directory Orbax failed to create. Orbax creates each in milliseconds.
+_ORPHAN_GRACE_S = 2.0
+
 
 class FastPersistHandler(ocp.AsyncCheckpointHandler):
   """Saves and restores pytrees of (sharded) jax.Arrays through io_uring.
@@ -163,7 +168,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         leaves=plan.leaf_metadata(checked.values), write_metadata=self._is_primary(),
         outcome_key=(coordination.next_key("save", coordination.participants(), directory)
                      if jax.process_count() > 1 else None),
-        directory_signals=orbax_internals.directory_signals())
+        directory_signals=orbax_internals.directory_signals(),
+        on_directory_ready=lambda: self._abandon_orphans(op))
     mode = shard_sources.snapshot
 
     def commit():
@@ -177,7 +183,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
                   self._options.snapshot)
 
     with self._snapshot_lock:
-      self._abandon_orphans(directory_str)
+      self._abandon_waiting_for(directory_str)
       # The commit starts first: its writer must be ready to drain staging
       # windows while the snapshot fills them.
       commit_future = _CommitFuture(commit, op, directory_str)
@@ -195,33 +201,37 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         self._in_flight = [f for f in self._in_flight if not f.done()] + [commit_future]
     return [commit_future]
 
-  def _abandon_orphans(self, directory: str) -> None:
-    """Aborts earlier saves that still wait for their directory and that no
-    caller waits for any more, and waits for them to give back their staging
-    memory.
-
-    Orbax starts a save only once the one before it into the same root has
-    finished or failed; a save of ours still waiting for its directory then
-    waits for a directory that Orbax failed to create (full or read-only
-    disk, permissions): nothing else would end that wait before
-    commit_timeout_s, and the slabs it staged would starve this save. Saves
-    of other items of the same step (same parent directory) are left alone.
-    """
-    parent = os.path.dirname(directory)
-    root = os.path.dirname(parent)
+  def _abandon_waiting_for(self, directory: str) -> None:
+    """Aborts earlier saves still waiting for `directory` itself: two saves
+    into one item directory cannot both be live (a retry of a step whose
+    directory Orbax failed to create), and the earlier must not write into
+    the directory Orbax makes for the later."""
     with self._in_flight_lock:
-      orphans = [f for f in self._in_flight
-                 if not f.done() and not f.op.directory_ready.is_set()
-                 and (f.directory == directory or
-                      (os.path.dirname(f.directory) != parent
-                       and os.path.dirname(os.path.dirname(f.directory)) == root))]
-    for f in orphans:
-      logger.warning("Abandoning the save into %s: a later save into %s began before its "
-                     "directory appeared (Orbax did not create it).", f.directory, root)
-      f.op.abort(SaveError(f"save into {f.directory} abandoned: its directory was never created, "
-                           f"and a later save into {root} began"))
-    for f in orphans:
-      f.wait(self._options.commit_timeout_s)
+      stale = [f for f in self._in_flight
+               if f.directory == directory and not f.done() and not f.op.directory_ready.is_set()]
+    for f in stale:
+      f.op.abort(SaveError(f"save into {directory} abandoned: its directory was never created, "
+                           "and a later save into the same directory began"))
+
+  def _abandon_orphans(self, ready: SaveOperation) -> None:
+    """Called on a save's commit thread once its directory exists: aborts
+    the saves begun before it whose directories still do not exist
+    _ORPHAN_GRACE_S later. Orbax creates the directories of saves in the
+    order they begin, so such a save waits for a directory Orbax failed to
+    create (full or read-only disk, permissions): nothing else would end its
+    wait before commit_timeout_s, and the staging memory it holds would
+    starve the later saves. Aborted, it gives that memory back."""
+    with self._in_flight_lock:
+      earlier = [f for f in self._in_flight
+                 if f.op.seq < ready.seq and not f.done() and not f.op.directory_ready.is_set()]
+    deadline = time.monotonic() + _ORPHAN_GRACE_S
+    for f in earlier:
+      if not f.op.directory_ready.wait(max(0.0, deadline - time.monotonic())) and not f.done():
+        logger.warning("Abandoning the save into %s: Orbax created the directory of a later save "
+                       "but not this one's (within %.0f s).", f.directory, _ORPHAN_GRACE_S)
+        f.op.abort(SaveError(f"save into {f.directory} abandoned: Orbax did not create its "
+                             f"directory, while it created that of a later save"))
+
   def save(self, directory: epath.Path, item: Any = None,
            args: Optional["FastPersistSave"] = None) -> None:
     """Saves synchronously: durable on return. Creates `directory` if needed.
@@ -353,16 +363,18 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
   def close(self) -> None:
     """Ends in-flight saves, then frees the staging pool.
 
-    A save still waiting for its directory is abandoned (Orbax closes a
-    handler only after its own wait; such a save's directory was never
-    created); the others are waited for. A later save (Orbax may reuse a
+    A save whose directory has not appeared _ORPHAN_GRACE_S after close()
+    began is abandoned (Orbax closes a handler after its own wait, so such a
+    save's directory was never created); the others are waited for. A later save (Orbax may reuse a
     closed handler) allocates a new pool. A save's error is not raised here:
     it went to its commit future, which Orbax raises."""
     with self._in_flight_lock:
       waiting = [f for f in self._in_flight if not f.op.directory_ready.is_set()]
+    deadline = time.monotonic() + _ORPHAN_GRACE_S
     for f in waiting:
-      f.op.abort(SaveError(f"save into {f.directory} abandoned: the handler was closed before "
-                           "its directory was created"))
+      if not f.op.directory_ready.wait(max(0.0, deadline - time.monotonic())):
+        f.op.abort(SaveError(f"save into {f.directory} abandoned: the handler was closed, and "
+                             f"its directory did not appear within {_ORPHAN_GRACE_S:.0f} s"))
     try:
       self.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except

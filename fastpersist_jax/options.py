@@ -88,7 +88,10 @@ class FastPersistOptions:
       directory (one filesystem: a second copy there adds nothing).
     commit_timeout_s: in a multi-process save, how long a process that has
       finished waits for the others' outcome before failing the save; also
-      how long recovery (restore_per_host) waits for every process to join.
+      how long recovery (restore_per_host) waits for every process to join,
+      how long a save waits for Orbax to create its directory, and (twice
+      it) how long a snapshot waits for staging memory while no write frees
+      any. Each such wait then raises SaveError naming what it waited for.
     background_nice: niceness added to fastpersist's background threads
       (checksum, background copy, writes), so that on a busy host the
       training step keeps the CPU and checkpointing takes what is left.

@@ -17,6 +17,7 @@ error is what the caller (or the commit future) raises.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ from fastpersist_jax.staging import StagingPool, Window, stage
 logger = logging.getLogger(__name__)
 
 _END = object()
+# Saves in the order they began (SaveOperation.seq).
+_SEQUENCE = itertools.count()
 # Windows handed to the engine in one call: each call drains its queue before
 # returning, so larger batches mean fewer drains; smaller ones return slabs to
 # the copier sooner.
@@ -51,7 +54,8 @@ class SaveOperation:
   def __init__(self, engine: IOEngine, pool: StagingPool, sources: ShardSources,
                options: FastPersistOptions, *, leaves: list[disk_format.LeafMeta],
                write_metadata: bool, outcome_key: str | None,
-               directory_signals: Callable[[], bool] | None = None):
+               directory_signals: Callable[[], bool] | None = None,
+               on_directory_ready: Callable[[], None] | None = None):
     """Args:
       engine, pool: the handler's I/O engine and staging pool.
       sources: the save's plan (sources.plan) bound to its values.
@@ -64,7 +68,10 @@ class SaveOperation:
       directory_signals: tells, without blocking, whether Orbax has signalled
         that the save's directories exist (orbax_internals.directory_signals);
         None: only the directory's existence is awaited.
+      on_directory_ready: called on the commit's thread once the directory
+        exists, before anything is written.
     """
+    self.seq = next(_SEQUENCE)   # saves begun earlier have lower numbers
     self._engine = engine
     self._pool = pool
     self._sources = sources
@@ -95,6 +102,7 @@ class SaveOperation:
     self._stage_scheduled = False
     self._stage_done = threading.Event()
     self._directory_signals = directory_signals
+    self._on_directory_ready = on_directory_ready
     # Set once the save's directory exists: from then on it writes there.
     self.directory_ready = threading.Event()
     # CPU seconds of the save's own threads (the copier's helpers aside).
@@ -161,6 +169,8 @@ class SaveOperation:
                             pool_timeout_s=2 * self._commit_timeout_s))
     except BaseException as e:  # pylint: disable=broad-except
       self._fail(e)
+      if not background and not isinstance(e, Exception):
+        raise   # Ctrl-C (KeyboardInterrupt) on the caller's thread stays itself
     finally:
       self.stats["snapshot_s"] = time.perf_counter() - t0
       self._count_cpu(time.thread_time() - cpu0)
@@ -254,6 +264,8 @@ class SaveOperation:
     try:
       await_directory(directory, self._commit_timeout_s, self._abort, self._directory_signals)
       self.directory_ready.set()
+      if self._on_directory_ready is not None:
+        self._on_directory_ready()
       for k, size in enumerate(self._plan.file_sizes):
         path = os.path.join(directory, disk_format.data_file_name(self._plan.process_index, k))
         files.append(self._engine.open_for_write(path, preallocate=size))

@@ -42,6 +42,7 @@ class StagingPool:
     self._views: list[np.ndarray] = []
     self._free: list[int] = []
     self._cond = threading.Condition()
+    self._released = 0   # slabs given back so far (progress, for acquire's timeout)
     self.registered = False
 
   @property
@@ -75,28 +76,32 @@ class StagingPool:
     Args:
       abort: checked every 50 ms while waiting.
       on_wait: called before each wait (its consumers must free slabs).
-      timeout_s: the longest wait for a slab (None: no limit).
+      timeout_s: the longest time without any slab of the pool coming free
+        (None: no limit): a slow disk whose writes progress never hits it.
     Raises:
-      SaveError: `abort` was set, or no slab came free within `timeout_s`
+      SaveError: `abort` was set, or no slab came free for `timeout_s`
         (every slab of the pool held by writes that did not progress).
     """
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with self._cond:
+      released, since = self._released, time.monotonic()
       while not self._free:
         if on_wait is not None:
           on_wait()
         if abort.is_set():
           raise SaveError("save aborted while waiting for staging memory")
-        if deadline is not None and time.monotonic() > deadline:
+        if self._released != released:   # progress: any slab came back
+          released, since = self._released, time.monotonic()
+        elif timeout_s is not None and time.monotonic() - since > timeout_s:
           raise SaveError(
-              f"no staging slab came free within {timeout_s:.0f} s (commit_timeout_s): all "
-              f"{len(self._slabs)} slabs of {self.slab_bytes} bytes (host_memory_limit) are held "
-              "by writes that did not progress")
+              f"no staging slab came free for {timeout_s:g} s: all {len(self._slabs)} slabs of "
+              f"{self.slab_bytes} bytes (host_memory_limit) are held by writes that did not "
+              "progress")
         self._cond.wait(0.05)
       return self._free.pop()
 
   def release(self, slab: int) -> None:
     with self._cond:
+      self._released += 1
       self._free.append(slab)
       self._cond.notify()
 

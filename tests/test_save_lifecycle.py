@@ -269,7 +269,7 @@ def test_staging_pool_wait_is_bounded_and_says_what_it_waited_for():
   pool = staging.StagingPool(engine, 1 * MiB, 1 * MiB, register=False)
   pool.ensure(1 * MiB)
   held = pool.acquire(threading.Event())
-  with pytest.raises(fp.SaveError, match=r"no staging slab came free within 0 s.*1 slabs"):
+  with pytest.raises(fp.SaveError, match=r"no staging slab came free for 0.2 s.*1 slabs"):
     pool.acquire(threading.Event(), timeout_s=0.2)
   pool.release(held)
   assert pool.acquire(threading.Event(), timeout_s=0.2) == held
