@@ -29,12 +29,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fastpersist_jax import treepath
+from fastpersist_jax import plan, restore_plan, treepath
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
 from fastpersist_jax.options import FastPersistOptions
 
-_SCALAR_TYPES = (bool, int, float, complex, str)
 _shared: dict[tuple[FastPersistOptions, int | None], FastPersistHandler] = {}
 _shared_lock = threading.Lock()
 
@@ -127,7 +126,11 @@ class FastPersistCheckpointableHandler:
       directory: the item's directory (an `ocp.v1` Path).
       abstract_checkpointable: the target, as for FastPersistRestore: a pytree
         of jax.ShapeDtypeStruct (with `sharding`) or arrays, a sub-tree, or
-        None to restore everything as saved.
+        None to restore everything as saved. Orbax v1's abstract leaves
+        restore as Orbax's PyTreeHandler does: NumpyShapeDtype as a numpy
+        array, the types `int` / `float` as Python scalars of that type (where
+        lossless), `...` (ocp.PLACEHOLDER) and None are not restored (they
+        come back as they are).
 
     Returns:
       An awaitable of the restored pytree; it raises CheckpointNotFoundError,
@@ -147,16 +150,17 @@ class FastPersistCheckpointableHandler:
     return self._handler().metadata(directory)
 
   def is_handleable(self, checkpointable: Any) -> bool:
-    """True if `checkpointable` is a pytree whose every leaf FastPersist
-    saves (jax.Array, numpy array or scalar, Python scalar, None)."""
-    return _all_leaves(checkpointable, lambda x: isinstance(x, (jax.Array, np.ndarray, np.generic)))
+    """True if a save accepts `checkpointable` (plan.check_tree: leaves
+    jax.Array, numpy array or scalar, Python scalar, None or empty node, of
+    dtypes, key types and key names a checkpoint can hold)."""
+    return _all_leaves(checkpointable, plan.check_tree)
 
   def is_abstract_handleable(self, abstract_checkpointable: Any) -> bool | None:
-    """True if `abstract_checkpointable` is a pytree that can serve as a
-    restore target (leaves: jax.ShapeDtypeStruct, arrays, scalars, None)."""
-    return _all_leaves(abstract_checkpointable,
-                       lambda x: isinstance(x, (jax.ShapeDtypeStruct, jax.Array, np.ndarray,
-                                                np.generic)))
+    """True if `abstract_checkpointable` can serve as a restore target, as
+    FastPersistRestore accepts one (restore_plan.is_restore_target): leaves
+    jax.ShapeDtypeStruct, arrays, Orbax v1's abstract leaves (NumpyShapeDtype,
+    the types `int` / `float`), scalars, None, `...` and empty nodes."""
+    return restore_plan.is_restore_target(abstract_checkpointable)
 
   @classmethod
   def close_shared(cls) -> None:
@@ -238,15 +242,12 @@ def v1_multiprocessing() -> tuple[int | None, frozenset[int] | None]:
   return options.primary_host, frozenset(active) if active else None
 
 
-def _all_leaves(tree: Any, is_array) -> bool:
+def _all_leaves(tree: Any, check) -> bool:
+  """Whether `check(tree)` (raising for a tree it refuses) accepts `tree`."""
   try:
-    flat, _ = treepath.flatten(tree)
-  except Exception:  # pylint: disable=broad-except  (not a pytree this handler knows)
+    check(tree)
+  except Exception:  # pylint: disable=broad-except  (UnsupportedLeafError; not a pytree)
     return False
-  for _, x in flat:
-    if not (x is None or is_array(x) or isinstance(x, _SCALAR_TYPES)
-            or (type(x) in (dict, list, tuple) and not x)):
-      return False
   return True
 
 

@@ -47,10 +47,17 @@ _DATA_RE = re.compile(r"data\.([0-9]{5})\.[0-9]{4}\.bin")
 _DTYPE_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _SAVED_AXIS_TYPES = ("Explicit", "Auto", "Manual")
 
-LEAF_KINDS = ("array", "numpy", "np_scalar", "scalar", "none", "empty_dict",
-              "empty_list", "empty_tuple", "empty_node")
+# The kinds of leaf (LeafMeta.kind; FORMAT.md's `kind`), each defined once,
+# here: restore and the host-side tools (reader, verify, inspect, export,
+# recovery) use these, never a table of their own.
 # Kinds whose bytes are in data files.
 ARRAY_KINDS = ("array", "numpy", "np_scalar")
+# Kinds with no data: a Python scalar (its value is in the metadata) and the
+# leaves whose kind alone is their value (restore gives a fresh one of these).
+_EMPTY_VALUES = {"none": lambda: None, "empty_dict": dict, "empty_list": list,
+                 "empty_tuple": tuple, "empty_node": lambda: None}
+PLAIN_KINDS = ("scalar", *_EMPTY_VALUES)
+LEAF_KINDS = ARRAY_KINDS + PLAIN_KINDS
 # Typed PRNG key implementations (jax.random.key_impl) a checkpoint may name.
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 SCALAR_TYPES = ("int", "float", "bool", "complex", "str")
@@ -81,6 +88,21 @@ class LeafMeta:
   # Typed PRNG keys: the implementation's name. dtype and shape are then
   # those of jax.random.key_data (uint32, the key shape + the impl's shape).
   prng_impl: str | None = None
+
+
+def plain_value(meta: LeafMeta) -> Any:
+  """The value of a leaf with no array data (a kind in PLAIN_KINDS), as a
+  restore without a target gives it: a Python scalar's saved value; None for
+  `none` and for `empty_node` (an empty custom node such as
+  optax.EmptyState(), whose type is not saved); a new {}, [] or () for the
+  empty containers. Raises ValueError for an array kind (its value is in the
+  data files: reader.CheckpointReader.read_leaf)."""
+  if meta.kind == "scalar":
+    return meta.value
+  make = _EMPTY_VALUES.get(meta.kind)
+  if make is None:
+    raise ValueError(f"a leaf of kind {meta.kind!r} has no plain value")
+  return make()
 
 
 # A shard's index: [start, stop) per dimension of the global array (JAX's

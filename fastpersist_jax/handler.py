@@ -472,6 +472,9 @@ class FastPersistRestore(ocp.args.CheckpointArgs):
       jax.ShapeDtypeStruct (with `sharding` to place the arrays), or a
       sub-tree of the saved tree to restore only part of it. None restores
       everything as saved (on the saved sharding where the devices fit, else
-      as numpy, with a warning).
+      as numpy, with a warning). Within a target, a None or `...`
+      (ocp.PLACEHOLDER) leaf is not read and comes back as it is, as with
+      Orbax's handlers; Orbax v1's abstract leaves (NumpyShapeDtype, the
+      types int / float) restore a numpy array / Python scalar.
   """
   item: Any = None

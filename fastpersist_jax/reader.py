@@ -24,13 +24,13 @@ import numpy as np
 from jax import tree_util
 
 from fastpersist_jax import disk_format, restore_plan
-from fastpersist_jax.disk_format import Index
+# plain_value (exported here too) is disk_format's, the one definition.
+from fastpersist_jax.disk_format import ARRAY_KINDS, Index, plain_value
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
                                     CorruptCheckpointError)
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
 
-ARRAY_KINDS = ("array", "numpy", "np_scalar")
 SCRATCH_BYTES = 64 << 20
 
 
@@ -48,13 +48,6 @@ def keystr(path: list) -> str:
     else:
       keys.append(tree_util.FlattenedIndexKey(key))
   return tree_util.keystr(tuple(keys)) or "<root>"
-
-
-def plain_value(meta: disk_format.LeafMeta) -> Any:
-  """The value of a leaf that holds no array data (scalar, None, empty
-  container)."""
-  return {"none": None, "empty_dict": {}, "empty_list": [], "empty_tuple": (),
-          "scalar": meta.value}[meta.kind]
 
 
 @dataclasses.dataclass

@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 # Calls are numbered alike on every process (they are collective), which
 # names each call's barrier.
 _CALLS = itertools.count()
-_DATA_KINDS = ("array", "numpy", "np_scalar")
 _NAMES_SHOWN = 8
 
 
@@ -107,7 +106,7 @@ def _inspect(root: str, step: int, item: str) -> _Local:
                    problem)
     return _Local(directory, {"problem": problem})
   leaf_bytes = [int(np.prod(l.shape, dtype=np.int64)) * disk_format.dtype_from_name(l.dtype).itemsize
-                if l.kind in _DATA_KINDS else 0 for l in meta.leaves]
+                if l.kind in disk_format.ARRAY_KINDS else 0 for l in meta.leaves]
   header = {
       "save_id": meta.save_id or "", "digest": hashlib.sha256(raw).hexdigest()[:32],
       "meta_bytes": len(raw), "process_count": meta.process_count, "leaf_bytes": leaf_bytes,
@@ -232,7 +231,7 @@ def _regions(meta: disk_format.CheckpointMetadata, target: Any) -> dict[int, lis
   selected, _ = restore_plan.match_target(meta.leaves, target, "the checkpoint")
   out: dict[int, list[Index]] = {}
   for leaf_id, t in selected:
-    if leaf_id is None or meta.leaves[leaf_id].kind not in _DATA_KINDS:
+    if leaf_id is None or meta.leaves[leaf_id].kind not in disk_format.ARRAY_KINDS:
       continue
     job = restore_plan.target_layout(leaf_id, meta.leaves[leaf_id], t, [])
     out.setdefault(leaf_id, []).extend(idx for _, idx in job.device_indices)

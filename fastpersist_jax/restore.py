@@ -48,7 +48,7 @@ from fastpersist_jax.errors import ChecksumMismatchError, CorruptCheckpointError
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine, release_free_heap
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.restore_plan import (Index, LeafJob, TargetLayouts, as_python, key_dtype,
-                                          match_target, overlap, plain_value, plan_leaf,
+                                          match_target, overlap, plan_leaf,
                                           restore_plain, saved_shape, saved_shards)
 from fastpersist_jax.staging import StagingPool
 
@@ -281,7 +281,7 @@ class Restorer:
       elif meta.kind in ("numpy", "np_scalar"):
         value = jax.ShapeDtypeStruct(meta.shape, disk_format.dtype_from_name(meta.dtype))
       else:
-        value = plain_value(meta)
+        value = disk_format.plain_value(meta)
       items.append((meta.path, value))
     return treepath.unflatten_as_nested(items)
 

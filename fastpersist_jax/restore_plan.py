@@ -118,14 +118,64 @@ def volume(index: Index) -> int:
 
 
 _PYTHON_SCALARS = (bool, int, float, complex)
+_ARRAY_TARGET_TYPES = (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)
 
 
-def _is_python_scalar(x: Any) -> bool:
-  return type(x) in _PYTHON_SCALARS
+def _python_type(x: Any) -> type | None:
+  """The Python scalar type a target leaf asks for: a value's own type (0,
+  1.5), or the type itself (`int`, `float`: Orbax v1's abstract scalars);
+  None for any other leaf."""
+  t = type(x)
+  if t in _PYTHON_SCALARS:
+    return t
+  if t is type and x in _PYTHON_SCALARS:
+    return x
+  return None
+
+
+def is_numpy_abstract(x: Any) -> bool:
+  """An abstract numpy array as Orbax v1 describes one (its AbstractArray
+  protocol: `shape` and `dtype`, no `sharding`), such as
+  ocp.v1's NumpyShapeDtype or NumpyMetadata: restored as a numpy array of
+  that shape and dtype. Shape and dtype must both be given."""
+  if isinstance(x, _ARRAY_TARGET_TYPES) or type(x) is type:
+    return False
+  shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+  if shape is None or dtype is None or hasattr(x, "sharding"):
+    return False
+  try:
+    return (all(type(n) is int or isinstance(n, np.integer) for n in shape)
+            and np.dtype(dtype) is not None)
+  except TypeError:   # not a sequence of dims, or not a numpy dtype
+    return False
 
 
 def is_array_target(x: Any) -> bool:
-  return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic))
+  return isinstance(x, _ARRAY_TARGET_TYPES) or is_numpy_abstract(x)
+
+
+def is_target_leaf(x: Any) -> bool:
+  """Whether `x` may be a leaf of a restore target (FastPersistRestore, and
+  the v1 handler's load): None (not restored where the checkpoint holds an
+  array or scalar), `...` (ocp.PLACEHOLDER: not restored), an array or
+  abstract array (jax.Array, jax.ShapeDtypeStruct, numpy array or scalar,
+  Orbax v1's abstract numpy arrays), a Python scalar or scalar type (`int`,
+  `float`, ...), a str, or an empty node ({}, [], (), optax.EmptyState())."""
+  return (isinstance(x, _ARRAY_TARGET_TYPES) or x is None or x is Ellipsis
+          or _python_type(x) is not None or type(x) is str or is_numpy_abstract(x)
+          or treepath.is_empty_node(x))
+
+
+def is_restore_target(tree: Any) -> bool:
+  """Whether `tree` can be a restore target: a pytree (or None) whose leaves
+  are all is_target_leaf and whose keys a save could have recorded. Whether
+  it fits a given checkpoint is decided by the restore (RestoreMismatchError
+  names the leaf)."""
+  try:
+    flat, _ = treepath.flatten(tree)
+    return all(is_target_leaf(x) and treepath.key_of(path) is not None for path, x in flat)
+  except Exception:  # pylint: disable=broad-except  (not a pytree, a key no save records)
+    return False
 
 
 def saved_shape(meta: disk_format.LeafMeta) -> tuple[int, ...]:
@@ -154,16 +204,16 @@ def _target_dtype(meta: disk_format.LeafMeta, target: Any, name: str) -> tuple[n
       return saved, meta.prng_impl
     if target is None:
       return saved, meta.prng_impl
-    if _is_python_scalar(target):
+    if (python_type := _python_type(target)) is not None:
       raise RestoreMismatchError(f"leaf {name}: saved as {meta.prng_impl} keys; the target is a "
-                                 f"Python {type(target).__name__}")
+                                 f"Python {python_type.__name__}")
     shape = tuple(getattr(target, "shape", ()))
     if shape != meta.shape or np.dtype(t_dtype) != saved:
       raise RestoreMismatchError(
           f"leaf {name}: saved as {meta.prng_impl} keys of shape {saved_shape(meta)}; the target "
           f"({shape}, {t_dtype}) is neither such keys nor their key data ({meta.shape}, uint32)")
     return saved, None
-  if target is None or _is_python_scalar(target):
+  if target is None or _python_type(target) is not None:
     return saved, None
   if jax.dtypes.issubdtype(t_dtype, jax.dtypes.extended):
     raise RestoreMismatchError(f"leaf {name}: the target holds {t_dtype}, the checkpoint "
@@ -178,7 +228,7 @@ def _target_dtype(meta: disk_format.LeafMeta, target: Any, name: str) -> tuple[n
 
 
 def _check_shape(meta: disk_format.LeafMeta, target: Any, name: str, raw_key_data: bool) -> None:
-  shape = () if _is_python_scalar(target) else tuple(getattr(target, "shape", ()))
+  shape = () if _python_type(target) is not None else tuple(getattr(target, "shape", ()))
   want = meta.shape if raw_key_data else saved_shape(meta)
   if shape != want:
     raise RestoreMismatchError(f"leaf {name}: target shape {shape} differs from saved {want}")
@@ -205,7 +255,7 @@ def scalar_as_array(meta: disk_format.LeafMeta, target: Any, name: str) -> Any:
         f"leaf {name}: the saved {meta.value} does not fit the target's {target.dtype}")
   if isinstance(target, np.generic):
     return value[()]
-  if isinstance(target, np.ndarray):
+  if isinstance(target, np.ndarray) or is_numpy_abstract(target):
     return value
   _check_device_dtype(value.dtype, name)
   sharding = getattr(target, "sharding", None)
@@ -223,13 +273,6 @@ def as_python(value: np.ndarray, python_type: type, name: str) -> Any:
     raise RestoreMismatchError(
         f"leaf {name}: the saved {v!r} would change as a {python_type.__name__} ({out!r})")
   return out
-
-
-
-def plain_value(meta: disk_format.LeafMeta) -> Any:
-  return {"none": None, "empty_node": None, "empty_dict": {}, "empty_list": [], "empty_tuple": (),
-          "scalar": meta.value}[meta.kind]
-
 
 
 def _on_devices(sharding: Any, meta: disk_format.LeafMeta, name: str) -> Any:
@@ -284,15 +327,23 @@ def saved_shards(leaves: list[disk_format.LeafMeta], records: dict[tuple[int, In
   return by_leaf
 
 
+# Saved leaf kinds that a None target leaf leaves unrestored (None comes
+# back); a saved None or empty node under a None target is restored as saved.
+_NOT_RESTORED_UNDER_NONE = frozenset(disk_format.ARRAY_KINDS) | {"scalar"}
+
+
 def match_target(leaves: list[disk_format.LeafMeta], target: Any, where: str
                  ) -> tuple[list[tuple[int, Any]], Any]:
   """[(saved leaf id, target leaf)] in target order, and the target's treedef
   (None without a target: every saved leaf, in saved order). Leaves are
   matched by key name and index (treepath.key_of). The saved leaf id is None
-  where the target's own leaf is the result: Orbax's placeholder `...`
-  (skip this leaf), or an empty node the checkpoint does not record (format
-  version 1 kept no record of, e.g., optax.EmptyState()). Raises
-  RestoreMismatchError for any other target leaf the checkpoint lacks."""
+  where the target's own leaf is the result, nothing read: Orbax's
+  placeholder `...` (skip this leaf), None where the checkpoint holds an
+  array or a scalar (not restored, as with Orbax's handlers), or an empty
+  node the checkpoint does not record (format version 1 kept no record of,
+  e.g., optax.EmptyState()). Raises RestoreMismatchError for a target leaf
+  that is not is_target_leaf, and for any other target leaf the checkpoint
+  lacks."""
   if target is None:
     return [(i, None) for i in range(len(leaves))], None
   flat, treedef = treepath.flatten(target)
@@ -311,6 +362,15 @@ def match_target(leaves: list[disk_format.LeafMeta], target: Any, where: str
     if t is Ellipsis:   # ocp.PLACEHOLDER: not restored, as with Orbax's handlers
       selected.append((None, t))
       continue
+    if t is None:
+      if i is not None and leaves[i].kind in _NOT_RESTORED_UNDER_NONE:
+        selected.append((None, None))   # not restored, as with Orbax's handlers
+        continue
+    elif not is_target_leaf(t):
+      raise RestoreMismatchError(
+          f"leaf {treepath.to_str(path)} of the restore target: a {type(t).__module__}."
+          f"{type(t).__qualname__} is not a restore target (give a jax.ShapeDtypeStruct, an "
+          "array, a Python scalar or scalar type, None or ocp.PLACEHOLDER)")
     if i is not None and named.setdefault(i, path) is not path:
       # One leaf restored twice would share its read buffers between two
       # jobs; the save refuses such a tree (plan._check_names_distinct).
@@ -331,14 +391,14 @@ def restore_plain(meta: disk_format.LeafMeta, target: Any, name: str) -> Any:
   """The value of a leaf with no array data (scalar, None, empty node)."""
   if meta.kind == "scalar" and is_array_target(target):
     return scalar_as_array(meta, target, name)
-  if (meta.kind == "scalar" and _is_python_scalar(target) and
-      type(target) is not type(meta.value)):
-    return as_python(np.asarray(meta.value), type(target), name)   # where lossless
+  python_type = _python_type(target) if meta.kind == "scalar" else None
+  if python_type is not None and python_type is not type(meta.value):
+    return as_python(np.asarray(meta.value), python_type, name)   # where lossless
   if is_array_target(target):
     raise RestoreMismatchError(f"leaf {name}: saved as {meta.kind}, target is an array")
   if meta.kind != "scalar" and target is not None and treepath.is_empty_node(target):
     return target    # the target's own empty node (e.g. optax.EmptyState())
-  return plain_value(meta)
+  return disk_format.plain_value(meta)
 
 
 def _saved_sharding(meta, name, prng_impl, fallback_to_numpy):
@@ -442,7 +502,7 @@ def target_layout(leaf_id: int, meta: disk_format.LeafMeta, target: Any,
   name = treepath.LazyName(meta.path)
   t = target
   sharding = None
-  python_type = type(t) if _is_python_scalar(t) else None
+  python_type = _python_type(t)
   if t is not None and python_type is None and not is_array_target(t):
     raise RestoreMismatchError(
         f"leaf {name}: saved as an array; target {type(t).__name__} is not an array")

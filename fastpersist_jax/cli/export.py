@@ -16,7 +16,10 @@ directory, is renamed into place.
 
 orbax: written through Orbax's PyTreeCheckpointHandler (TensorStore, the
 format StandardCheckpointer reads) with a type handler that loads each leaf
-only when Orbax writes it, one leaf at a time.
+only when Orbax writes it, one leaf at a time. Leaves Orbax would store in
+one place (parameter names "a" and "a/"; strings named "x" and "x/y") are
+refused before anything is written, naming both: Orbax's save would fail in
+TensorStore or, for two numbers, restore one value for both.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import asyncio
 import glob
 import json
 import os
+import re
 import shutil
 import struct
 from typing import Any
@@ -65,7 +69,7 @@ def tensor_name(path: list) -> str:
 
 
 def _json_value(meta: disk_format.LeafMeta) -> str:
-  value = reader.plain_value(meta)
+  value = disk_format.plain_value(meta)
   if isinstance(value, complex):
     value = {"complex": [value.real, value.imag]}
   return json.dumps(value)
@@ -172,7 +176,7 @@ def export_safetensors(item_dir: str, out: str, max_shard_bytes: int = 0,
         raise ExportError(f"leaves {owner[name]} and {rd.leaf_name(i)} both map to the "
                           f"safetensors name {name!r}")
       owner[name] = rd.leaf_name(i)
-      if meta.kind in reader.ARRAY_KINDS:
+      if meta.kind in disk_format.ARRAY_KINDS:
         dtype = _target_dtype(rd.directory, rd.leaf_name(i), meta.dtype, cast)
         nbytes = int(np.prod(meta.shape, dtype=np.int64)) * dtype.itemsize
         tensors.append((i, name, dtype, meta.shape, nbytes))
@@ -282,6 +286,61 @@ async def _numpy_write(handler: Any, array: np.ndarray, info: Any, arg: Any) -> 
   await handler._background_serialize([array], [info], [arg])  # pylint: disable=protected-access
 
 
+def orbax_storage_key(name: str, value: Any) -> tuple[str, tuple[str, ...]] | None:
+  """Where Orbax stores a leaf of parameter name `name` (tensor_name) and
+  value `value` (as export_orbax passes it): ("zarr", (key prefix,)) for
+  arrays and numbers, each a TensorStore array at the key prefix `name`
+  with "/" appended unless it ends in one (so "a" and "a/" are one
+  array); ("json", tokens) for strings, each a member of _strings.json at
+  the JSON pointer "/" + name, whose tokens are `name` split at "/" with
+  "~1" and "~0" unescaped; None for None and empty nodes (not stored).
+  Raises ExportError for a string whose pointer is not valid JSON Pointer
+  (a "~" followed by neither 0 nor 1), which Orbax cannot write."""
+  if value is None or isinstance(value, (dict, list, tuple)):
+    return None
+  if isinstance(value, str):
+    if re.search("~(?![01])", name):
+      raise ExportError(f"its Orbax parameter name {name!r} is not a valid JSON pointer "
+                        "(a '~' followed by neither 0 nor 1)")
+    return "json", tuple(t.replace("~1", "/").replace("~0", "~") for t in name.split("/"))
+  return "zarr", (name if name.endswith("/") else name + "/",)
+
+
+def _check_orbax_keys(leaves: list[tuple[str, str, Any]]) -> None:
+  """Refuses (ExportError naming both leaves) a tree two of whose leaves
+  Orbax would store in one place (orbax_storage_key): its save would fail
+  in TensorStore or, for two numbers, silently keep one value for both. Two
+  strings collide when one's pointer tokens equal or begin the other's (a
+  JSON member cannot be both a string and an object). `leaves`: (keystr
+  path, parameter name, value) of every leaf."""
+  arrays: dict[tuple[str, ...], tuple[str, str]] = {}
+  strings: dict[tuple[str, ...], tuple[str, str]] = {}
+  # Proper prefixes of the strings' tokens so far -> a string below it.
+  parents: dict[tuple[str, ...], tuple[str, str]] = {}
+  for path, name, value in leaves:
+    try:
+      where = orbax_storage_key(name, value)
+    except ExportError as e:
+      raise ExportError(f"leaf {path} is a string Orbax cannot store: {e}") from None
+    if where is None:
+      continue
+    store, key = where
+    if store == "zarr":
+      clash, why = arrays.get(key), "TensorStore keys them alike"
+      arrays.setdefault(key, (path, name))
+    else:
+      clash = strings.get(key) or parents.get(key) or next(
+          (strings[key[:n]] for n in range(1, len(key)) if key[:n] in strings), None)
+      why = "as strings, one would be nested in the other in Orbax's _strings.json"
+      strings.setdefault(key, (path, name))
+      for n in range(1, len(key)):
+        parents.setdefault(key[:n], (path, name))
+    if clash is not None:
+      raise ExportError(f"leaves {clash[0]} and {path} have the Orbax parameter names "
+                        f"{clash[1]!r} and {name!r}, which Orbax would store in one place "
+                        f"({why}); rename one of them")
+
+
 def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
   """Writes the item at `item_dir` as a standard Orbax checkpoint at the new
   path `out`, which `ocp.StandardCheckpointer().restore(out)` (or
@@ -294,9 +353,11 @@ def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
     `out` as an absolute path.
 
   Raises:
-    ExportError: `out` exists, two leaves map to one Orbax parameter name,
-      an array has no elements, or the tree holds no leaf but empty nodes
-      (Orbax refuses the last two).
+    ExportError: `out` exists, two leaves map to one Orbax parameter name
+      or would be stored by Orbax in one place (names "a" and "a/"; strings
+      "x" and "x/y": orbax_storage_key), a string's name is no valid JSON
+      pointer ("~" not followed by 0 or 1), an array has no elements, or
+      the tree holds no leaf but empty nodes (Orbax refuses the last two).
     CheckpointNotFoundError / CorruptCheckpointError /
       ChecksumMismatchError: no or a damaged checkpoint at `item_dir`.
     Whatever Orbax's save raises (e.g. OSError when `out` cannot be
@@ -318,16 +379,18 @@ def export_orbax(item_dir: str, out: str, cast: str | None = None) -> str:
         raise ExportError(f"leaves {owner[name]} and {rd.leaf_name(i)} both map to the Orbax "
                           f"parameter name {name!r}")
       owner[name] = rd.leaf_name(i)
-      if meta.kind in reader.ARRAY_KINDS:
+      if meta.kind in disk_format.ARRAY_KINDS:
         if 0 in meta.shape:
           raise ExportError(f"leaf {rd.leaf_name(i)} has shape {meta.shape}: Orbax cannot save "
                             "an array with no elements")
         value = _LeafSource(rd, i, target)
       else:
-        value = reader.plain_value(meta)
+        value = disk_format.plain_value(meta)
         if isinstance(value, complex):
           value = np.complex128(value)
       items.append((meta.path, value))
+    _check_orbax_keys([(rd.leaf_name(i), tensor_name(meta.path), value)
+                       for i, ((_, value), meta) in enumerate(zip(items, rd.meta.leaves))])
     tree = treepath.unflatten_as_nested(items)
     scalar = ocp.type_handlers.ScalarHandler()
     registry = ocp.type_handlers.create_type_handler_registry(

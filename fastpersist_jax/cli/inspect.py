@@ -55,7 +55,7 @@ def describe_item(directory: str) -> dict[str, Any]:
   total = 0
   for leaf in meta.leaves:
     entry: dict[str, Any] = {"path": reader.keystr(leaf.path), "kind": leaf.kind}
-    if leaf.kind in reader.ARRAY_KINDS:
+    if leaf.kind in disk_format.ARRAY_KINDS:
       nbytes = math.prod(leaf.shape) * disk_format.dtype_from_name(leaf.dtype).itemsize
       total += nbytes
       entry.update(dtype=leaf.dtype, shape=list(leaf.shape), sharding=leaf.sharding, bytes=nbytes)
@@ -70,7 +70,7 @@ def describe_item(directory: str) -> dict[str, Any]:
     leaves.append(entry)
   return {"directory": directory, "placement": meta.placement, "process_count": meta.process_count,
           "leaves": leaves, "leaf_count": len(leaves),
-          "array_count": sum(l["kind"] in reader.ARRAY_KINDS for l in leaves), "bytes": total}
+          "array_count": sum(l["kind"] in disk_format.ARRAY_KINDS for l in leaves), "bytes": total}
 
 
 def format_item(d: dict[str, Any]) -> str:
