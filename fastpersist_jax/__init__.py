@@ -4,7 +4,8 @@ from fastpersist_jax.checkpointable import (FastPersistCheckpointableHandler,
                                             checkpointables_registry)
 from fastpersist_jax.emergency import UnsupportedManagerError
 from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
-                                    CorruptCheckpointError, FastPersistError, InvalidOptionsError,
+                                    CorruptCheckpointError, FastPersistError, ForeignCheckpointError,
+                                    InvalidOptionsError,
                                     IOUringUnavailableError, PeerTimeoutError, RestoreError,
                                     RestoreMismatchError, SaveError, UnsupportedLeafError)
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
@@ -15,7 +16,7 @@ from fastpersist_jax.recovery import latest_restorable_step, restore_per_host
 
 __all__ = [
     "CheckpointNotFoundError", "ChecksumMismatchError", "CorruptCheckpointError",
-    "DurableCheckpointer", "durable_manager_options", "sync_committed",
+    "DurableCheckpointer", "durable_manager_options", "sync_committed", "ForeignCheckpointError",
     "FastPersistCheckpointableHandler", "FastPersistError", "FastPersistHandler",
     "FastPersistOptions", "FastPersistRestore", "FastPersistSave", "InvalidOptionsError",
     "IOUringUnavailableError", "PeerTimeoutError", "RestoreError", "RestoreMismatchError",

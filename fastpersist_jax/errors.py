@@ -46,3 +46,11 @@ class IOUringUnavailableError(FastPersistError, RuntimeError):
 
 class PeerTimeoutError(FastPersistError, TimeoutError):
   """Another process did not join a collective step (e.g. recovery) in time."""
+
+
+class ForeignCheckpointError(CheckpointNotFoundError):
+  """The directory holds no fastpersist checkpoint but one another handler
+  wrote (e.g. Orbax's StandardCheckpointHandler, in a run that switched
+  handlers): the message names the writer and the Orbax handler and args
+  that read it. A CheckpointNotFoundError, so that code catching that still
+  catches it."""

@@ -28,7 +28,8 @@ from orbax.checkpoint import future as ocp_future
 from fastpersist_jax import (coordination, disk_format, durability, gc_pause, orbax_internals,
                              redundancy, sources)
 from fastpersist_jax.emergency import refuse_emergency_manager
-from fastpersist_jax.errors import CorruptCheckpointError, RestoreError, SaveError
+from fastpersist_jax.errors import (CorruptCheckpointError, ForeignCheckpointError, RestoreError,
+                                    SaveError)
 from fastpersist_jax.io_engine import IOEngine
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.plan import check_tree, make_plan
@@ -336,9 +337,15 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     """The saved tree as nested dicts and lists of jax.ShapeDtypeStruct
     (with the saved sharding where its devices exist; typed keys with their
     key dtype) plus the saved scalars: a valid restore target. Raises
-    CheckpointNotFoundError or CorruptCheckpointError."""
-    with gc_pause.paused():   # decoding 10,000 leaf records: see gc_pause
-      return Restorer(self._engine, self._options, os.fspath(directory)).abstract_tree()
+    CheckpointNotFoundError or CorruptCheckpointError; ForeignCheckpointError
+    (also logged: Orbax's item_metadata turns it into None) for an item
+    another Orbax handler wrote, naming it and how to read the item."""
+    try:
+      with gc_pause.paused():   # decoding 10,000 leaf records: see gc_pause
+        return Restorer(self._engine, self._options, os.fspath(directory)).abstract_tree()
+    except ForeignCheckpointError as e:
+      logger.warning("%s", e)
+      raise
 
   # Lifecycle ------------------------------------------------------------------
 

@@ -29,15 +29,19 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import stat
+import sys
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from fastpersist_jax import errors, exchange, disk_format, restore_plan, treepath
 from fastpersist_jax.disk_format import Index
-from fastpersist_jax.errors import CheckpointNotFoundError, CorruptCheckpointError, FastPersistError
+from fastpersist_jax.errors import (CheckpointNotFoundError, CorruptCheckpointError,
+                                    FastPersistError, ForeignCheckpointError)
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.restore import Restorer, check_part
@@ -48,6 +52,17 @@ logger = logging.getLogger(__name__)
 # names each call's barrier.
 _CALLS = itertools.count()
 _NAMES_SHOWN = 8
+# Orbax's step metadata (CheckpointManager: in the step directory, naming
+# each item's handler; Checkpointer: in the checkpoint directory, naming its
+# handler).
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+# What Orbax's PyTree format (StandardCheckpointHandler,
+# PyTreeCheckpointHandler) leaves in an item directory.
+_PYTREE_FILES = ("_METADATA", "manifest.ocdbt", "_sharding", "array_metadatas")
+# What goes between the parentheses of an Orbax restore args class, in hints.
+_ARGS_TEXT = {"StandardRestore": "abstract_tree", "PyTreeRestore": "item=abstract_tree",
+              "JsonRestore": "", "ArrayRestore": "", "JaxRandomKeyRestore": "",
+              "NumpyRandomKeyRestore": ""}
 
 
 @dataclasses.dataclass
@@ -64,17 +79,132 @@ class _Local:
     return "parts" in self.header
 
 
-def _step_numbers(root: str) -> list[int]:
-  """Committed steps under a CheckpointManager root (directories named by
-  the step number; Orbax's temporary directories are not)."""
+def _listing_locally(name_format: Any) -> Any:
+  """`name_format` with Orbax's single_host_load_and_broadcast off (in it
+  and in a composite format's parts): per-host roots differ, so each
+  process lists its own, and the listing must not run collectives of its
+  own outside recovery's protocol (they have no timeout)."""
+  if not dataclasses.is_dataclass(name_format) or isinstance(name_format, type):
+    return name_format
+  changes: dict[str, Any] = {}
+  if getattr(name_format, "single_host_load_and_broadcast", False):
+    changes["single_host_load_and_broadcast"] = False
+  if hasattr(name_format, "write_name_format") and hasattr(name_format, "read_name_formats"):
+    changes["write_name_format"] = _listing_locally(name_format.write_name_format)
+    changes["read_name_formats"] = type(name_format.read_name_formats)(
+        _listing_locally(f) for f in name_format.read_name_formats)
+  if not changes:
+    return name_format
   try:
-    names = os.listdir(root)
-  except (FileNotFoundError, NotADirectoryError):
+    return dataclasses.replace(name_format, **changes)
+  except Exception:  # pylint: disable=broad-except  (a custom format: used as given)
+    return name_format
+
+
+def _name_format(step_name_format: Any) -> Any:
+  """The NameFormat recovery finds steps with: `step_name_format`, else
+  Orbax's standard one (what a CheckpointManager with default options
+  names steps with), listing each process's own root."""
+  if step_name_format is None:
+    return ocp.path.step.standard_name_format()
+  if not (callable(getattr(step_name_format, "find_all", None)) and
+          callable(getattr(step_name_format, "find_step", None))):
+    raise TypeError(f"step_name_format must be an Orbax NameFormat (e.g. "
+                    f"ocp.path.step.standard_name_format(...)), not {step_name_format!r}")
+  return _listing_locally(step_name_format)
+
+
+def _step_paths(root: str, name_format: Any) -> dict[int, str]:
+  """Committed steps under a CheckpointManager root, as `name_format` maps
+  their directories (Orbax's temporary directories are not committed):
+  {step: directory}."""
+  if not os.path.isdir(root):   # a replaced host: nothing, and nothing to warn about
+    return {}
+  try:
+    found = list(name_format.find_all(root))
+  except Exception as e:  # pylint: disable=broad-except  (this host then holds nothing)
+    logger.warning("fastpersist recovery: cannot list the steps under %s with %s: %s: %s", root,
+                   name_format, type(e).__name__, e)
+    return {}
+  out: dict[int, str] = {}
+  for m in sorted(found, key=lambda m: (int(m.step), os.fspath(m.path))):
+    out.setdefault(int(m.step), os.fspath(m.path))
+  return out
+
+
+def _step_path(root: str, name_format: Any, step: int) -> str | None:
+  """The committed directory of `step` under `root` (name_format.find_step),
+  or None."""
+  if not os.path.isdir(root):
+    return None
+  try:
+    return os.fspath(name_format.find_step(root, step).path)
+  except ValueError:   # Orbax's "no such step"
+    return None
+  except Exception as e:  # pylint: disable=broad-except  (this host then holds nothing)
+    logger.warning("fastpersist recovery: cannot find step %d under %s with %s: %s: %s", step,
+                   root, name_format, type(e).__name__, e)
+    return None
+
+
+def _unmapped(root: str, mapped: set[str], item: str) -> list[str]:
+  """Names of the directories under `root` that look like committed steps
+  (holding `item` or Orbax's step metadata) but are not among `mapped`
+  (what the step name format found), Orbax's temporary directories aside."""
+  try:
+    names = sorted(os.listdir(root))
+  except OSError:
     return []
-  except OSError as e:
-    logger.warning("fastpersist recovery: cannot list %s: %s", root, e)
-    return []
-  return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(root, n)))
+  out = []
+  for name in names:
+    path = os.path.join(root, name)
+    if (name in mapped or ocp.path.step.TMP_DIR_SUFFIX in name or not os.path.isdir(path) or
+        not (os.path.isdir(os.path.join(path, item)) or
+             os.path.isfile(os.path.join(path, _STEP_METADATA)))):
+      continue
+    try:
+      if ocp.path.step.is_path_temporary(path):
+        continue
+    except Exception:  # pylint: disable=broad-except  (not Orbax's: counts as a step)
+      pass
+    out.append(name)
+  return out
+
+
+def _guess_format(names: list[str]) -> str | None:
+  """The standard_name_format call that names all of `names`, if one does."""
+  guesses = set()
+  for name in names:
+    m = re.fullmatch(r"(?:(.+)_)?(\d+)", name)
+    if m is None:
+      return None
+    prefix, digits = m.groups()
+    guesses.add((prefix, len(digits) if digits.startswith("0") and len(digits) > 1 else None))
+  if len(guesses) != 1:
+    return None
+  ((prefix, length),) = guesses
+  if prefix is None and length is None:
+    return None
+  args = ([f"step_prefix={prefix!r}"] if prefix is not None else []) + (
+      [f"step_format_fixed_length={length}"] if length is not None else [])
+  return f"ocp.path.step.standard_name_format({', '.join(args)})"
+
+
+def _unmapped_note(root: str, name_format: Any, names: list[str]) -> str:
+  """What a WARNING says of `names` (_unmapped)."""
+  shown = ", ".join(names[:_NAMES_SHOWN]) + (
+      f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
+  one = len(names) == 1
+  return (f"{len(names)} {'directory' if one else 'directories'} under {root} "
+          f"{'looks like a checkpoint step' if one else 'look like checkpoint steps'}, but the "
+          f"step name format {name_format} maps {'it' if one else 'them'} to no step, so "
+          f"recovery ignores {'it' if one else 'them'}: {shown}. {_format_hint(names)}")
+
+
+def _format_hint(names: list[str]) -> str:
+  return (f"Pass step_name_format={_guess_format(names) or 'the NameFormat they were saved with'} "
+          "(as the CheckpointManagerOptions that saved them: step_prefix, "
+          "step_format_fixed_length or step_name_format)")
 
 
 def _read_meta_bytes(path: str) -> bytes:
@@ -86,13 +216,121 @@ def _read_meta_bytes(path: str) -> bytes:
     return f.read(disk_format.MAX_JSON_BYTES + 1)
 
 
-def _inspect(root: str, step: int, item: str) -> _Local:
-  """Reads and validates this process's metadata and manifest of `step`.
-  Never raises: damage makes this process hold nothing of the step."""
+def _recorded_handler(directory: str) -> tuple[str, str] | None:
+  """(handler class path, the file that records it) of the item in
+  `directory` according to Orbax's step metadata, or None. Never raises."""
+  directory = os.path.normpath(directory)
+  places = ((os.path.join(directory, _STEP_METADATA), None),   # a Checkpointer's
+            (os.path.join(os.path.dirname(directory), _STEP_METADATA),   # a manager's item
+             os.path.basename(directory)))
+  for path, item in places:
+    try:
+      d, _ = disk_format.read_json(path, "Orbax step metadata")
+    except Exception:  # pylint: disable=broad-except  (none, or unreadable: no record)
+      continue
+    handlers = d.get("item_handlers") if isinstance(d, dict) else None
+    if item is None and isinstance(handlers, str):
+      return handlers, path
+    if item is not None and isinstance(handlers, dict) and isinstance(handlers.get(item), str):
+      return handlers[item], path
+  return None
+
+
+def _is_ours(class_path: str) -> bool:
+  """Whether `class_path` names fastpersist_jax's handler (or one deriving
+  from it, where its module is loaded: nothing is imported)."""
+  if class_path.startswith("fastpersist_jax."):
+    return True
+  module, _, name = class_path.rpartition(".")
+  cls = getattr(sys.modules.get(module), name, None)
+  from fastpersist_jax.handler import FastPersistHandler  # pylint: disable=g-import-not-at-top
+  return isinstance(cls, type) and issubclass(cls, FastPersistHandler)
+
+
+def _how_to_read(class_path: str) -> tuple[str, str, str]:
+  """(writer, handler expression, args expression) for a handler class
+  path recorded by Orbax, for messages. Imports nothing: a class whose
+  module is not loaded is named by its path."""
+  module, _, name = class_path.rpartition(".")
+  cls = getattr(sys.modules.get(module), name, None)
+  if module.startswith("orbax.") and getattr(ocp, name, None) is cls and cls is not None:
+    writer, handler = f"Orbax's {name}", f"ocp.{name}()"
+  else:
+    writer, handler = class_path, f"{class_path}(...)"
+  args = "the CheckpointArgs registered for it"
+  try:
+    restore_args = ocp.args.get_registered_args_cls(cls)[1] if isinstance(cls, type) else None
+  except Exception:  # pylint: disable=broad-except  (none registered)
+    restore_args = None
+  if restore_args is not None:
+    public = next((n for n in sorted(dir(ocp.args))
+                   if not n.startswith("_") and getattr(ocp.args, n) is restore_args), None)
+    args = (f"ocp.args.{public}({_ARGS_TEXT.get(public, '...')})" if public else
+            f"{restore_args.__module__}.{restore_args.__qualname__}(...)")
+  return writer, handler, args
+
+
+def foreign_checkpoint_error(directory: str) -> ForeignCheckpointError | None:
+  """The error to raise for `directory` (an item directory without
+  fastpersist.json) when another handler wrote a checkpoint there, else
+  None (it holds no checkpoint, or a damaged fastpersist one).
+
+  The writer is the handler Orbax's step metadata records for the item
+  (a CheckpointManager's in the step directory, a Checkpointer's in the
+  directory itself), else, for a directory holding the files of Orbax's
+  PyTree format (_METADATA, manifest.ocdbt, ocdbt.process_*, _sharding),
+  StandardCheckpointHandler / PyTreeCheckpointHandler.
+
+  Args:
+    directory: an item directory (`root/<step>/<item>`).
+  Returns:
+    A ForeignCheckpointError naming `directory`, the writer, and the Orbax
+    handler and args that read it; or None. Never raises.
+  """
+  directory = os.fspath(directory)
+  if not os.path.isdir(directory):
+    return None
+  recorded = _recorded_handler(directory)
+  if recorded is not None:
+    class_path, record = recorded
+    if _is_ours(class_path):
+      return None
+    writer, handler, args = _how_to_read(class_path)
+    evidence = f"as {record} records"
+  else:
+    try:
+      names = set(os.listdir(directory))
+    except OSError:
+      return None
+    found = [n for n in _PYTREE_FILES if n in names] + sorted(
+        n for n in names if n.startswith("ocdbt.process_"))
+    if not ({"_METADATA", "manifest.ocdbt"} & names or any(n.startswith("ocdbt.process_")
+                                                           for n in names)):
+      return None
+    writer = "Orbax's StandardCheckpointHandler or PyTreeCheckpointHandler"
+    handler, args = "ocp.StandardCheckpointHandler()", "ocp.args.StandardRestore(abstract_tree)"
+    evidence = f"its PyTree format: {', '.join(found[:_NAMES_SHOWN])}"
+  return ForeignCheckpointError(
+      f"{directory} is not a fastpersist checkpoint ({disk_format.METADATA_FILE} is absent): "
+      f"{writer} wrote it ({evidence}). Read it with that handler: "
+      f"item_handlers={handler} and args={args}, e.g. "
+      f"ocp.Checkpointer({handler}).restore({directory!r}, args={args}); in a run whose older "
+      f"steps another handler wrote, open a CheckpointManager on the run with "
+      f"item_handlers={handler} to restore those steps")
+
+
+def _inspect(directory: str, step: int) -> _Local:
+  """Reads and validates this process's metadata and manifest of `step`
+  (its item directory `directory`). Never raises: damage makes this
+  process hold nothing of the step; a checkpoint another handler wrote
+  adds "foreign" (the error's message) to the header."""
   me = jax.process_index()
-  directory = os.path.join(root, str(step), item)
   if not os.path.isdir(directory):
     return _Local(directory, {"problem": "absent"})
+  if not os.path.exists(os.path.join(directory, disk_format.METADATA_FILE)):
+    foreign = foreign_checkpoint_error(directory)
+    if foreign is not None:
+      return _Local(directory, {"problem": "written by another handler", "foreign": str(foreign)})
   try:
     path = os.path.join(directory, disk_format.METADATA_FILE)
     raw = _read_meta_bytes(path)
@@ -186,7 +424,8 @@ def _leaf_nbytes(leaf: disk_format.LeafMeta) -> int:
 
 
 def latest_restorable_step(root: str, item: str = "default", *,
-                           timeout_s: float = 600.0) -> int | None:
+                           timeout_s: float = 600.0,
+                           step_name_format: Any = None) -> int | None:
   """The newest step the hosts' per-host roots together can restore.
 
   A collective: every process calls it with its own root (e.g. its local
@@ -195,10 +434,26 @@ def latest_restorable_step(root: str, item: str = "default", *,
   a step counts when every byte has at least one copy on some host and all
   copies are of the same save.
 
+  Each process finds its steps with `step_name_format` (Orbax's find_all).
+  Directories under its root that look like committed steps (holding
+  `item` or Orbax's step metadata) but that the format maps to no step (a
+  root saved with a step_prefix, read without it) are named in one WARNING,
+  with the format that would map them where one does. Steps another
+  handler wrote (e.g. Orbax's StandardCheckpointHandler) are not
+  restorable here; those newer than the answer are named in a WARNING.
+
   Args:
-    root: this process's CheckpointManager root (steps are `root/<step>/<item>`).
+    root: this process's CheckpointManager root (steps are `root/<step
+      name>/<item>`).
     item: the item name (a single-item CheckpointManager uses "default").
     timeout_s: how long to wait for every process to call.
+    step_name_format: the Orbax NameFormat the CheckpointManager named steps
+      with: CheckpointManagerOptions.step_name_format, or
+      ocp.path.step.standard_name_format(step_prefix=...,
+      step_format_fixed_length=...) matching its step_prefix and
+      step_format_fixed_length. None: the standard format (`root/12`).
+      Its single_host_load_and_broadcast is ignored (each host lists its
+      own root).
 
   Returns:
     The step number, the same on every process; None when no step is
@@ -206,23 +461,41 @@ def latest_restorable_step(root: str, item: str = "default", *,
 
   Raises:
     PeerTimeoutError: a process did not call within timeout_s.
+    TypeError: step_name_format is not a NameFormat (on the calling
+      process, before any collective: every process passes the same one).
   """
+  name_format = _name_format(step_name_format)
   call = next(_CALLS)
-  mine = {}
-  for step in _step_numbers(os.fspath(root)):
-    local = _inspect(os.fspath(root), step, item)
+  root = os.fspath(root)
+  paths = _step_paths(root, name_format)
+  unmapped = _unmapped(root, {os.path.basename(p) for p in paths.values()}, item)
+  if unmapped:
+    logger.warning("fastpersist recovery: %s", _unmapped_note(root, name_format, unmapped))
+  mine, foreign = {}, {}
+  for step, path in paths.items():
+    local = _inspect(os.path.join(path, item), step)
     if local.usable:
       mine[str(step)] = local.header
+    elif "foreign" in local.header:
+      foreign[step] = local.header["foreign"]
   exchange.rendezvous(f"fastpersist_recovery_{call}_steps", timeout_s)
   everyone = exchange.allgather_json(mine)
   steps = sorted({int(s) for h in everyone for s in h}, reverse=True)
+  answer = None
   for step in steps:
     verdict = _judge([h.get(str(step)) for h in everyone], step)
     if verdict.restorable:
-      return step
+      answer = step
+      break
     logger.info("fastpersist recovery: step %d is not restorable: %s", step,
                 verdict.problem or f"{sum(verdict.gaps.values())} bytes have no copy")
-  return None
+  newer = sorted(s for s in foreign if answer is None or s > answer)
+  if newer:
+    logger.warning("fastpersist recovery: step%s %s under %s %s written by another handler, not "
+                   "restorable by fastpersist: %s", "s" if len(newer) > 1 else "",
+                   ", ".join(map(str, newer)), root, "were" if len(newer) > 1 else "was",
+                   foreign[newer[-1]])
+  return answer
 
 
 def _regions(meta: disk_format.CheckpointMetadata, target: Any) -> dict[int, list[Index]]:
@@ -279,7 +552,7 @@ def _raise_first(entries: list, what: str, cause: BaseException | None = None) -
 
 def restore_per_host(root: str, step: int, target: Any = None, item: str = "default",
                      options: FastPersistOptions | None = None, *,
-                     timeout_s: float | None = None) -> Any:
+                     timeout_s: float | None = None, step_name_format: Any = None) -> Any:
   """Restores `step` of a per-host checkpoint on every process, whatever
   hosts lost.
 
@@ -290,7 +563,8 @@ def restore_per_host(root: str, step: int, target: Any = None, item: str = "defa
   is checked against its CRC-32C. Needs the same process count as the save.
 
   Args:
-    root: this process's CheckpointManager root (steps are `root/<step>/<item>`).
+    root: this process's CheckpointManager root (steps are `root/<step
+      name>/<item>`).
     step: the step to restore (see latest_restorable_step).
     target: as FastPersistRestore's item: a pytree of jax.Arrays or
       jax.ShapeDtypeStructs with shardings (the usual case), a sub-tree, or
@@ -299,6 +573,11 @@ def restore_per_host(root: str, step: int, target: Any = None, item: str = "defa
     options: engine, buffer and checksum options (FastPersistOptions()).
     timeout_s: how long to wait for every process to call; default
       options.commit_timeout_s.
+    step_name_format: the Orbax NameFormat the CheckpointManager named steps
+      with (see latest_restorable_step); None: the standard format. The
+      step's directory is found with its find_step; a process whose root has
+      none names, in a WARNING and in the error when no process has the
+      step, the directories there that the format maps to no step.
 
   Returns:
     The restored pytree, as Restorer.restore returns it.
@@ -309,21 +588,48 @@ def restore_per_host(root: str, step: int, target: Any = None, item: str = "defa
       gone), when the hosts hold different saves of the step, or when a part
       is damaged (ChecksumMismatchError). No partial result is returned.
     CheckpointNotFoundError: no process holds the step.
+    ForeignCheckpointError (a CheckpointNotFoundError): no process holds a
+      fastpersist copy of the step, and a process's is one another handler
+      wrote (e.g. Orbax's StandardCheckpointHandler): names the writer and
+      the Orbax handler and args that read it.
     RestoreMismatchError: the target does not fit the checkpoint.
     PeerTimeoutError: a process did not call within timeout_s.
+    TypeError: step_name_format is not a NameFormat (before any collective).
   """
+  name_format = _name_format(step_name_format)
   options = options or FastPersistOptions()
   timeout_s = options.commit_timeout_s if timeout_s is None else timeout_s
   call = next(_CALLS)
   me = jax.process_index()
   root = os.fspath(root)
-  local = _inspect(root, step, item)
+  step_dir = _step_path(root, name_format, step)
+  if step_dir is not None:
+    local = _inspect(os.path.join(step_dir, item), step)
+  else:
+    try:
+      name = name_format.build_name(step)
+    except Exception:  # pylint: disable=broad-except  (a format only for finding steps)
+      name = str(step)
+    local = _Local(os.path.join(root, name, item), {"problem": "absent"})
+    unmapped = _unmapped(root, {os.path.basename(p)
+                                for p in _step_paths(root, name_format).values()}, item)
+    if unmapped:
+      logger.warning("fastpersist recovery: %s", _unmapped_note(root, name_format, unmapped))
+      local.header["problem"] = (
+          f"{name_format} finds no step {step} under {root}, which holds "
+          f"{len(unmapped)} step-like {'directory' if len(unmapped) == 1 else 'directories'} it "
+          f"maps to no step ({', '.join(unmapped[:_NAMES_SHOWN])}"
+          f"{' ...' if len(unmapped) > _NAMES_SHOWN else ''}). {_format_hint(unmapped)}")
 
   # 1. Who holds what (one header each), and whether that covers the step.
   exchange.rendezvous(f"fastpersist_recovery_{call}", timeout_s)
   headers = exchange.allgather_json(local.header)
   verdict = _judge(headers, step)
   if not verdict.holders:
+    foreign = [(p, h["foreign"]) for p, h in enumerate(headers) if h.get("foreign")]
+    if foreign:
+      raise ForeignCheckpointError(f"step {step} (item {item!r}): process {foreign[0][0]}: "
+                                   f"{foreign[0][1]}")
     raise CheckpointNotFoundError(f"{verdict.problem} (item {item!r})")
   if verdict.problem:
     raise CorruptCheckpointError(verdict.problem)

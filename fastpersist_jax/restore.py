@@ -44,7 +44,8 @@ import jax
 import numpy as np
 
 from fastpersist_jax import _ext, disk_format, exchange, jax_internals, shardings, treepath
-from fastpersist_jax.errors import ChecksumMismatchError, CorruptCheckpointError
+from fastpersist_jax.errors import (CheckpointNotFoundError, ChecksumMismatchError,
+                                    CorruptCheckpointError)
 from fastpersist_jax.io_engine import AlignedBuffer, IOEngine, release_free_heap
 from fastpersist_jax.options import FastPersistOptions
 from fastpersist_jax.restore_plan import (Index, LeafJob, TargetLayouts, as_python, key_dtype,
@@ -164,9 +165,26 @@ def check_chunks(view: np.ndarray, rec: disk_format.ShardRecord, runs: list[tupl
             f"({where}): checksum mismatch, the data is corrupt")
 
 
+def _read_metadata(directory: str) -> disk_format.CheckpointMetadata:
+  """disk_format.read_metadata; where fastpersist.json is absent because
+  another handler (e.g. Orbax's StandardCheckpointHandler) wrote the
+  directory, raises ForeignCheckpointError (a CheckpointNotFoundError)
+  naming the writer and how to read it instead."""
+  try:
+    return disk_format.read_metadata(directory)
+  except CheckpointNotFoundError:
+    # (recovery imports this module: imported here)
+    from fastpersist_jax.recovery import foreign_checkpoint_error  # pylint: disable=g-import-not-at-top
+    foreign = foreign_checkpoint_error(directory)
+    if foreign is None:
+      raise
+    raise foreign from None
+
+
 class Restorer:
   """Restores one checkpoint directory (item directory holding
-  fastpersist.json). Raises CheckpointNotFoundError when there is none."""
+  fastpersist.json). Raises CheckpointNotFoundError when there is none
+  (ForeignCheckpointError when another handler wrote the directory)."""
 
   def __init__(self, engine: IOEngine, options: FastPersistOptions, directory: str,
                pool: StagingPool | None = None, *,
@@ -184,7 +202,7 @@ class Restorer:
     self._options = options
     self._directory = directory
     self._pool = pool
-    self.meta = meta if meta is not None else disk_format.read_metadata(directory)
+    self.meta = meta if meta is not None else _read_metadata(directory)
     self._manifests: dict[int, disk_format.Manifest] | None = manifests
     # Part bytes already in memory: swapped between hosts (per-host
     # checkpoints with replica-parallel parts), keyed by (process, leaf,

@@ -95,6 +95,93 @@ def data_bytes(directory, process):
              if f.startswith(f"data.{process:05d}."))
 
 
+class _CustomNameFormat:
+  """A NameFormat of its own ("run-<step, 5 digits>"), built on Orbax's step
+  helpers, as CheckpointManagerOptions(step_name_format=...) takes."""
+
+  def build_name(self, step: int) -> str:
+    return f"run-{step:05d}"
+
+  def _metadata(self, path):
+    import re  # pylint: disable=g-import-not-at-top
+    m = re.fullmatch(r"run-(\d{5})", path.name)
+    if m is None or not ocp.path.step.is_path_finalized(path):
+      return None
+    return ocp.path.step.Metadata(step=int(m.group(1)), path=path)
+
+  def find_all(self, base_path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return ocp.path.step.build_step_metadatas(epath.Path(base_path).iterdir(), self._metadata)
+
+  def find_step(self, base_path, step: int):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    found = self._metadata(epath.Path(base_path) / self.build_name(step))
+    if found is None:
+      raise ValueError(f"no step {step} under {base_path}")
+    return found
+
+  def __str__(self):
+    return 'Custom("run-01234")'
+
+
+def _step_names(mesh, root: str) -> dict:
+  """Per-host roots saved by CheckpointManagers naming steps otherwise than
+  `root/12`: step 12 with step_format_fixed_length=8, with step_prefix, and
+  with a custom NameFormat. Each is then found and restored by recovery
+  with the format (and, without it, what recovery says)."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from fastpersist_jax import latest_restorable_step, restore_per_host  # pylint: disable=g-import-not-at-top
+
+  class Warnings(logging.Handler):
+    def __init__(self):
+      super().__init__(logging.WARNING)
+      self.messages: list[str] = []
+
+    def emit(self, record):
+      self.messages.append(record.getMessage())
+
+  warnings = Warnings()
+  logging.getLogger("fastpersist_jax.recovery").addHandler(warnings)
+  state, expected = global_state(mesh)
+  mp = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={pid})
+  formats = {
+      "fixed_length": ({"step_format_fixed_length": 8},
+                       ocp.path.step.standard_name_format(step_format_fixed_length=8)),
+      "prefix": ({"step_prefix": "ckpt"}, ocp.path.step.standard_name_format(step_prefix="ckpt")),
+      "custom": ({"step_name_format": _CustomNameFormat()}, _CustomNameFormat()),
+  }
+  out = {}
+  for label, (manager_options, name_format) in formats.items():
+    host_dir = os.path.join(root, label, f"host{pid}")
+    os.makedirs(host_dir, exist_ok=True)   # Orbax leaves per-process roots to the caller
+    handler = FastPersistHandler(multiprocessing_options=mp)
+    with ocp.CheckpointManager(host_dir, item_handlers=handler,
+                               options=ocp.CheckpointManagerOptions(
+                                   multiprocessing_options=mp, create=False,
+                                   async_options=ocp.AsyncOptions(
+                                       create_directories_asynchronously=False),
+                                   **manager_options)) as mngr:
+      mngr.save(12, args=FastPersistSave(state))
+      mngr.wait_until_finished()
+    r: dict = {"names": sorted(os.listdir(host_dir))}
+    del warnings.messages[:]
+    r["latest_without"] = latest_restorable_step(host_dir, timeout_s=60)
+    r["warnings_without"] = list(warnings.messages)
+    try:
+      restore_per_host(host_dir, 12, abstract(state), timeout_s=60)
+      r["restore_without"] = None
+    except Exception as e:  # pylint: disable=broad-except
+      r["restore_without"] = f"{type(e).__name__}: {e}"
+    del warnings.messages[:]
+    r["latest"] = latest_restorable_step(host_dir, timeout_s=60, step_name_format=name_format)
+    r["warnings"] = list(warnings.messages)
+    check(restore_per_host(host_dir, 12, abstract(state), timeout_s=60,
+                           step_name_format=name_format), expected)
+    r["restored"] = True
+    out[label] = r
+  return out
+
+
 def run(scenario: str, root: str) -> dict:
   """Runs `scenario` in the directory `root`; returns what it reports."""
   n_data = nproc
@@ -304,6 +391,8 @@ def run(scenario: str, root: str) -> dict:
       result["after_corruption"] = "ok"
     except Exception as e:  # pylint: disable=broad-except
       result["after_corruption"] = f"{type(e).__name__}: {e}"
+  elif scenario == "step_names":
+    result = _step_names(mesh, root)
   elif scenario == "swap_threshold":
     import mp_swap_threshold  # pylint: disable=g-import-not-at-top  (tests/, beside this file)
     result = mp_swap_threshold.run(pid, root)

@@ -36,7 +36,7 @@ def _assert_no_loss(result: dict) -> None:
 
 
 @pytest.mark.parametrize("api,placement,trials", [
-    ("v0", "shared", 2),
+    ("v0", "shared", 1),
     ("v1", "shared", 1),
     ("v0", "per_host", 1),
     ("v1", "per_host", 1),

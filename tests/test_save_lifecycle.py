@@ -26,7 +26,7 @@ from helpers import MiB, assert_tree_bytes_equal
 
 # A pool of 4 slabs of 1 MiB and a 6 MiB state: the snapshot must wait for
 # written windows to come back, so a save that holds slabs starves the next.
-SMALL_POOL = dict(host_memory_limit=4 * MiB, staging_slab_bytes=1 * MiB, commit_timeout_s=5.0)
+SMALL_POOL = dict(host_memory_limit=4 * MiB, staging_slab_bytes=1 * MiB, commit_timeout_s=3.0)
 DEADLINE_S = 90.0
 
 
