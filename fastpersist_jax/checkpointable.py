@@ -22,6 +22,7 @@ before it commits the step.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import Any, Awaitable
 
@@ -29,7 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fastpersist_jax import plan, restore_plan, treepath
+from fastpersist_jax import orbax_internals, plan, restore_plan, treepath
+from fastpersist_jax import save as save_lib
 from fastpersist_jax.errors import SaveError
 from fastpersist_jax.handler import FastPersistHandler, FastPersistRestore, FastPersistSave
 from fastpersist_jax.options import FastPersistOptions
@@ -109,13 +111,19 @@ class FastPersistCheckpointableHandler:
       # fails through the awaitable, not here: an error raised by this
       # blocking part would leave Orbax's manager "saving" for good, and its
       # default save policy would then skip every later save.
+      signals = orbax_internals.directory_signals()
       try:
-        await asyncio.wait_for(directory.await_creation(), self._options.commit_timeout_s)
+        if signals is not None and orbax_internals.created_in_background(directory):
+          # Orbax creates it in the background: poll, bounded and leaving no thread behind
+          await asyncio.to_thread(save_lib.await_directory, os.fspath(directory.path),
+                                  self._options.commit_timeout_s, threading.Event(), signals)
+        else:   # (ocp.v1's free functions create it when awaited)
+          await asyncio.wait_for(directory.await_creation(), self._options.commit_timeout_s)
       except asyncio.TimeoutError:
         return _SaveAwaitable([], handler, directory.path, error=SaveError(
             f"checkpoint directory {directory.path}: Orbax did not create it within "
             f"{self._options.commit_timeout_s:.0f} s (commit_timeout_s); nothing was written"))
-      except Exception as e:  # pylint: disable=broad-except  (Orbax's creation failed)
+      except Exception as e:  # pylint: disable=broad-except  (Orbax's creation failed, or timed out)
         return _SaveAwaitable([], handler, directory.path, error=e)
     futures = await handler.async_save(directory.path, args=FastPersistSave(checkpointable)) or []
     return _SaveAwaitable(futures, handler, directory.path)

@@ -32,6 +32,12 @@ try:  # pylint: disable=g-import-not-at-top
 except (ImportError, AttributeError):   # an Orbax without them: wait for the directory only
   _CONTRACT = _OPERATION_IDS = _signaling_client = None
 
+try:  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint.experimental.v1._src.handlers import compatibility as _v1_compatibility
+  _V1_SIGNALLED_PATH = _v1_compatibility._PathAwaitingCreation  # pylint: disable=protected-access
+except (ImportError, AttributeError):
+  _V1_SIGNALLED_PATH = None
+
 
 def available() -> bool:
   """Whether Orbax's signal contract can be read (orbax 0.12.8 has it)."""
@@ -67,3 +73,14 @@ def directory_signals() -> Callable[[], bool] | None:
       pending.pop()
     return not pending
   return all_set
+
+
+def created_in_background(directory) -> bool:
+  """Whether Orbax v1 creates `directory` (a PathAwaitingCreation handed to
+  a v1 handler's save) in the background and signals it, so that the save
+  can poll for it (directory_signals) instead of `await_creation()`, which
+  there blocks an executor thread until Orbax's 5 min coordination timeout
+  when the creation fails (and so holds up interpreter exit). False for the
+  paths of ocp.v1's free functions, which create the directory when awaited,
+  and for an Orbax whose classes moved (await_creation() is then used)."""
+  return _V1_SIGNALLED_PATH is not None and isinstance(directory, _V1_SIGNALLED_PATH)

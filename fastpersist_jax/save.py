@@ -139,19 +139,19 @@ class SaveOperation:
     surfaces from commit().
     """
     self._pool.ensure(self._plan.staged_bytes)
-    self._checksummer = self._background.run(self._checksum_loop)
     with self._stage_lock:
       self._raise_if_failed()   # abandoned before its copy began
       self._stage_scheduled = True
-    if background:
-      self._checksum_gate.set()   # nothing blocks on the copy: checksum as it goes
-      try:
+    try:
+      self._checksummer = self._background.run(self._checksum_loop)
+      if background:
+        self._checksum_gate.set()   # nothing blocks on the copy: checksum as it goes
         self._background.run(self._stage, _BACKGROUND_COPY_THREADS, True)
-      except BaseException as e:  # (no thread for it): nothing was staged
-        self._fail(e)
-        self._end_stage()
-        raise
-    else:
+    except BaseException as e:  # (no thread for it): nothing was staged
+      self._fail(e)
+      self._end_stage()
+      raise
+    if not background:
       self._stage(self._copy_threads, False)
       self._raise_if_failed()
 

@@ -343,3 +343,23 @@ def report_and_exit(client, result: dict, pid: int, nproc: int, prefix: str) -> 
     except Exception:  # pylint: disable=broad-except  (a peer already gone)
       pass
   os._exit(0)  # pylint: disable=protected-access
+
+
+def within(seconds: float, fn):
+  """fn() on a thread; fails the test (instead of hanging it) when fn has
+  not returned within `seconds`. Returns fn's value, raises its error."""
+  import threading  # pylint: disable=g-import-not-at-top
+  out: dict = {}
+
+  def run():
+    try:
+      out["value"] = fn()
+    except BaseException as e:  # pylint: disable=broad-except
+      out["error"] = e
+  t = threading.Thread(target=run, daemon=True)
+  t.start()
+  t.join(seconds)
+  assert not t.is_alive(), f"did not finish within {seconds} s (hung)"
+  if "error" in out:
+    raise out["error"]
+  return out.get("value")

@@ -5,8 +5,8 @@ slow disk, Orbax's cancel, manager layouts and deletion options, nested roots.
 
 Real Orbax managers and checkpointers, real files; monkeypatching only to
 inject faults or delays (a slow mkdir, a slow disk, an interrupt). Every
-scenario runs on a thread joined with a deadline (test_save_lifecycle's
-run_bounded), so a wedge fails instead of hanging. The one xfail(strict) is
+scenario runs on a thread joined with a deadline (helpers.within), so a
+wedge fails instead of hanging. The one xfail(strict) is
 a documented limit of Orbax v1.
 """
 
@@ -28,8 +28,8 @@ import pytest
 import fastpersist_jax as fp
 from fastpersist_jax import checksums, durability, io_engine, save, sources, staging
 from fastpersist_jax.handler import FastPersistHandler
-from helpers import MiB, assert_tree_bytes_equal
-from test_save_lifecycle import SMALL_POOL, assert_pool_whole, run_bounded
+from helpers import MiB, assert_tree_bytes_equal, within
+from test_save_lifecycle import SMALL_POOL, assert_pool_whole
 
 DEADLINE_S = 30.0
 
@@ -99,7 +99,7 @@ def test_v1_free_function_saves_into_sibling_paths_do_not_abandon_each_other(tmp
         got = ocp.v1.load_checkpointables(tmp_path / name, {"state": None})["state"]
         assert_tree_bytes_equal(small(step), got)
   try:
-    run_bounded(scenario, DEADLINE_S)
+    within(DEADLINE_S, scenario)
   finally:
     fp.FastPersistCheckpointableHandler.close_shared()
 
@@ -131,7 +131,7 @@ def test_closing_one_manager_does_not_abort_anothers_save_through_a_shared_handl
       assert_tree_bytes_equal(small(1), b.restore(0, args=fp.FastPersistRestore()))
     finally:
       b.close()
-  run_bounded(scenario, DEADLINE_S)
+  within(DEADLINE_S, scenario)
 
 
 def test_durable_checkpointer_syncs_a_step_still_in_flight_when_an_earlier_result_returns(
@@ -152,7 +152,7 @@ def test_durable_checkpointer_syncs_a_step_still_in_flight_when_an_earlier_resul
       assert second.result() is True
       assert [c[0] for c in syncs if c[1]] == ["1", "2"]
   try:
-    run_bounded(scenario, DEADLINE_S)
+    within(DEADLINE_S, scenario)
   finally:
     fp.FastPersistCheckpointableHandler.close_shared()
 
@@ -172,7 +172,7 @@ def test_durable_checkpointer_syncs_before_the_preservation_policy_deletes(tmp_p
     step_2 = [c for c in syncs if c[0] == "2"]
     assert step_2 and "0" in step_2[0][2], step_2
   try:
-    run_bounded(scenario, DEADLINE_S)
+    within(DEADLINE_S, scenario)
   finally:
     fp.FastPersistCheckpointableHandler.close_shared()
 
@@ -219,7 +219,7 @@ def test_a_slow_but_progressing_disk_does_not_fail_a_save(tmp_path, monkeypatch)
     handler.finalize(tmp_path / "c")
     return handler.restore(tmp_path / "c", args=fp.FastPersistRestore())
   try:
-    assert_tree_bytes_equal(big(0), run_bounded(scenario, DEADLINE_S))
+    assert_tree_bytes_equal(big(0), within(DEADLINE_S, scenario))
   finally:
     handler.close()
 
@@ -276,7 +276,7 @@ def test_two_items_one_handler_retry_same_step_after_failed_directory(tmp_path, 
       assert_tree_bytes_equal(big(step), got["a"])
       assert_tree_bytes_equal(small(step), got["b"])
     mngr.close()
-  run_bounded(scenario, DEADLINE_S)
+  within(DEADLINE_S, scenario)
 
 
 class _Boom(BaseException):
@@ -315,7 +315,7 @@ def test_base_exception_on_a_background_thread_fails_only_that_save(tmp_path, mo
     assert_pool_whole(handler)
     assert_tree_bytes_equal(big(2), mngr.restore(2, args=fp.FastPersistRestore()))
     mngr.close()
-  run_bounded(scenario, DEADLINE_S)
+  within(DEADLINE_S, scenario)
 
 
 def test_orbax_cancel_mid_write_then_the_next_save(tmp_path, monkeypatch):
@@ -345,7 +345,7 @@ def test_orbax_cancel_mid_write_then_the_next_save(tmp_path, monkeypatch):
     assert_pool_whole(handler)
     assert_tree_bytes_equal(big(1), ckptr.restore(tmp_path / "c1", args=fp.FastPersistRestore()))
     ckptr.close()
-  run_bounded(scenario, DEADLINE_S)
+  within(DEADLINE_S, scenario)
 
 
 @pytest.mark.parametrize("fields,kept", [
@@ -395,7 +395,7 @@ def test_durable_checkpointer_custom_name_format_overwrite_and_on_complete(tmp_p
       assert_tree_bytes_equal(small(5), ckptr.load_pytree(0))
       assert_tree_bytes_equal(small(1), ckptr.load_pytree(1))
   try:
-    run_bounded(scenario, DEADLINE_S)
+    within(DEADLINE_S, scenario)
   finally:
     fp.FastPersistCheckpointableHandler.close_shared()
   assert seen == [(True, ["ckpt_0000", "ckpt_0000", "ckpt_0001"])]

@@ -9,7 +9,6 @@ import errno
 import faulthandler
 import os
 import sys
-import threading
 import time
 
 import jax
@@ -22,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fastpersist_jax import (CheckpointNotFoundError, CorruptCheckpointError, FastPersistError,
                              FastPersistHandler, FastPersistOptions, FastPersistRestore,
                              FastPersistSave, SaveError, UnsupportedLeafError, disk_format)
-from helpers import MiB, abstract, assert_tree_bytes_equal
+from helpers import MiB, abstract, assert_tree_bytes_equal, within
 
 # Small staging so that a handler costs little memory; slabs of 1 MiB so that
 # a few-MiB checkpoint is staged and written as several windows.
@@ -133,24 +132,6 @@ def test_restore_while_being_written(mesh, tmp_path):
   reader.close()
 
 
-def _within(seconds: float, fn):
-  """fn() on a thread; fails the test (instead of hanging it) past `seconds`."""
-  out: dict = {}
-
-  def run():
-    try:
-      out["value"] = fn()
-    except BaseException as e:  # pylint: disable=broad-except
-      out["error"] = e
-  t = threading.Thread(target=run, daemon=True)
-  t.start()
-  t.join(seconds)
-  assert not t.is_alive(), f"hung for {seconds} s"
-  if "error" in out:
-    raise out["error"]
-  return out.get("value")
-
-
 @pytest.mark.parametrize("snapshot", ["copy", "auto", "reference"])
 def test_failed_copy_returns_its_slab(mesh, tmp_path, monkeypatch, snapshot):
   # With a one-slab pool, a slab lost by a failed save would hang the next.
@@ -168,8 +149,8 @@ def test_failed_copy_returns_its_slab(mesh, tmp_path, monkeypatch, snapshot):
   monkeypatch.setattr(staging._ext, "copy_many", failing_once)
   tree = _big_tree(mesh, 21)
   with pytest.raises(SaveError, match="injected copy failure"):
-    _within(60, lambda: h.save(tmp_path / "bad", args=FastPersistSave(tree)))
-  _within(60, lambda: h.save(tmp_path / "good", args=FastPersistSave(tree)))
+    within(60, lambda: h.save(tmp_path / "bad", args=FastPersistSave(tree)))
+  within(60, lambda: h.save(tmp_path / "good", args=FastPersistSave(tree)))
   assert_tree_bytes_equal(tree, h.restore(tmp_path / "good",
                                           args=FastPersistRestore(abstract(tree))))
   h.close()
@@ -192,11 +173,11 @@ def test_no_thread_for_a_stage_fails_the_save_without_hanging(mesh, tmp_path, mo
   ckptr = ocp.AsyncCheckpointer(h)
   tree = _big_tree(mesh, 22)
   with pytest.raises(Exception, match="can't start new thread"):
-    _within(60, lambda: (ckptr.save(tmp_path / "bad", args=FastPersistSave(tree)),
+    within(60, lambda: (ckptr.save(tmp_path / "bad", args=FastPersistSave(tree)),
                          ckptr.wait_until_finished()))
   assert not (tmp_path / "bad").exists()
   monkeypatch.undo()
-  _within(60, lambda: (ckptr.save(tmp_path / "good", args=FastPersistSave(tree)),
+  within(60, lambda: (ckptr.save(tmp_path / "good", args=FastPersistSave(tree)),
                        ckptr.wait_until_finished()))
   ckptr.close()
 
