@@ -283,6 +283,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     With several processes, every process calls restore (as Orbax's
     Checkpointer and CheckpointManager do): they agree on its outcome.
     """
+    partial_restore = bool(getattr(args, "partial_restore", False))
     if args is not None:
       item = args.item
     # Several processes agree twice: once planned (before any collective of
@@ -316,7 +317,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
       with gc_pause.paused():
         state["restorer"] = Restorer(self._engine, self._options, os.fspath(directory),
                                      self._pool, on_planned=planned)
-        restored = state["restorer"].restore(item)
+        restored = state["restorer"].restore(item, partial_restore)
         # Its records and plans are dropped before the pause ends: the
         # collection the pause deferred then walks the restored tree alone
         # (10,000 leaves: 7-12 ms less).
@@ -483,5 +484,8 @@ class FastPersistRestore(ocp.args.CheckpointArgs):
       (ocp.PLACEHOLDER) leaf is not read and comes back as it is, as with
       Orbax's handlers; Orbax v1's abstract leaves (NumpyShapeDtype, the
       types int / float) restore a numpy array / Python scalar.
+    partial_restore: as Orbax's: target leaves the checkpoint lacks keep the
+      target's value (default: RestoreMismatchError naming the leaf).
   """
   item: Any = None
+  partial_restore: bool = False

@@ -232,13 +232,15 @@ class Restorer:
 
   # Public ---------------------------------------------------------------------
 
-  def restore(self, target: Any = None) -> Any:
+  def restore(self, target: Any = None, partial_restore: bool = False) -> Any:
     """The saved tree, or the part of it `target` names, built as `target`
-    says (see FastPersistRestore). Raises RestoreMismatchError (the target
-    does not fit), CorruptCheckpointError / ChecksumMismatchError (damage)."""
+    says (see FastPersistRestore; `partial_restore`: target leaves the
+    checkpoint lacks keep their value). Raises RestoreMismatchError (the
+    target does not fit), CorruptCheckpointError / ChecksumMismatchError
+    (damage)."""
     t0 = time.perf_counter()
     leaves = self.meta.leaves
-    selected, treedef = match_target(leaves, target, self._directory)
+    selected, treedef = match_target(leaves, target, self._directory, partial_restore)
     wanted = {i for i, _ in selected if i is not None and leaves[i].kind in disk_format.ARRAY_KINDS}
     if wanted or self._parts_are_on_peers():
       self.manifests   # read and validated here, before any collective: a damaged one raises now

@@ -332,8 +332,8 @@ def saved_shards(leaves: list[disk_format.LeafMeta], records: dict[tuple[int, In
 _NOT_RESTORED_UNDER_NONE = frozenset(disk_format.ARRAY_KINDS) | {"scalar"}
 
 
-def match_target(leaves: list[disk_format.LeafMeta], target: Any, where: str
-                 ) -> tuple[list[tuple[int, Any]], Any]:
+def match_target(leaves: list[disk_format.LeafMeta], target: Any, where: str,
+                 partial_restore: bool = False) -> tuple[list[tuple[int, Any]], Any]:
   """[(saved leaf id, target leaf)] in target order, and the target's treedef
   (None without a target: every saved leaf, in saved order). Leaves are
   matched by key name and index (treepath.key_of). The saved leaf id is None
@@ -341,8 +341,10 @@ def match_target(leaves: list[disk_format.LeafMeta], target: Any, where: str
   placeholder `...` (skip this leaf), None where the checkpoint holds an
   array or a scalar (not restored, as with Orbax's handlers), or an empty
   node the checkpoint does not record (format version 1 kept no record of,
-  e.g., optax.EmptyState()). Raises RestoreMismatchError for a target leaf
-  that is not is_target_leaf, and for any other target leaf the checkpoint
+  e.g., optax.EmptyState()), and, with `partial_restore`, any target leaf
+  the checkpoint lacks (Orbax's partial_restore: it keeps the target's value).
+  Raises RestoreMismatchError for a target leaf that is not is_target_leaf,
+  and (without `partial_restore`) for any other target leaf the checkpoint
   lacks."""
   if target is None:
     return [(i, None) for i in range(len(leaves))], None
@@ -381,8 +383,12 @@ def match_target(leaves: list[disk_format.LeafMeta], target: Any, where: str
       selected.append((None, t))
       continue
     if i is None:
+      if partial_restore:
+        selected.append((None, t))   # the target's own value
+        continue
       raise RestoreMismatchError(
-          f"leaf {treepath.to_str(path)} of the restore target is not in the checkpoint")
+          f"leaf {treepath.to_str(path)} of the restore target is not in the checkpoint "
+          "(FastPersistRestore(..., partial_restore=True) keeps the target's value there)")
     selected.append((i, t))
   return selected, treedef
 

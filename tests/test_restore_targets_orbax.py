@@ -368,3 +368,23 @@ def test_any_leaves_skipped_leave_the_rest_bit_exact(saved, data):
         assert raw_bytes(g) == raw_bytes(x) and type(g) is type(x)
       else:
         assert type(g) is type(x) and g == x
+
+
+def test_partial_restore_keeps_the_target_value_where_the_checkpoint_has_no_leaf(tmp_path):
+  """Orbax's partial_restore: keys the checkpoint lacks keep the target's
+  values; without it such a key is refused, naming the leaf and the option."""
+  saved = {"params": {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}, "step": 7}
+  mngr = ocp.CheckpointManager(tmp_path, item_handlers=FastPersistHandler())
+  mngr.save(1, args=FastPersistSave(saved))
+  mngr.wait_until_finished()
+  new_leaf = np.full(5, 2.5, np.float32)
+  target = {"params": {"w": jax.ShapeDtypeStruct((3, 4), np.float32), "b": new_leaf},
+            "step": 0, "ema": {"w": np.zeros((3, 4), np.float32)}}
+  out = mngr.restore(1, args=FastPersistRestore(target, partial_restore=True))
+  np.testing.assert_array_equal(np.asarray(out["params"]["w"]), saved["params"]["w"])
+  assert out["params"]["b"] is new_leaf and out["step"] == 7
+  np.testing.assert_array_equal(out["ema"]["w"], np.zeros((3, 4), np.float32))
+  with pytest.raises(RestoreMismatchError,
+                     match=r"\['ema'\]\['w'\].*not in the checkpoint.*partial_restore"):
+    mngr.restore(1, args=FastPersistRestore(target))
+  mngr.close()
