@@ -90,7 +90,9 @@ class FastPersistCheckpointableHandler:
       directory: an `ocp.v1` PathAwaitingCreation (the item's directory,
         which Orbax may create only after this returns).
       checkpointable: a pytree of jax.Arrays, numpy arrays and scalars,
-        Python scalars and None.
+        Python scalars and None. Array leaves are stored cast to the dtype
+        the active Context's `array_options.saving` asks
+        (`scoped_storage_options_creator`, else `storage_options.dtype`).
 
     Returns:
       An awaitable that completes when the item is durable; it raises
@@ -125,7 +127,8 @@ class FastPersistCheckpointableHandler:
             f"{self._options.commit_timeout_s:.0f} s (commit_timeout_s); nothing was written"))
       except Exception as e:  # pylint: disable=broad-except  (Orbax's creation failed, or timed out)
         return _SaveAwaitable([], handler, directory.path, error=e)
-    futures = await handler.async_save(directory.path, args=FastPersistSave(checkpointable)) or []
+    args = FastPersistSave(checkpointable, save_args=v1_save_args(checkpointable))
+    futures = await handler.async_save(directory.path, args=args) or []
     return _SaveAwaitable(futures, handler, directory.path)
   async def load(self, directory: Any, abstract_checkpointable: Any = None) -> Awaitable[Any]:
     """Starts restoring the item saved in `directory`.
@@ -138,7 +141,9 @@ class FastPersistCheckpointableHandler:
         restore as Orbax's PyTreeHandler does: NumpyShapeDtype as a numpy
         array, the types `int` / `float` as Python scalars of that type (where
         lossless), `...` (ocp.PLACEHOLDER) and None are not restored (they
-        come back as they are).
+        come back as they are). With the Context's
+        `pytree_options.loading.partial_load`, target leaves the checkpoint
+        lacks keep their value (FastPersistRestore(partial_restore=True)).
 
     Returns:
       An awaitable of the restored pytree; it raises CheckpointNotFoundError,
@@ -147,14 +152,18 @@ class FastPersistCheckpointableHandler:
     handler = self._handler()
 
     async def restore() -> Any:
-      return await asyncio.to_thread(handler.restore, directory,
-                                     args=FastPersistRestore(abstract_checkpointable))
+      return await asyncio.to_thread(handler.restore, directory, args=FastPersistRestore(
+          abstract_checkpointable, partial_restore=partial_load))
+
+    partial_load = bool(orbax_internals.v1_context().pytree_options.loading.partial_load)
 
     return restore()
 
   async def metadata(self, directory: Any) -> Any:
-    """The saved pytree with jax.ShapeDtypeStruct leaves (saved scalars as
-    values). Raises CheckpointNotFoundError / CorruptCheckpointError."""
+    """The saved item's metadata (FastPersistHandler.metadata): a
+    TreeMetadata that maps like the saved pytree, with jax.ShapeDtypeStruct
+    leaves and saved scalars as values. Raises CheckpointNotFoundError /
+    CorruptCheckpointError."""
     return self._handler().metadata(directory)
 
   def is_handleable(self, checkpointable: Any) -> bool:
@@ -241,13 +250,34 @@ def v1_multiprocessing() -> tuple[int | None, frozenset[int] | None]:
   """The active Orbax v1 Context's `multiprocessing_options`: (primary_host,
   active_processes or None).
 
-  Orbax v1 exposes no public accessor for the active Context; this function
-  is the one use of it (tests/test_orbax_v1.py fails if Orbax moves it).
+  (tests/test_orbax_v1.py fails if Orbax moves the Context's accessor.)
   """
-  from orbax.checkpoint.experimental.v1._src.context import context as context_lib  # pylint: disable=g-import-not-at-top
-  options = context_lib.get_context().multiprocessing_options
+  options = orbax_internals.v1_context().multiprocessing_options
   active = getattr(options, "active_processes", None)
   return options.primary_host, frozenset(active) if active else None
+
+
+def v1_save_args(checkpointable: Any) -> Any:
+  """The `ocp.SaveArgs(dtype=)` tree the active Orbax v1 Context asks of
+  `checkpointable`, as Orbax's own v1 PyTree handler reads it: per array
+  leaf (jax.Array other than typed keys, numpy array), the dtype of
+  `array_options.saving.scoped_storage_options_creator(keypath, leaf)`
+  where that returns options with a dtype, else the global
+  `storage_options.dtype`. None when no cast is asked."""
+  saving = orbax_internals.v1_context().array_options.saving
+  default = saving.storage_options.dtype
+  scoped = saving.scoped_storage_options_creator
+  if default is None and scoped is None:
+    return None
+
+  def save_args(path, leaf):
+    if not isinstance(leaf, (jax.Array, np.ndarray)) or plan.is_prng_key(leaf):
+      return None
+    dtype = getattr(scoped(path, leaf), "dtype", None) if scoped is not None else None
+    dtype = dtype if dtype is not None else default
+    return ocp.SaveArgs(dtype=dtype) if dtype is not None else None
+  return jax.tree_util.tree_map_with_path(save_args, checkpointable,
+                                          is_leaf=treepath.is_empty_node)
 
 
 def _all_leaves(tree: Any, check) -> bool:

@@ -23,7 +23,8 @@ import crc32c
 import numpy as np
 
 from fastpersist_jax import checksums, treepath
-from fastpersist_jax.errors import CheckpointNotFoundError, CorruptCheckpointError
+from fastpersist_jax.errors import (CheckpointNotFoundError, CorruptCheckpointError,
+                                    UnsupportedLeafError)
 
 FORMAT_NAME = "fastpersist"
 # Version 2 added typed PRNG keys ("prng_impl"), empty custom nodes
@@ -36,6 +37,11 @@ FORMAT_VERSION = 3
 # Versions this reader understands (what version 1 lacks simply is absent).
 READABLE_VERSIONS = (1, 2, 3)
 METADATA_FILE = "fastpersist.json"
+# The item's custom metadata (FastPersistSave(custom_metadata=...)), written
+# by the process that writes METADATA_FILE, only when there is some. Apart
+# from the sealed metadata: a process's manifest records the metadata's
+# checksum, and custom metadata need not be the same on every process.
+CUSTOM_METADATA_FILE = "custom_metadata.json"
 # Shards start on this boundary in data files: the largest O_DIRECT alignment
 # in practice, so every shard can be read straight into an aligned buffer.
 SHARD_ALIGN = 4096
@@ -283,6 +289,52 @@ def _seal_of_bytes(raw: bytes, crc: int) -> bool:
     return False
   body = memoryview(raw)[:len(raw) - len(tail)]
   return crc32c.crc32c(b"}", crc32c.crc32c(body)) == crc
+
+
+# Custom metadata --------------------------------------------------------------
+
+def encode_custom_metadata(value: Any, what: str = "custom_metadata") -> bytes:
+  """CUSTOM_METADATA_FILE's bytes for `value`, sealed. Raises
+  UnsupportedLeafError (a TypeError) naming `what` when `value` is not plain
+  JSON (dicts with str keys, lists, str, finite numbers, bool, None) or its
+  encoding is over MAX_JSON_BYTES."""
+  try:
+    _check_json_keys(value)
+    json.dumps(value, allow_nan=False)
+  except (TypeError, ValueError, RecursionError) as e:
+    raise UnsupportedLeafError(f"{what} must be plain JSON: {_short(str(e))}") from e
+  raw = seal({"format": FORMAT_NAME, "version": FORMAT_VERSION, "custom_metadata": value})
+  if len(raw) > MAX_JSON_BYTES:
+    raise UnsupportedLeafError(f"{what} is {len(raw)} bytes as JSON, over the "
+                               f"{MAX_JSON_BYTES} limit")
+  return raw
+
+
+def _check_json_keys(value: Any) -> None:
+  """Raises TypeError for a dict key that is not a str: JSON would turn it
+  into one, and the metadata would not read back as saved. (Tuples read back
+  as lists, as with Orbax's custom metadata.)"""
+  if isinstance(value, dict):
+    for k, v in value.items():
+      if not isinstance(k, str):
+        raise TypeError(f"dict key {k!r} is not a str")
+      _check_json_keys(v)
+  elif isinstance(value, (list, tuple)):
+    for v in value:
+      _check_json_keys(v)
+
+
+def read_custom_metadata(directory: str) -> Any:
+  """The custom metadata saved with the item in `directory`, or None when
+  none was. Raises CorruptCheckpointError naming the file when it is
+  damaged."""
+  path = os.path.join(directory, CUSTOM_METADATA_FILE)
+  if not os.path.lexists(path):
+    return None
+  d, raw = read_json(path, "custom metadata")
+  _check_header(d, path)
+  _check_seal(d, path, raw)
+  return _get(d, "custom_metadata", path)
 
 
 # Encoding ---------------------------------------------------------------------

@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import future as ocp_future
 
-from fastpersist_jax import (coordination, disk_format, durability, gc_pause, orbax_internals,
-                             redundancy, sources)
+from fastpersist_jax import (casts, coordination, disk_format, durability, gc_pause,
+                             orbax_internals, redundancy, sources)
 from fastpersist_jax.emergency import refuse_emergency_manager
 from fastpersist_jax.errors import (CorruptCheckpointError, ForeignCheckpointError, RestoreError,
                                     SaveError)
@@ -153,8 +153,9 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     t0 = time.perf_counter()
     if args is not None:
       item = args.item
-    checked = (args.checked if args is not None and getattr(args, "checked", None) is not None
-               else check_tree(item))
+    if args is None or getattr(args, "checked", None) is None:
+      args = FastPersistSave(item)
+    checked = args.checked
     plan = make_plan(checked, self._options, process_index=jax.process_index(),
                      process_count=jax.process_count(), write_host_arrays=self._is_primary(),
                      placement=self._placement())
@@ -170,7 +171,8 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
         outcome_key=(coordination.next_key("save", coordination.participants(), directory)
                      if jax.process_count() > 1 else None),
         directory_signals=orbax_internals.directory_signals(),
-        on_directory_ready=lambda: self._abandon_orphans(op))
+        on_directory_ready=lambda: self._abandon_orphans(op),
+        custom_metadata=args.custom_metadata_bytes)
     mode = shard_sources.snapshot
 
     def commit():
@@ -286,6 +288,7 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     partial_restore = bool(getattr(args, "partial_restore", False))
     if args is not None:
       item = args.item
+    item = orbax_internals.unwrap_tree_metadata(item)
     # Several processes agree twice: once planned (before any collective of
     # the restore, e.g. the per-host part swap, which has no timeout), and
     # once done (Orbax's restore then waits in a barrier without a timeout,
@@ -335,15 +338,20 @@ class FastPersistHandler(ocp.AsyncCheckpointHandler):
     return restored
 
   def metadata(self, directory: epath.Path) -> Any:
-    """The saved tree as nested dicts and lists of jax.ShapeDtypeStruct
-    (with the saved sharding where its devices exist; typed keys with their
-    key dtype) plus the saved scalars: a valid restore target. Raises
+    """The saved item's metadata, as Orbax's handlers return it: a
+    TreeMetadata that maps, indexes and restores like the saved tree (nested
+    dicts and lists of jax.ShapeDtypeStruct, with the saved sharding where
+    its devices exist and typed keys with their key dtype, plus the saved
+    scalars), with `.tree` (that tree) and `.custom_metadata` (what
+    FastPersistSave(custom_metadata=) saved, else None). Raises
     CheckpointNotFoundError or CorruptCheckpointError; ForeignCheckpointError
     (also logged: Orbax's item_metadata turns it into None) for an item
     another Orbax handler wrote, naming it and how to read the item."""
     try:
       with gc_pause.paused():   # decoding 10,000 leaf records: see gc_pause
-        return Restorer(self._engine, self._options, os.fspath(directory)).abstract_tree()
+        tree = Restorer(self._engine, self._options, os.fspath(directory)).abstract_tree()
+      return orbax_internals.tree_metadata(
+          tree, disk_format.read_custom_metadata(os.fspath(directory)))
     except ForeignCheckpointError as e:
       logger.warning("%s", e)
       raise
@@ -455,19 +463,41 @@ def _run_sync(coro):
 @ocp.args.register_with_handler(FastPersistHandler, for_save=True)
 @dataclasses.dataclass
 class FastPersistSave(ocp.args.CheckpointArgs):
-  """Save args: the pytree to save.
+  """Save args: the pytree to save, with Orbax's per-item options.
+
+  Attributes:
+    item: the pytree to save (see FastPersistHandler.async_save).
+    save_args: as Orbax's StandardSave: a pytree of `ocp.SaveArgs` matching
+      `item` by key path (leaves it does not name are saved as they are).
+      `SaveArgs(dtype=...)` stores that array leaf cast to the dtype
+      (`astype`, on its devices: bit-exact to the caller's own cast); a
+      restore casts back to its target's dtype. The TensorStore layout
+      fields (chunk_byte_size, shard_axes) are ignored, with a warning.
+    custom_metadata: plain JSON (dicts with str keys, lists, str, numbers,
+      bool, None), saved with the item by the process that writes its
+      metadata, and returned by `metadata(...).custom_metadata`
+      (`CheckpointManager.item_metadata(step).custom_metadata`).
 
   Raises UnsupportedLeafError, naming the leaf, when made with a tree a save
-  would refuse (plan.check_tree): before Orbax starts anything.
+  would refuse (plan.check_tree), a cast of a leaf that is not an array, or
+  custom_metadata that is not plain JSON; InvalidOptionsError for save_args
+  naming no leaf of `item`: before Orbax starts anything.
   """
   item: Any
-  # The tree flattened and checked when these args were made (make_plan
-  # reuses it rather than flattening again).
+  save_args: Any = None
+  custom_metadata: Any = None
+  # The tree (cast as save_args asks) flattened and checked when these args
+  # were made (make_plan reuses it rather than flattening again).
   checked: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+  custom_metadata_bytes: bytes | None = dataclasses.field(default=None, init=False, repr=False,
+                                                          compare=False)
 
   def __post_init__(self):
     with gc_pause.paused():   # the caller's thread, part of the save's blocking time
-      self.checked = check_tree(self.item)
+      if self.custom_metadata is not None:
+        self.custom_metadata_bytes = disk_format.encode_custom_metadata(self.custom_metadata)
+      self.checked = check_tree(casts.cast_for_save(
+          self.item, casts.dtypes_from_save_args(self.item, self.save_args)))
 
 
 @ocp.args.register_with_handler(FastPersistHandler, for_restore=True)

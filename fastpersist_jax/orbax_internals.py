@@ -1,4 +1,6 @@
-"""The one place the save reaches into Orbax's private signal contract.
+"""The one place fastpersist_jax reaches into Orbax's private modules: the
+save's directory-creation signals, and Orbax's TreeMetadata (the type its
+handlers' `metadata()` returns, which orbax 0.12.8 does not export).
 
 Orbax creates a step's temporary directories in the background and, once
 they exist, sets one key per "awaitable signal" of the save's operation in
@@ -19,7 +21,7 @@ waiting for the directory itself to appear.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,13 @@ try:  # pylint: disable=g-import-not-at-top
   _V1_SIGNALLED_PATH = _v1_compatibility._PathAwaitingCreation  # pylint: disable=protected-access
 except (ImportError, AttributeError):
   _V1_SIGNALLED_PATH = None
+
+try:  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.metadata import tree as _tree_metadata
+  _TREE_METADATA = _tree_metadata.TreeMetadata
+  _BUILD_TREE_METADATA = _tree_metadata.build_default_tree_metadata
+except (ImportError, AttributeError):   # an Orbax without them: metadata() returns the bare tree
+  _TREE_METADATA = _BUILD_TREE_METADATA = None
 
 
 def available() -> bool:
@@ -84,3 +93,31 @@ def created_in_background(directory) -> bool:
   paths of ocp.v1's free functions, which create the directory when awaited,
   and for an Orbax whose classes moved (await_creation() is then used)."""
   return _V1_SIGNALLED_PATH is not None and isinstance(directory, _V1_SIGNALLED_PATH)
+
+
+def tree_metadata(tree: Any, custom_metadata: Any) -> Any:
+  """`tree` as Orbax's handlers return item metadata: a TreeMetadata, which
+  maps and indexes like `tree` and has `.tree` and `.custom_metadata`.
+  `tree` itself where Orbax's type is missing or refuses it (a saved item
+  that is None)."""
+  if _BUILD_TREE_METADATA is None:
+    return tree
+  try:
+    return _BUILD_TREE_METADATA(tree, custom_metadata=custom_metadata)
+  except ValueError:   # not a container or a single leaf
+    return tree
+
+
+def unwrap_tree_metadata(target: Any) -> Any:
+  """A restore target given as Orbax's TreeMetadata (what `metadata()`
+  returns) as the tree it holds; any other target as it is."""
+  if _TREE_METADATA is not None and isinstance(target, _TREE_METADATA):
+    return target.tree
+  return target
+
+
+def v1_context() -> Any:
+  """The active Orbax v1 Context (`ocp.v1.Context`): Orbax v1 exposes no
+  public accessor for it."""
+  from orbax.checkpoint.experimental.v1._src.context import context as context_lib  # pylint: disable=g-import-not-at-top
+  return context_lib.get_context()

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fastpersist_jax import checksums, disk_format, shardings, treepath
+from fastpersist_jax import checksums, disk_format, orbax_internals, shardings, treepath
 from fastpersist_jax.disk_format import Index
 from fastpersist_jax.errors import CorruptCheckpointError, RestoreMismatchError
 from fastpersist_jax.plan import normalize_index
@@ -172,7 +172,7 @@ def is_restore_target(tree: Any) -> bool:
   it fits a given checkpoint is decided by the restore (RestoreMismatchError
   names the leaf)."""
   try:
-    flat, _ = treepath.flatten(tree)
+    flat, _ = treepath.flatten(orbax_internals.unwrap_tree_metadata(tree))
     return all(is_target_leaf(x) and treepath.key_of(path) is not None for path, x in flat)
   except Exception:  # pylint: disable=broad-except  (not a pytree, a key no save records)
     return False

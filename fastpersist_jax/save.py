@@ -55,7 +55,8 @@ class SaveOperation:
                options: FastPersistOptions, *, leaves: list[disk_format.LeafMeta],
                write_metadata: bool, outcome_key: str | None,
                directory_signals: Callable[[], bool] | None = None,
-               on_directory_ready: Callable[[], None] | None = None):
+               on_directory_ready: Callable[[], None] | None = None,
+               custom_metadata: bytes | None = None):
     """Args:
       engine, pool: the handler's I/O engine and staging pool.
       sources: the save's plan (sources.plan) bound to its values.
@@ -70,6 +71,8 @@ class SaveOperation:
         None: only the directory's existence is awaited.
       on_directory_ready: called on the commit's thread once the directory
         exists, before anything is written.
+      custom_metadata: disk_format.encode_custom_metadata's bytes, written
+        beside the metadata (with write_metadata), or None.
     """
     self.seq = next(_SEQUENCE)   # saves begun earlier have lower numbers
     self._engine = engine
@@ -78,6 +81,7 @@ class SaveOperation:
     self._plan = sources.plan
     self._leaves = leaves
     self._write_metadata = write_metadata
+    self._custom_metadata = custom_metadata
     self._copy_threads = options.resolved_copy_threads()
     self._outcome_key = outcome_key
     self._save_id_key: str | None = None   # the shared save id's key, where one was shared
@@ -357,6 +361,9 @@ class SaveOperation:
       out = {manifest_path: [(0, manifest_bytes)]}
       if self._write_metadata:
         out[os.path.join(directory, disk_format.METADATA_FILE)] = [(0, meta_bytes)]
+        if self._custom_metadata is not None:
+          out[os.path.join(directory, disk_format.CUSTOM_METADATA_FILE)] = [
+              (0, self._custom_metadata)]
       _check_restorable(directory, manifest_path, manifest_bytes, meta_bytes)
     self._engine.write_files(out)
 
