@@ -21,6 +21,8 @@ from fastpersist_jax import (CorruptCheckpointError, FastPersistCheckpointableHa
                              FastPersistHandler, FastPersistRestore, FastPersistSave,
                              InvalidOptionsError, RestoreMismatchError, UnsupportedLeafError,
                              checkpointables_registry, disk_format)
+from fastpersist_jax.cli import inspect as inspect_cli
+from fastpersist_jax.cli import verify as verify_cli
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +145,16 @@ def test_custom_metadata_that_is_not_plain_json_is_refused_when_the_args_are_mad
 
 def test_damaged_custom_metadata_is_named_and_the_arrays_still_restore(handler, tmp_path):
   _save(handler, tmp_path / "c", {"x": np.arange(4.0)}, custom_metadata={"epoch": 3})
+  assert inspect_cli.describe_item(os.fspath(tmp_path / "c"))["custom_metadata"] == {"epoch": 3}
+  assert "custom metadata: {\"epoch\": 3}" in inspect_cli.format_item(
+      inspect_cli.describe_item(os.fspath(tmp_path / "c")))
+  assert verify_cli.verify(os.fspath(tmp_path / "c"))[0].ok
   path = tmp_path / "c" / disk_format.CUSTOM_METADATA_FILE
   path.write_bytes(path.read_bytes().replace(b'"epoch":3', b'"epoch":4'))
   with pytest.raises(CorruptCheckpointError, match="custom_metadata.json"):
     handler.metadata(tmp_path / "c")
+  [report] = verify_cli.verify(os.fspath(tmp_path / "c"))
+  assert not report.ok and "custom_metadata.json" in report.damage[0]
   got = handler.restore(tmp_path / "c", args=FastPersistRestore())
   assert np.array_equal(got["x"], np.arange(4.0))
 

@@ -38,7 +38,8 @@ def describe_item(directory: str) -> dict[str, Any]:
     {"directory": str, "placement": "shared" | "per_host",
      "process_count": int, "leaves": [leaf, ...] (in saved order),
      "leaf_count": int, "array_count": int, "bytes": int (logical bytes of
-     all arrays, each global array once)}, where each leaf is
+     all arrays, each global array once), "custom_metadata": the JSON saved
+     as FastPersistSave(custom_metadata=), or None}, where each leaf is
     {"path": key path (str), "kind": str} plus, for arrays (kinds array,
     numpy, np_scalar): "dtype" (name; "key<impl>" for typed PRNG keys),
     "shape" (list of ints; for keys the key shape), "sharding" (the saved
@@ -70,7 +71,8 @@ def describe_item(directory: str) -> dict[str, Any]:
     leaves.append(entry)
   return {"directory": directory, "placement": meta.placement, "process_count": meta.process_count,
           "leaves": leaves, "leaf_count": len(leaves),
-          "array_count": sum(l["kind"] in disk_format.ARRAY_KINDS for l in leaves), "bytes": total}
+          "array_count": sum(l["kind"] in disk_format.ARRAY_KINDS for l in leaves), "bytes": total,
+          "custom_metadata": disk_format.read_custom_metadata(directory)}
 
 
 def format_item(d: dict[str, Any]) -> str:
@@ -91,6 +93,8 @@ def format_item(d: dict[str, Any]) -> str:
   lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
   lines.append(f"  total: {d['leaf_count']} leaves, {d['array_count']} arrays, {d['bytes']} bytes "
                f"({d['bytes'] / 2**20:.1f} MiB)")
+  if d.get("custom_metadata") is not None:
+    lines.append(f"  custom metadata: {json.dumps(d['custom_metadata'])}")
   return "\n".join(lines)
 
 

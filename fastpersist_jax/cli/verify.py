@@ -110,7 +110,7 @@ def _windows(process: int, file_id: int, records: list[disk_format.ShardRecord],
 
 def verify_item(directory: str, engine: IOEngine, buffer: np.ndarray,
                 on_damage: Callable[[str], None] | None = None) -> ItemReport:
-  """Verifies one item directory: metadata, every manifest present, that the
+  """Verifies one item directory: metadata (and custom metadata), every manifest present, that the
   shards tile every array (unless per-host files are missing), and every
   shard's CRC-32C.
 
@@ -141,6 +141,10 @@ def verify_item(directory: str, engine: IOEngine, buffer: np.ndarray,
   except FastPersistError as e:
     damaged(str(e))
     return report
+  try:
+    disk_format.read_custom_metadata(directory)
+  except FastPersistError as e:
+    damaged(str(e))
   with rd:
     report.process_count = rd.meta.process_count
     report.placement = rd.meta.placement
